@@ -1,0 +1,3 @@
+from atexport.cli import main
+
+main()

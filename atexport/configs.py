@@ -1,0 +1,82 @@
+"""Recipes, presets and tolerances as data.
+
+Training recipes live in ``training/``, export presets and parity tolerances in ``export_configs/``,
+calibration-set definitions in ``calibration/`` (all YAML, at the top of the source tree). A name such as
+``"digits"`` resolves to ``<dir>/digits.yaml``; a path to an existing file is read as it is. The folders
+are found beside the package (source checkout or editable install) or under ``$ATEXPORT_CONFIG_ROOT``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from atexport.errors import BadInputError
+
+KINDS = ("training", "export_configs", "calibration")
+
+
+def config_root() -> Path:
+    env = os.environ.get("ATEXPORT_CONFIG_ROOT")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent
+
+
+def config_dir(kind: str) -> Path:
+    if kind not in KINDS:
+        raise ValueError(f"unknown config kind {kind!r}; expected one of {KINDS}")
+    return config_root() / kind
+
+
+def available(kind: str) -> list[str]:
+    d = config_dir(kind)
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def resolve(kind: str, name_or_path: str | os.PathLike) -> Path:
+    """Find a config by name in its folder, or take an explicit YAML path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise BadInputError(f"{kind} config {p}: no such file.")
+        return p
+    candidate = config_dir(kind) / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = ", ".join(available(kind)) or "(none found)"
+    raise BadInputError(
+        f"no {kind} config named {name_or_path!r} in {config_dir(kind)}; available: {names}. "
+        f"Pass a YAML file path, or set ATEXPORT_CONFIG_ROOT to the folder holding {kind}/."
+    )
+
+
+def load(kind: str, name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """Load a YAML config into a dict (clear error on a malformed file)."""
+    import yaml
+
+    path = resolve(kind, name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise BadInputError(f"{path}: not valid YAML ({e}).") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: expected a mapping at the top level, got {type(data).__name__}.")
+    data.setdefault("_source", str(path))
+    return data
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict merge; ``override`` wins, ``None`` values in it are ignored."""
+    out = dict(base)
+    for k, v in override.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out

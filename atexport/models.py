@@ -1,0 +1,217 @@
+"""Building the timm backbone, its fingerprint and its preprocessing.
+
+A model is described by a :class:`ModelSpec` (timm name, architecture overrides, class count and
+where the backbone weights come from). The spec travels inside every checkpoint and artifact, so each
+later stage rebuilds exactly the network that was trained, and refuses a backbone whose tensors differ
+(checked through :func:`backbone_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from atexport.errors import BadInputError, IncompatibleCheckpointError, require
+
+HEAD_PREFIXES = ("head.",)
+# timm ViT-family names atexport knows to work (the adapter needs ``model.blocks`` and ``embed_dim``).
+SUPPORTED_PREFIXES = ("vit_", "deit_", "deit3_", "eva", "beit", "flexivit", "samvit")
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a backbone.
+
+    Attributes:
+        backbone: timm model name, optionally with a pretrained tag (``vit_small_patch16_224.augreg_in21k``).
+        num_classes: classes of the task head.
+        model_args: architecture overrides passed to ``timm.create_model`` (img_size, patch_size, depth, ...).
+        source: where the backbone weights come from: ``{"kind": "timm"}`` (hub weights),
+            ``{"kind": "file", "path": ..., "sha256": ...}`` or ``{"kind": "random", "seed": 0}``.
+        class_names: one name per class.
+    """
+
+    backbone: str
+    num_classes: int
+    model_args: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=lambda: {"kind": "random", "seed": 0})
+    class_names: list[str] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(
+            backbone=d["backbone"],
+            num_classes=int(d["num_classes"]),
+            model_args=dict(d.get("model_args") or {}),
+            source=dict(d.get("source") or {"kind": "random", "seed": 0}),
+            class_names=list(d["class_names"]) if d.get("class_names") else None,
+        )
+
+
+def _timm():
+    return require("timm", "building Vision Transformer backbones", "torch")
+
+
+def _check_name(name: str) -> None:
+    timm = _timm()
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise BadInputError(
+            f"--backbone {name}: not a timm model name. Similar names: {', '.join(close) or 'none'}."
+        )
+    if not arch.startswith(SUPPORTED_PREFIXES):
+        raise BadInputError(
+            f"--backbone {name}: atexport supports timm's ViT family ({', '.join(SUPPORTED_PREFIXES)}*)."
+        )
+
+
+def load_weights_file(path: str | Path) -> dict:
+    """Read backbone weights from safetensors, a state dict, or an atexport full fine-tune checkpoint.
+
+    Never unpickles: ``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)``.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"--backbone-weights {path}: no such file.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with code, ...
+        raise BadInputError(
+            f"--backbone-weights {path}: cannot read it as safetensors or a weights-only state dict ({e})."
+        ) from None
+    if isinstance(sd, dict) and sd.get("format") == "atexport.checkpoint":
+        if sd.get("regime") != "full":
+            raise BadInputError(
+                f"--backbone-weights {path}: an atexport '{sd.get('regime')}' checkpoint holds no backbone; "
+                "only 'full' fine-tune checkpoints can serve as backbone weights."
+            )
+        sd = sd["state_dict"]
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BadInputError(f"--backbone-weights {path}: not a state dict of tensors.")
+    return {canonical_name(k): v for k, v in sd.items()}
+
+
+def canonical_name(name: str) -> str:
+    """Strip the adapter wrapping (``blocks.3.block.x`` -> ``blocks.3.x``) and a DDP ``module.`` prefix."""
+    if name.startswith("module."):
+        name = name[len("module."):]
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "blocks" and parts[2] == "block":
+        del parts[2]
+    return ".".join(parts)
+
+
+def create_backbone(spec: ModelSpec, weights: str | Path | None = None):
+    """Create the timm model (backbone + fresh head) described by ``spec``.
+
+    Args:
+        spec: the model description; ``spec.source`` decides where weights come from.
+        weights: a local weights file that overrides ``spec.source`` (``--backbone-weights``).
+    """
+    import torch
+
+    timm = _timm()
+    _check_name(spec.backbone)
+    source = dict(spec.source)
+    if weights is not None:
+        source = {"kind": "file", "path": str(weights)}
+    kind = source.get("kind")
+    seed = int(source.get("seed", 0))
+    # Seeded so that a random backbone (and a fresh head) is reproducible from the spec alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "timm":
+            try:
+                model = timm.create_model(
+                    spec.backbone, pretrained=True, num_classes=spec.num_classes, **spec.model_args
+                )
+            except Exception as e:
+                raise BadInputError(
+                    f"cannot load pretrained weights for {spec.backbone} from the timm hub ({e}). "
+                    "Offline? Download them once, or pass --backbone-weights FILE, or --no-pretrained."
+                ) from None
+        elif kind in ("random", "file"):
+            model = timm.create_model(
+                spec.backbone, pretrained=False, num_classes=spec.num_classes, **spec.model_args
+            )
+        else:
+            raise IncompatibleCheckpointError(f"unknown backbone source {source!r}.")
+    if kind == "file":
+        path = source.get("path")
+        if not path or not Path(path).is_file():
+            raise BadInputError(
+                f"the backbone weights file {path} is missing; pass it with --backbone-weights FILE."
+            )
+        sd = load_weights_file(path)
+        sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES) and ".adapter." not in k}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+        if missing or unexpected:
+            raise IncompatibleCheckpointError(
+                f"--backbone-weights {path} does not fit {spec.backbone} {spec.model_args or ''}: "
+                f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}."
+            )
+    return model
+
+
+def backbone_tensors(model) -> dict:
+    """The frozen backbone's tensors by canonical name (no head, no adapters)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        cname = canonical_name(name)
+        if cname.startswith(HEAD_PREFIXES) or ".adapter." in cname:
+            continue
+        out[cname] = t
+    return out
+
+
+def backbone_fingerprint(model) -> str:
+    """sha256 over the backbone's tensor names, shapes, dtypes and bytes (head and adapters excluded)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(backbone_tensors(model).items()):
+        t = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def preprocess_config(model) -> dict:
+    """The backbone's own eval preprocessing (timm data config), as plain JSON-able values."""
+    timm = _timm()
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return {
+        "input_size": [int(v) for v in cfg["input_size"]],
+        "interpolation": str(cfg.get("interpolation", "bicubic")),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "crop_pct": float(cfg.get("crop_pct", 0.875)),
+        "crop_mode": str(cfg.get("crop_mode", "center")),
+    }
+
+
+def count_params(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "share": trainable / total if total else 0.0}
