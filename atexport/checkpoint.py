@@ -201,13 +201,28 @@ def import_official(
         class_names=class_names,
     )
     model = create_backbone(spec, weights=backbone_weights)
+    given = backbone_fingerprint(model)
     depth = len(model.blocks)
     cfg = infer_adapter_config(sd, depth, alpha=alpha)
     inject_adapters(model, cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise IncompatibleCheckpointError(
+            f"--ckpt {path} does not fit {backbone}: {str(e).splitlines()[-1].strip()[:300]}"
+        ) from None
     if missing or unexpected:
         raise IncompatibleCheckpointError(
             f"--ckpt {path} does not fit {backbone}: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    if backbone_fingerprint(model) != given:
+        # The file's frozen tensors are what the adapters were trained on; a checkpoint recording them
+        # while its source rebuilds another backbone would be refused by every later stage.
+        raise IncompatibleCheckpointError(
+            f"--ckpt {path}: its backbone tensors differ from those of {backbone}"
+            f"{' with --backbone-weights ' + str(backbone_weights) if backbone_weights else ''}. Name the "
+            "backbone (with its pretrained tag) it was trained on, or pass --backbone-weights with the "
+            "official checkpoint itself."
         )
     if backbone_weights is not None:
         spec.source = {"kind": "file", "path": str(backbone_weights)}

@@ -160,7 +160,13 @@ def create_backbone(spec: ModelSpec, weights: str | Path | None = None):
             )
         sd = load_weights_file(path)
         sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES) and ".adapter." not in k}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shape mismatches (another size, patch or width)
+            raise IncompatibleCheckpointError(
+                f"--backbone-weights {path} does not fit {spec.backbone} {spec.model_args or ''}: "
+                f"{str(e).splitlines()[-1].strip()[:300]}"
+            ) from None
         missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
         if missing or unexpected:
             raise IncompatibleCheckpointError(
@@ -201,8 +207,16 @@ def preprocess_config(model) -> dict:
     """The backbone's own eval preprocessing (timm data config), as plain JSON-able values."""
     timm = _timm()
     cfg = timm.data.resolve_data_config({}, model=model)
+    input_size = [int(v) for v in cfg["input_size"]]
+    # The pretrained config keeps the hub weights' size (224) even when ``img_size`` was overridden:
+    # the model's own patch embedding knows the size it accepts.
+    pe = getattr(model, "patch_embed", None)
+    img_size = getattr(pe, "img_size", None)
+    if img_size is not None:
+        in_chans = getattr(getattr(pe, "proj", None), "in_channels", input_size[0])
+        input_size = [int(in_chans), *(int(v) for v in img_size)]
     return {
-        "input_size": [int(v) for v in cfg["input_size"]],
+        "input_size": input_size,
         "interpolation": str(cfg.get("interpolation", "bicubic")),
         "mean": [float(v) for v in cfg["mean"]],
         "std": [float(v) for v in cfg["std"]],

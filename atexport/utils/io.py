@@ -30,9 +30,18 @@ def check_writable(path: str | os.PathLike, flag: str = "-o") -> Path:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BadInputError(f"{flag} {path}: cannot create folder {parent} ({e.strerror}).") from None
+    if not parent.is_dir():
+        raise BadInputError(f"{flag} {path}: {parent} is not a folder; choose another output path.")
     if not os.access(parent, os.W_OK):
         raise BadInputError(f"{flag} {path}: folder {parent} is not writable; choose another output path.")
     return path
+
+
+def _default_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` would have given a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -46,6 +55,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; give the artifact the usual umask mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -1,0 +1,713 @@
+"""The training loop: AdapterTune adapters (or the head, or everything) on a timm ViT.
+
+:func:`train` takes a :class:`~atexport.training.config.TrainConfig` (or a dict of its keys) and
+writes, in the output folder::
+
+    run.pt         the best epoch by validation top-1 (the checkpoint later stages use)
+    last.pt        the last finished epoch, with the state to resume (optimizer, step, RNG, history)
+    metrics.jsonl  one line per epoch, then the test score of run.pt
+    config.yaml    the resolved config (itself a recipe)
+
+With ``seeds``, each seed goes to ``seed_{k}/`` and ``summary.json`` holds the mean and std of the
+test top-1. Resuming is exact: the data order and augmentation of each epoch are seeded from
+``(seed, epoch, rank)``, so a run continued from ``last.pt`` matches an uninterrupted one (for the
+same number of data-loading workers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from atexport.errors import AtexportError, BadInputError, IncompatibleCheckpointError
+from atexport.training.config import TrainConfig
+from atexport.utils.io import atomic_write_json, atomic_write_text
+
+_logger = logging.getLogger("atexport.training")
+RUN, LAST, METRICS, CONFIG, SUMMARY = "run.pt", "last.pt", "metrics.jsonl", "config.yaml", "summary.json"
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        output: the output folder.
+        checkpoint: ``run.pt`` (best epoch by validation), the input of the export stages.
+        last: ``last.pt`` (last epoch, with resume state).
+        metrics: final metrics of ``run.pt`` (epoch, val_*, test_*, params).
+        history: per-epoch metrics.
+        config: the resolved config.
+        runs: with ``seeds``, one result per seed.
+        summary: with ``seeds``, mean and std of the test top-1 (also in ``summary.json``).
+        model: the trained model in memory, with the weights of ``run.pt`` (eval mode); single runs.
+    """
+
+    output: Path
+    checkpoint: Path | None
+    last: Path | None
+    metrics: dict
+    history: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    runs: list = field(default_factory=list)
+    summary: dict | None = None
+    model: Any = field(default=None, repr=False, compare=False)
+
+    def summary_line(self) -> str:
+        if self.summary:
+            t = self.summary["test_top1"]
+            return (f"test top-1 over seeds {self.summary['seeds']}: {t['mean']:.2f} +- {t['std']:.2f}% "
+                    f"(values {', '.join(f'{v:.2f}' for v in t['values'])})")
+        m = self.metrics
+        p = m.get("params", {})
+        parts = [f"best epoch {m.get('epoch')}"]
+        if m.get("val_top1") is not None:
+            parts.append(f"val top-1 {m['val_top1']:.2f}%")
+        if m.get("test_top1") is not None:
+            parts.append(f"test top-1 {m['test_top1']:.2f}%")
+        if p:
+            parts.append(f"{p['trainable']:,} trainable params ({100 * p['share']:.2f}% of full fine-tuning)")
+        return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def train(
+    config: TrainConfig | dict,
+    *,
+    log: Callable[[str], None] | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train and evaluate one run (or one per seed), writing checkpoints atomically.
+
+    Args:
+        config: a :class:`TrainConfig`, or a dict of its keys (unknown keys are refused).
+        log: receives one line per event (default: the ``atexport.training`` logger).
+        on_epoch_end: called with each epoch's metrics after its checkpoints are written.
+
+    Returns:
+        A :class:`TrainResult` with the checkpoint paths and metrics.
+
+    Example:
+        >>> from atexport.training import resolve_config, train
+        >>> result = train(resolve_config("digits", {"output": "runs/digits"}))
+        >>> result.metrics["test_top1"]
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
+    if not cfg.dataset:
+        raise BadInputError("no data set: pass --dataset NAME (or a recipe that names one).")
+    log = log or _logger.info
+    from atexport.training.device import setup_env
+
+    env = setup_env(cfg.device, cfg.amp)
+    try:
+        if cfg.seeds:
+            return _train_seeds(cfg, env, log, on_epoch_end)
+        out = cfg.output_dir()
+        _prepare_output(out, cfg, env)
+        return _Run(cfg, out, env, log, on_epoch_end, resume=cfg.resume).fit()
+    finally:
+        env.close()
+
+
+def _train_seeds(cfg: TrainConfig, env, log, on_epoch_end) -> TrainResult:
+    import numpy as np
+
+    out = cfg.output_dir()
+    seed_dirs = {s: out / f"seed_{s}" for s in cfg.seeds}
+    if env.is_main:
+        existing = [d for d in seed_dirs.values() if (d / LAST).exists() or (d / RUN).exists()]
+        if existing and not (cfg.resume or cfg.overwrite):
+            raise BadInputError(
+                f"-o {out} already holds runs ({', '.join(d.name for d in existing)}); pass --resume to "
+                "continue them, --overwrite to start over, or choose another -o."
+            )
+        if cfg.resume and not existing:
+            raise BadInputError(f"--resume: {out} holds no seed_*/last.pt; nothing to resume.")
+        out.mkdir(parents=True, exist_ok=True)
+        _write_config(out / CONFIG, cfg)
+    runs = []
+    for s, d in seed_dirs.items():
+        sub = cfg.with_seed(s, d)
+        resume = cfg.resume and (d / LAST).exists()
+        if env.is_main:
+            _prepare_output(d, sub if resume else _fresh(sub), env)
+        log(f"== seed {s} ({len(runs) + 1}/{len(seed_dirs)}) -> {d}")
+        runs.append(_Run(sub, d, env, log, on_epoch_end, resume=resume).fit())
+        summary = _seed_summary(runs, np)
+        if env.is_main:
+            atomic_write_json(out / SUMMARY, summary)
+    t = summary["test_top1"] or {}
+    metrics = {"test_top1_mean": t.get("mean"), "test_top1_std": t.get("std")}
+    return TrainResult(out, None, None, metrics, config=cfg.to_dict(record=True), runs=runs, summary=summary)
+
+
+def _fresh(cfg: TrainConfig) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(cfg, resume=False)
+
+
+def _seed_summary(runs: list, np) -> dict:
+    def stats(key):
+        vals = [float(r.metrics[key]) for r in runs if r.metrics.get(key) is not None]
+        if not vals:
+            return None
+        std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        return {"mean": float(np.mean(vals)), "std": std, "values": vals}
+
+    return {
+        "seeds": [r.config["seed"] for r in runs],
+        "test_top1": stats("test_top1"),
+        "val_top1": stats("val_top1"),
+        "std_ddof": 1,
+        "runs": {str(r.config["seed"]): str(r.checkpoint) for r in runs},
+    }
+
+
+def _prepare_output(out: Path, cfg: TrainConfig, env) -> None:
+    if not env.is_main:
+        return
+    has_run = (out / LAST).exists() or (out / RUN).exists()
+    if cfg.resume:
+        if not (out / LAST).exists():
+            raise BadInputError(f"--resume: {out / LAST} does not exist; nothing to resume (start without --resume).")
+    elif has_run and not cfg.overwrite:
+        raise BadInputError(
+            f"-o {out} already holds a run; pass --resume to continue it, --overwrite to start over, "
+            "or choose another -o."
+        )
+    elif has_run:
+        for name in (RUN, LAST, METRICS):
+            (out / name).unlink(missing_ok=True)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"-o {out}: exists and is not a folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"-o {out}: cannot create the folder ({e.strerror}).") from None
+
+
+def _write_config(path: Path, cfg: TrainConfig) -> None:
+    import yaml
+
+    header = "# Resolved atexport training config; rerun with: atexport train --recipe " + str(path) + "\n"
+    atomic_write_text(path, header + yaml.safe_dump(cfg.to_dict(record=True), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces of a run
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch's shuffling and augmentation, independent of what ran before."""
+    return (int(seed) * 1_000_003 + int(epoch) * 10_007 + int(rank) * 101 + 12345) % 2**31
+
+
+def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warm-up over ``warmup_steps`` then per-step cosine to ``min_lr`` (the official schedule)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def apply_regime(model, regime: str) -> list:
+    """Freeze what ``regime`` keeps fixed; return the trainable parameters in a stable order."""
+    from atexport.models import HEAD_PREFIXES
+
+    params = []
+    for name, p in model.named_parameters():
+        if regime == "full":
+            train_it = True
+        elif regime == "head":
+            train_it = name.startswith(HEAD_PREFIXES)
+        else:
+            train_it = name.startswith(HEAD_PREFIXES) or ".adapter." in name
+        p.requires_grad_(train_it)
+        if train_it:
+            params.append(p)
+    if not params:
+        raise IncompatibleCheckpointError(f"regime {regime!r} leaves nothing to train in this model.")
+    return params
+
+
+def param_report(model, regime: str, adapter_cfg) -> dict:
+    """Trainable parameters and their share of full fine-tuning (backbone + head, no adapters)."""
+    from atexport.models import HEAD_PREFIXES
+
+    named = list(model.named_parameters())
+    full = sum(p.numel() for n, p in named if ".adapter." not in n)
+    trainable = sum(p.numel() for _, p in named if p.requires_grad)
+    report = {
+        "trainable": trainable,
+        "full_finetune": full,
+        "share": trainable / full,
+        "head": sum(p.numel() for n, p in named if n.startswith(HEAD_PREFIXES)),
+        "adapters": sum(p.numel() for n, p in named if ".adapter." in n),
+    }
+    if adapter_cfg is not None:
+        dim, depth = int(model.embed_dim), len(model.blocks)
+        report["num_adapters"] = len(adapter_cfg.placed(depth))
+        report["per_adapter"] = 2 * dim * adapter_cfg.rank + adapter_cfg.rank + dim
+        report["embed_dim"] = dim
+    return report
+
+
+def describe_params(p: dict, regime: str) -> str:
+    s = f"trainable parameters ({regime}): {p['trainable']:,}"
+    if "per_adapter" in p:
+        s += (f" = {p['num_adapters']} adapters x {p['per_adapter']:,} (2*D*r + r + D, D={p['embed_dim']})"
+              f" + head {p['head']:,}")
+    return s + f"; {100 * p['share']:.2f}% of full fine-tuning ({p['full_finetune']:,})"
+
+
+def _reinit_head(model, seed: int) -> None:
+    """timm's head init (truncated normal, std 0.02; zero bias), drawn from the training seed."""
+    import torch
+
+    head = getattr(model, "head", None)
+    if not isinstance(head, torch.nn.Linear):
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.nn.init.trunc_normal_(head.weight, std=0.02)
+        torch.nn.init.zeros_(head.bias)
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(st["torch"])
+    random.setstate(_tuples(st["python"]))
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if st.get("cuda") and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _worker_message(e: AtexportError) -> AtexportError:
+    """An error raised in a DataLoader worker arrives wrapped in a traceback; keep its message."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+        return type(e)(msg)
+    return e
+
+
+# ------------------------------------------------------------------------------------------------
+# One run
+
+
+class _Run:
+    """State and steps of one training run (one seed) in one output folder."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, env, log, on_epoch_end, resume: bool):
+        self.cfg, self.out, self.env, self.log = cfg, out, env, log
+        self.on_epoch_end = on_epoch_end
+        self.resume = resume
+        self.epochs_run = 0
+        self.test_metrics = None  # of a finished run found when resuming
+        self.split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _load_data(self):
+        from atexport.data import load_splits, seeded_subset
+
+        cfg, env = self.cfg, self.env
+        splits = ("train", "val", "test") if cfg.val_fraction > 0 else ("train", "test")
+        kw = dict(data_dir=cfg.data_dir, seed=self.split_seed, val_fraction=cfg.val_fraction, **cfg.dataset_args)
+        if cfg.download and env.distributed:  # one process downloads, the others wait and read
+            if env.is_main:
+                load_splits(cfg.dataset, splits, download=True, **kw)
+            env.barrier()
+            data = load_splits(cfg.dataset, splits, download=False, **kw)
+        else:
+            data = load_splits(cfg.dataset, splits, download=cfg.download, **kw)
+        data["train"] = seeded_subset(data["train"], cfg.limit_train, self.split_seed)
+        if "val" in data:
+            data["val"] = seeded_subset(data["val"], cfg.limit_eval, self.split_seed + 1)
+        data["test"] = seeded_subset(data["test"], cfg.limit_eval, 0)  # the same images for every seed
+        return data
+
+    def _build_model(self, class_names):
+        import torch
+
+        from atexport.adapter import inject_adapters
+        from atexport.models import ModelSpec, backbone_fingerprint, create_backbone, preprocess_config
+        from atexport.utils.io import sha256_file
+
+        cfg = self.cfg
+        if cfg.backbone_weights:
+            wpath = Path(cfg.backbone_weights).expanduser()
+            if not wpath.is_file():
+                raise BadInputError(f"--backbone-weights {wpath}: no such file.")
+            source = {"kind": "file", "path": str(wpath.resolve()), "sha256": sha256_file(wpath)}
+        elif cfg.pretrained:
+            source = {"kind": "timm"}
+        else:
+            source = {"kind": "random", "seed": cfg.backbone_seed}
+        spec = ModelSpec(cfg.backbone, len(class_names), cfg.resolved_model_args(), source, list(class_names))
+        model = create_backbone(spec)
+        if source["kind"] == "timm" and "." not in spec.backbone:
+            tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
+            if tag:  # pin the weights actually loaded, so a later timm default cannot swap them
+                spec.backbone = f"{spec.backbone}.{tag}"
+        fingerprint = backbone_fingerprint(model)
+        preprocess = preprocess_config(model)
+        _reinit_head(model, cfg.seed)
+        adapter_cfg = cfg.adapter_config()
+        if adapter_cfg is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 1)
+                inject_adapters(model, adapter_cfg)
+        return model, spec, fingerprint, preprocess, adapter_cfg
+
+    def _loaders(self, data, preprocess):
+        import torch
+        from torch.utils.data import DataLoader, Subset
+        from torch.utils.data.distributed import DistributedSampler
+
+        from atexport.data import TransformDataset, eval_transform, train_transform
+
+        cfg, env = self.cfg, self.env
+        if cfg.batch_size % env.world_size:
+            raise BadInputError(
+                f"--batch-size {cfg.batch_size} is the global batch; it must divide by the {env.world_size} processes."
+            )
+        per_rank = cfg.batch_size // env.world_size
+        ttf = train_transform(preprocess, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
+                              color_jitter=cfg.color_jitter)
+        etf = eval_transform(preprocess)
+        pin = env.device.type == "cuda"
+        train_ds = TransformDataset(data["train"], ttf)
+        # A DistributedSampler also for one process: its order depends only on (seed, epoch).
+        self.sampler = DistributedSampler(train_ds, num_replicas=env.world_size, rank=env.rank,
+                                          shuffle=True, seed=cfg.seed, drop_last=False)
+        self.train_loader = DataLoader(train_ds, batch_size=per_rank, sampler=self.sampler,
+                                       num_workers=cfg.workers, pin_memory=pin, drop_last=False,
+                                       generator=torch.Generator())
+        self.eval_loaders = {}
+        eval_bs = max(1, (cfg.eval_batch_size or cfg.batch_size) // env.world_size)
+        for s in ("val", "test"):
+            if s in data:
+                ds = TransformDataset(data[s], etf)
+                shard = Subset(ds, range(env.rank, len(ds), env.world_size))  # no padding: exact metrics
+                self.eval_loaders[s] = DataLoader(shard, batch_size=eval_bs, shuffle=False,
+                                                  num_workers=cfg.workers, pin_memory=pin)
+
+    # -- the run ----------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        import torch
+
+        from atexport.checkpoint import check_fingerprint, load_checkpoint
+
+        cfg, env, log, out = self.cfg, self.env, self.log, self.out
+        data = self._load_data()
+        self.n_test = len(data["test"])
+        class_names = data["train"].class_names
+        model, spec, fingerprint, preprocess, adapter_cfg = self._build_model(class_names)
+        params = apply_regime(model, cfg.regime)
+        self.params = param_report(model, cfg.regime, adapter_cfg)
+        self.model, self.spec, self.fingerprint = model, spec, fingerprint
+        self.preprocess, self.adapter_cfg = preprocess, adapter_cfg
+
+        state = None
+        if self.resume:
+            last = load_checkpoint(out / LAST, flag="--resume")
+            check_fingerprint(last.fingerprint, model, f"--resume {out / LAST}")
+            diffs = cfg.differences(last.config)
+            if diffs:
+                raise IncompatibleCheckpointError(
+                    f"--resume {out / LAST}: the run was started with other settings ({'; '.join(diffs)}). "
+                    "Resume with the original settings, or start a new run with another -o."
+                )
+            if not last.resume:
+                raise IncompatibleCheckpointError(f"--resume {out / LAST}: the file holds no resume state.")
+            model.load_state_dict(last.state_dict, strict=False)
+            state = last.resume
+
+        if env.is_main:
+            log(f"data: {cfg.dataset}  train {len(data['train'])}  "
+                + (f"val {len(data['val'])}  " if "val" in data else "(no validation split)  ")
+                + f"test {len(data['test'])}  classes {len(class_names)}")
+            log(f"model: {spec.backbone} {spec.model_args or ''} ({spec.source['kind']} backbone), "
+                f"input {preprocess['input_size']}, device {env.device}, amp {env.amp_name}"
+                + (f", {env.world_size} processes" if env.distributed else ""))
+            log(describe_params(self.params, cfg.regime))
+
+        model.to(env.device)
+        train_model = model
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            train_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        self.train_model = train_model
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = env.grad_scaler()
+        self._loaders(data, preprocess)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+        history, start_epoch, step = [], 0, 0
+        self.best = {"val_top1": None, "epoch": None}
+        self.best_state = None
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
+                raise IncompatibleCheckpointError(
+                    f"--resume: {state['steps_per_epoch']} steps per epoch when started, {self.steps_per_epoch} now "
+                    "(data set or batch size changed)."
+                )
+            start_epoch, step = int(state["epoch"]), int(state["step"])
+            history = [dict(h) for h in state.get("history", [])]
+            self.best = dict(state.get("best") or self.best)
+            _set_rng_state(state["rng"])
+            if not (out / RUN).exists():
+                raise IncompatibleCheckpointError(
+                    f"--resume: {out / RUN} (the best epoch so far) is missing; start over with --overwrite."
+                )
+            best_ckpt = load_checkpoint(out / RUN, flag="--resume")
+            self.best_state = best_ckpt.state_dict
+            if best_ckpt.metrics.get("test_top1") is not None and start_epoch >= cfg.epochs:
+                self.test_metrics = best_ckpt.metrics
+            if env.is_main:
+                log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs} (step {step})")
+        if env.is_main:
+            _write_config(out / CONFIG, cfg)
+
+        for epoch in range(start_epoch, cfg.epochs):
+            row, step = self._train_epoch(epoch, step)
+            if "val" in self.eval_loaders:
+                row.update({f"val_{k}": v for k, v in self.evaluate("val").items()})
+            improved = "val_top1" not in row or self.best["val_top1"] is None or row["val_top1"] > self.best["val_top1"]
+            row["best"] = improved
+            history.append(row)
+            if improved:
+                self.best = {"val_top1": row.get("val_top1"), "epoch": row["epoch"]}
+                self.best_state = self._trainable_state()
+                if env.is_main:
+                    self._save(out / RUN, self.best_state, self._run_metrics(row))
+            if env.is_main:
+                resume_state = {
+                    "epoch": epoch + 1, "step": step, "steps_per_epoch": self.steps_per_epoch,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                    "scheduler": {"name": "warmup_cosine", "step": step, "total_steps": self.total_steps,
+                                  "warmup_steps": self.warmup_steps, "base_lr": cfg.lr, "min_lr": cfg.min_lr},
+                    "rng": _rng_state(), "best": dict(self.best), "history": history,
+                }
+                self._save(out / LAST, self._trainable_state(), dict(row, params=self.params), resume_state)
+                self._write_metrics(history)
+                log(self._epoch_line(row))
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(dict(row))
+
+        return self._finish(history)
+
+    def _finish(self, history) -> TrainResult:
+        cfg, env, out = self.cfg, self.env, self.out
+        if not history:
+            raise IncompatibleCheckpointError(f"{out}: no finished epoch to evaluate.")
+        best_row = next((h for h in history if h["epoch"] == self.best["epoch"]), history[-1])
+        self.model.load_state_dict(self.best_state, strict=False)
+        if self.test_metrics is not None and self.epochs_run == 0:
+            metrics = self.test_metrics
+            if env.is_main:
+                self.log(f"{out} was already complete: test top-1 {metrics['test_top1']:.2f}% "
+                         f"(epoch {metrics.get('epoch')})")
+        else:
+            metrics = self._run_metrics(best_row)
+            test = self.evaluate("test")
+            metrics.update({f"test_{k}": v for k, v in test.items()})
+            if env.is_main:
+                self._save(out / RUN, self.best_state, metrics)
+                self._write_metrics(history, final={"event": "test", "epoch": metrics.get("epoch"),
+                                                    "checkpoint": RUN, **{f"test_{k}": v for k, v in test.items()}})
+                self.log(f"test ({self.n_test} images) with run.pt (epoch "
+                         f"{metrics.get('epoch')}): top-1 {test['top1']:.2f}%  loss {test['loss']:.4f}")
+        env.barrier()
+        return TrainResult(out, out / RUN, out / LAST, metrics, history, cfg.to_dict(record=True),
+                           model=self.model.eval())
+
+    # -- steps ------------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int, step: int):
+        import torch
+
+        cfg, env = self.cfg, self.env
+        self.epochs_run += 1
+        seed = epoch_seed(cfg.seed, epoch, env.rank)
+        seed_everything(seed)
+        self.sampler.set_epoch(epoch)
+        self.train_loader.generator.manual_seed(seed)
+        self.train_model.train()
+        bar = self._bar(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
+        loss_sum = correct = seen = 0.0
+        t0 = time.perf_counter()
+        lr = cfg.lr
+        try:
+            for images, targets in self.train_loader:
+                lr = lr_at(step, cfg.lr, self.total_steps, self.warmup_steps, cfg.min_lr)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                images = images.to(env.device, non_blocking=True)
+                targets = targets.to(env.device, non_blocking=True)
+                with env.autocast():
+                    logits = self.train_model(images)
+                loss = self.criterion(logits.float(), targets)
+                if not torch.isfinite(loss):
+                    raise BadInputError(
+                        f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower --lr "
+                        f"(now {cfg.lr}) or use --amp bf16/off."
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    if cfg.clip_grad:
+                        self.scaler.unscale_(self.optimizer)
+                        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.clip_grad)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    if cfg.clip_grad:
+                        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.clip_grad)
+                    self.optimizer.step()
+                step += 1
+                n = targets.shape[0]
+                loss_sum += loss.item() * n
+                correct += (logits.argmax(-1) == targets).sum().item()
+                seen += n
+                if bar is not None:
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {100 * correct / seen:.1f}% "
+                                        f"{seen * env.world_size / dt:.0f} img/s lr {lr:.2e}", refresh=False)
+                    bar.update(1)
+        except AtexportError as e:
+            raise _worker_message(e) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        dt = time.perf_counter() - t0
+        loss_sum, correct, seen = self.env.all_reduce_sum([loss_sum, correct, seen])
+        row = {
+            "event": "epoch", "epoch": epoch + 1, "step": step, "lr": lr,
+            "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
+            "time_s": round(dt, 3), "img_per_s": round(seen / max(dt, 1e-9), 1),
+        }
+        return row, step
+
+    def evaluate(self, split: str) -> dict:
+        """Loss, top-1 and top-5 (%) of the current model on ``split``, over every process."""
+        import torch
+
+        env = self.env
+        loader = self.eval_loaders[split]
+        self.model.eval()
+        loss_sum = top1 = top5 = seen = 0.0
+        k = min(5, self.spec.num_classes)
+        bar = self._bar(len(loader), split)
+        try:
+            with torch.no_grad():
+                for images, targets in loader:
+                    images = images.to(env.device, non_blocking=True)
+                    targets = targets.to(env.device, non_blocking=True)
+                    with env.autocast():
+                        logits = self.model(images)
+                    logits = logits.float()
+                    loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+                    topk = logits.topk(k, dim=-1).indices
+                    top1 += (topk[:, 0] == targets).sum().item()
+                    top5 += (topk == targets[:, None]).any(-1).sum().item()
+                    seen += targets.shape[0]
+                    if bar is not None:
+                        bar.update(1)
+        except AtexportError as e:
+            raise _worker_message(e) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        loss_sum, top1, top5, seen = env.all_reduce_sum([loss_sum, top1, top5, seen])
+        seen = max(seen, 1)
+        return {"loss": loss_sum / seen, "top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen}
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def _bar(self, total: int, desc: str):
+        if not (self.cfg.progress and self.env.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, unit="batch")
+
+    def _trainable_state(self) -> dict:
+        from atexport.checkpoint import trainable_state
+
+        return trainable_state(self.model, self.cfg.regime)
+
+    def _run_metrics(self, row: dict) -> dict:
+        keep = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5")
+        return {**{k: row[k] for k in keep if k in row}, "params": self.params}
+
+    def _save(self, path: Path, state_dict: dict, metrics: dict, resume: dict | None = None) -> None:
+        from atexport.checkpoint import Checkpoint, save_checkpoint
+
+        ckpt = Checkpoint(
+            model=self.spec, adapter=self.adapter_cfg, regime=self.cfg.regime, fingerprint=self.fingerprint,
+            state_dict=state_dict, preprocess=self.preprocess, metrics=metrics,
+            config=self.cfg.to_dict(record=True), resume=resume,
+        )
+        save_checkpoint(ckpt, path)
+
+    def _write_metrics(self, history: list, final: dict | None = None) -> None:
+        lines = [json.dumps(h) for h in history] + ([json.dumps(final)] if final else [])
+        atomic_write_text(self.out / METRICS, "\n".join(lines) + "\n")
+
+    def _epoch_line(self, row: dict) -> str:
+        s = (f"epoch {row['epoch']}/{self.cfg.epochs}  train loss {row['train_loss']:.4f} "
+             f"top-1 {row['train_top1']:.2f}%")
+        if "val_top1" in row:
+            s += f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}%"
+        s += f"  lr {row['lr']:.2e}  {row['img_per_s']:.0f} img/s"
+        return s + ("  *best" if row.get("best") and "val_top1" in row else "")
+
