@@ -1,0 +1,106 @@
+"""``atexport onnx`` and ``atexport swap``: thin commands over :mod:`atexport.export`.
+
+``onnx`` calls :func:`atexport.export.onnx.export_onnx`; ``swap`` calls
+:func:`atexport.export.swap.swap_onnx` (ONNX models; the TensorRT stage adds an engine branch that calls
+its own function in ``atexport.export.tensorrt``). Errors are :class:`~atexport.errors.AtexportError`
+subclasses, which the CLI group turns into one message and a nonzero exit code.
+"""
+
+from __future__ import annotations
+
+import click
+
+from atexport.errors import BadInputError
+
+COMMANDS = ["onnx_cmd", "swap_cmd"]
+
+
+def _echo_parity(results) -> None:
+    from atexport.verify.compare import format_table
+
+    if results:
+        click.echo("parity against PyTorch (fp32):")
+        click.echo(format_table(results))
+
+
+@click.command("onnx")
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="Checkpoint (run.pt) to export.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="ONNX file to write [default: <checkpoint stem>.onnx beside the checkpoint].")
+@click.option("--separable", is_flag=True,
+              help="Keep adapter and head weights as named, swappable initializers (see 'atexport swap').")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Fix the batch size [default: dynamic batch axis named 'batch'].")
+@click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset, >= 20 [default: from the preset].")
+@click.option("--no-simplify", is_flag=True, help="Skip graph simplification.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch (not recommended).")
+@click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
+              help="Local backbone weights, for checkpoints whose backbone is not in timm's hub.")
+@click.option("--images", type=click.Path(file_okay=False), default=None,
+              help="Folder of extra real images for the parity check (added to scikit-image's samples).")
+@click.option("--task-name", default=None, help="Task name in the metadata [default: checkpoint file stem].")
+@click.option("--config", "config", default="onnx", show_default=True,
+              help="Export preset in export_configs/ (name or YAML path).")
+def onnx_cmd(ckpt, output, separable, batch, opset, no_simplify, no_verify, backbone_weights, images, task_name, config):
+    """Export a checkpoint to ONNX and check it against PyTorch.
+
+    \b
+    Examples:
+      atexport onnx --ckpt runs/digits/run.pt                      # runs/digits/run.onnx
+      atexport onnx --ckpt run.pt -o model.onnx --separable        # swappable adapters
+      atexport onnx --ckpt run.pt --batch 8 --no-simplify
+    """
+    from atexport.export.onnx import export_onnx
+
+    result = export_onnx(
+        ckpt, output, separable=separable, batch=batch, opset=opset,
+        simplify=False if no_simplify else None, verify=not no_verify,
+        backbone_weights=backbone_weights, images=images, task_name=task_name, config=config,
+        log=lambda line: click.echo(line, err=True),
+    )
+    click.echo(result.summary())
+    if result.parity:
+        _echo_parity(result.parity)
+    else:
+        click.echo("parity:     NOT checked (--no-verify)")
+    click.echo(f"wrote {result.path}")
+
+
+@click.command("swap")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
+              help="A model exported with 'atexport onnx --separable'.")
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The other task's checkpoint.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="File to write [default: <checkpoint stem>.onnx beside the model].")
+@click.option("--task-name", default=None, help="Task name in the metadata [default: checkpoint file stem].")
+@click.option("--verify", is_flag=True,
+              help="Also rebuild the PyTorch model of --ckpt and check parity (needs its backbone weights).")
+@click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
+              help="Local backbone weights for --verify.")
+def swap_cmd(onnx_path, ckpt, output, task_name, verify, backbone_weights):
+    """Write a model with another task's adapters and head, without re-exporting.
+
+    Refuses, with the reason, a checkpoint whose backbone fingerprint, adapter rank, placement or class
+    count does not fit the model.
+
+    \b
+    Example:
+      atexport swap --onnx birds.onnx --ckpt runs/cars/run.pt -o cars.onnx
+    """
+    # Each source format is one branch calling one library function; the TensorRT stage adds its
+    # ``--engine`` option here with a branch calling its function in atexport.export.tensorrt.
+    if onnx_path is None:
+        raise BadInputError("give the model to swap into with --onnx MODEL.onnx.")
+    from atexport.export.swap import swap_onnx
+
+    result = swap_onnx(
+        onnx_path, ckpt, output, task_name=task_name, verify=verify, backbone_weights=backbone_weights
+    )
+    m = result.metadata
+    click.echo(
+        f"swapped {result.swapped} tensors: task {m.extra['swap']['from_task']!r} -> {m.task!r} "
+        f"({m.num_classes} classes) in {result.seconds['swap'] * 1000:.0f} ms"
+    )
+    if result.parity:
+        _echo_parity(result.parity)
+    click.echo(f"wrote {result.path}")

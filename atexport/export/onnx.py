@@ -1,0 +1,609 @@
+"""Export a checkpoint to a verified ONNX model, fused or with separable (swappable) task weights.
+
+:func:`export_onnx` rebuilds the trained PyTorch model from a checkpoint and its backbone (refusing a
+backbone whose fingerprint differs), exports it, checks it with ``onnx.checker`` (full check), optionally
+simplifies it, writes the metadata an app needs (``atexport.metadata``), checks parity against PyTorch on
+real photos and seeded random inputs, and only then writes the file, atomically. A model that fails
+parity is kept under ``<stem>.failed.onnx`` and a :class:`~atexport.errors.ParityError` is raised.
+
+The exporter is pinned: ``torch.onnx.export(..., dynamo=True)`` (PyTorch changed the default in 2.9) at
+opset >= 20, which keeps LayerNorm as one ``LayerNormalization`` node and GELU as one ``Gelu`` node (a
+decomposed LayerNorm overflows in FP16 on ViTs). The deprecated TorchScript exporter splits GELU into
+``Erf`` arithmetic and merges parameters with identical values, so zero-initialised adapter
+up-projections collapse into one shared tensor (tested in ``tests/test_export_onnx.py``).
+
+Separable export (``separable=True``): the adapter and head tensors are *lifted*. The model is exported
+through a wrapper that takes them as an explicit dict input and calls ``torch.func.functional_call``,
+so they become graph inputs named exactly like the checkpoint's tensors (``blocks.3.adapter.down.weight``,
+``head.weight``). Graph inputs are left alone by the exporter's optimizer (which otherwise deduplicates
+equal-valued tensors and folds weight transposes into new, unnamed constants) and by the simplifiers.
+After simplification each lifted input gets an initializer of the same name holding the task's values:
+an *overridable initializer*, so the model runs on its own (``session.get_inputs()`` lists only
+``input``), ONNX Runtime does not constant-fold through it at any optimisation level, and feeding the
+name at run time or rewriting the initializer in the file swaps the task exactly
+(:mod:`atexport.export.swap`). :func:`export_module` is the reusable piece for any ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from atexport import __version__, configs
+from atexport.errors import AtexportError, BadInputError, IncompatibleCheckpointError, ParityError, require
+
+MIN_OPSET = 20
+PROTOBUF_LIMIT = 2**31 - 1
+BATCH_AXIS = "batch"
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` produced.
+
+    Attributes:
+        path: where the model was written (``None`` if it was not, i.e. parity failed).
+        metadata: the metadata written into the model.
+        parity: one row per (input set, batch size); empty when verification was skipped.
+        nodes: ``{"exported": n, "simplified": m}`` (``simplified`` is ``None`` without simplification).
+        simplifier: the tool used, or ``None``.
+        seconds: wall time of each step (``export``, ``simplify``, ``verify``, ``total``).
+        size_bytes: size of the serialized model.
+        failed_path: where a model that failed parity was kept.
+    """
+
+    path: Path | None
+    metadata: Any
+    parity: list = field(default_factory=list)
+    nodes: dict = field(default_factory=dict)
+    simplifier: str | None = None
+    seconds: dict = field(default_factory=dict)
+    size_bytes: int = 0
+    failed_path: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.parity)
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.parity)
+
+    def summary(self) -> str:
+        """A few human-readable lines (the CLI prints them)."""
+        m = self.metadata
+        shape = "x".join(str(v) for v in m.input["shape"])
+        lines = [
+            f"model:      {m.backbone['name']} ({m.regime}, {m.num_classes} classes), task {m.task!r}",
+            f"input:      {m.input['name']} {shape} float32; output {m.output['name']} "
+            f"{'x'.join(str(v) for v in m.output['shape'])}",
+            f"separable:  {'yes, ' + str(len(m.manifest)) + ' swappable tensors' if m.separable else 'no (weights fused)'}",
+        ]
+        if self.nodes.get("simplified") is not None:
+            lines.append(
+                f"nodes:      {self.nodes['exported']} exported -> {self.nodes['simplified']} after {self.simplifier}"
+            )
+        else:
+            lines.append(f"nodes:      {self.nodes.get('exported')} (not simplified)")
+        lines.append(f"size:       {self.size_bytes / 1e6:.2f} MB")
+        lines.append("time:       " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reusable pieces: pinned exporter, lifted parameters, overridable initializers, manifest
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch_export(model, args, *, input_names, output_names, dynamic_shapes, opset):
+    """The one place atexport calls ``torch.onnx.export``: dynamo exporter, pinned."""
+    import torch
+
+    try:
+        program = torch.onnx.export(
+            model,
+            args,
+            dynamo=True,  # pinned: the default changed in PyTorch 2.9, and the TorchScript exporter
+            # decomposes GELU and merges equal-valued parameters (see the module docstring).
+            opset_version=int(opset),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            external_data=False,
+            report=False,
+            verify=False,
+            verbose=False,
+        )
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch.export's errors put the cause under an "Exception summary" heading.
+        at = next((i for i, ln in enumerate(lines) if "Exception summary" in ln), None)
+        msg = (lines[at + 1] if at is not None and at + 1 < len(lines) else (lines or [type(e).__name__])[0])[:400]
+        raise AtexportError(
+            f"torch.onnx.export (dynamo, opset {opset}) failed: {msg}. "
+            "Check that the opset is one this PyTorch supports."
+        ) from e
+    return program.model_proto
+
+
+def _rename_batch_axis(model, symbol: str, name: str = BATCH_AXIS) -> None:
+    """Rename the dynamic batch dimension ``symbol`` to ``name`` in inputs, outputs and value_info."""
+    if not symbol or symbol == name:
+        return
+    g = model.graph
+    for vi in (*g.input, *g.output, *g.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param == symbol:
+                d.dim_param = name
+
+
+def _shape_of(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+class _LiftedParams:
+    """Factory of the wrapper module (defined lazily: torch is imported only when exporting)."""
+
+    cls = None
+
+    @classmethod
+    def wrap(cls, module):
+        if cls.cls is None:
+            import torch
+
+            class LiftedParams(torch.nn.Module):
+                """``forward(x, params, extra)``: runs ``module`` with ``params`` swapped in."""
+
+                def __init__(self, module):
+                    super().__init__()
+                    self.module = module
+
+                def forward(self, x, params, extra=None):
+                    return torch.func.functional_call(self.module, params, (x,), extra or {}, strict=False)
+
+            cls.cls = LiftedParams
+        return cls.cls(module).eval()
+
+
+def export_module(
+    module,
+    example_input,
+    lifted: Mapping[str, Any] | None = None,
+    *,
+    extra_inputs: Mapping[str, Any] | None = None,
+    extra_dynamic: Mapping[str, Mapping[int, str]] | None = None,
+    input_name: str = "input",
+    output_names: Sequence[str] = ("logits",),
+    dynamic_batch: bool = True,
+    opset: int = MIN_OPSET,
+):
+    """Export any ``nn.Module`` with the pinned exporter, optionally lifting named tensors to graph inputs.
+
+    The module is called as ``module(x, **extra_inputs)``. Each lifted tensor (a parameter or buffer
+    of ``module``, by its ``named_parameters`` name) becomes a graph input of exactly that name and
+    shape, which the exporter's optimizer and the simplifiers leave untouched; give them values with
+    :func:`bind_initializers` once the graph is final.
+
+    Args:
+        module: the model, in eval mode.
+        example_input: a tensor of the input's shape; for a dynamic batch its batch must be >= 2
+            (tracing at 1 specialises the axis).
+        lifted: name -> tensor of the parameters to lift (values only set the traced shapes).
+        extra_inputs: further named inputs passed to ``module`` as keyword arguments (e.g. ``task_id``).
+        extra_dynamic: per extra input, ``{axis: symbol}``; the symbol ``"batch"`` is tied to the
+            batch axis of the main input.
+        input_name: name of the main input.
+        output_names: names of the outputs.
+        dynamic_batch: make axis 0 of the input (and outputs) dynamic, named ``"batch"``.
+        opset: ONNX opset (>= 20).
+
+    Returns:
+        The ``onnx.ModelProto``; its inputs are ``[input_name, *lifted, *extra_inputs]`` in that order.
+    """
+    import inspect
+
+    import torch
+
+    if int(opset) < MIN_OPSET:
+        raise BadInputError(
+            f"--opset {opset}: atexport needs opset >= {MIN_OPSET}, where GELU is one Gelu node and LayerNorm "
+            "one LayerNormalization node (decomposed LayerNorm overflows in FP16 on ViTs)."
+        )
+    lifted = dict(lifted or {})
+    extra_inputs = dict(extra_inputs or {})
+    if dynamic_batch and example_input.shape[0] < 2:
+        raise BadInputError("a dynamic-batch export must be traced with batch >= 2 (batch 1 specialises the axis).")
+    known = dict(module.named_parameters())
+    known.update(dict(module.named_buffers()))
+    unknown = [n for n in lifted if n not in known]
+    if unknown:
+        raise BadInputError(f"cannot lift {unknown[:5]}: no such parameter or buffer in {type(module).__name__}.")
+    clash = {input_name, *output_names} & (set(lifted) | set(extra_inputs)) or set(lifted) & set(extra_inputs)
+    if clash:
+        raise BadInputError(f"input/output names used twice: {sorted(clash)}.")
+    module = module.eval()
+    batch = torch.export.Dim(BATCH_AXIS) if dynamic_batch else None
+    x_dyn = {0: batch} if dynamic_batch else None
+    names = [input_name, *lifted, *extra_inputs]
+    dims: dict[str, Any] = {}
+
+    def dim(sym):
+        if sym == BATCH_AXIS and batch is not None:
+            return batch
+        return dims.setdefault(sym, torch.export.Dim(sym))
+
+    if lifted:
+        params = {n: (t.detach() if isinstance(t, torch.Tensor) else torch.as_tensor(t)) for n, t in lifted.items()}
+        for n, t in params.items():
+            if tuple(t.shape) != tuple(known[n].shape):
+                raise BadInputError(f"lifted tensor {n}: shape {tuple(t.shape)} != the module's {tuple(known[n].shape)}.")
+        model = _LiftedParams.wrap(module)
+        dyn = {"x": x_dyn, "params": {n: None for n in params}}
+        if extra_inputs:
+            dyn["extra"] = {
+                n: ({int(a): dim(s) for a, s in (extra_dynamic or {}).get(n, {}).items()} or None) for n in extra_inputs
+            }
+            args = (example_input, params, extra_inputs, {})
+        else:
+            args = (example_input, params, {})
+    else:
+        model = module
+        first = next(iter(inspect.signature(module.forward).parameters))
+        dyn = {first: x_dyn}
+        for n in extra_inputs:
+            dyn[n] = {int(a): dim(s) for a, s in (extra_dynamic or {}).get(n, {}).items()} or None
+        args = (example_input, dict(extra_inputs)) if extra_inputs else (example_input,)
+    proto = _torch_export(
+        model, args, input_names=names, output_names=output_names, dynamic_shapes=dyn, opset=opset
+    )
+    got = [i.name for i in proto.graph.input]
+    if got != names:
+        raise AtexportError(f"the exported graph's inputs {got[:6]} are not the expected {names[:6]} (a bug).")
+    for vi in proto.graph.input[1 : 1 + len(lifted)]:
+        if _shape_of(vi) != list(lifted[vi.name].shape):
+            want = list(lifted[vi.name].shape)
+            raise AtexportError(f"exported input {vi.name} has shape {_shape_of(vi)}, expected {want} (a bug).")
+    if dynamic_batch:
+        first_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+        _rename_batch_axis(proto, first_dim.dim_param)
+    return proto
+
+
+def bind_initializers(model, tensors: Mapping[str, Any]) -> None:
+    """Give graph inputs default values: initializers of the same names (*overridable initializers*).
+
+    Existing initializers of those names are replaced. Every name must be a graph input whose declared
+    shape matches. Modifies ``model`` in place.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    inputs = {i.name: i for i in model.graph.input}
+    arrays = {}
+    for name, t in tensors.items():
+        if name not in inputs:
+            raise AtexportError(f"cannot bind {name}: not a graph input of the model.")
+        a = t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+        want = _shape_of(inputs[name])
+        if list(a.shape) != want:
+            raise AtexportError(f"cannot bind {name}: shape {list(a.shape)} != the input's {want}.")
+        arrays[name] = np.ascontiguousarray(a)
+    keep = [i for i in model.graph.initializer if i.name not in arrays]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    for name, a in arrays.items():
+        model.graph.initializer.append(numpy_helper.from_array(a, name))
+
+
+def build_manifest(tensors: Mapping[str, Any]) -> dict:
+    """The swappable-tensor manifest: checkpoint name -> initializer name, shape, dtype, role (and block)."""
+    out = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        entry = {
+            "initializer": name,
+            "shape": [int(v) for v in t.shape],
+            "dtype": str(t.dtype).replace("torch.", ""),
+            "role": "adapter" if ".adapter." in name else ("head" if name.startswith("head.") else "other"),
+        }
+        if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
+            entry["block"] = int(parts[1])
+        out[name] = entry
+    return out
+
+
+def check_manifest(model, manifest: Mapping[str, dict], what: str = "model") -> None:
+    """Every manifest entry must be a graph input *and* an initializer of the same name and shape."""
+    inputs = {i.name: _shape_of(i) for i in model.graph.input}
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    problems = []
+    for name, entry in manifest.items():
+        init = entry.get("initializer", name)
+        if init not in inputs:
+            problems.append(f"{init} is not a graph input")
+        elif init not in inits:
+            problems.append(f"{init} has no initializer")
+        elif inits[init] != list(entry["shape"]):
+            problems.append(f"{init} has shape {inits[init]}, manifest says {entry['shape']}")
+    if problems:
+        raise BadInputError(f"{what}: its swappable-tensor manifest does not match the graph: {'; '.join(problems[:5])}.")
+
+
+def op_counts(model) -> dict[str, int]:
+    """Node count per op type of the main graph."""
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+# --------------------------------------------------------------------------------------------------
+# The export stage
+# --------------------------------------------------------------------------------------------------
+
+
+def load_export_config(config: str | Mapping = "onnx", **overrides) -> dict:
+    """The ``export_configs/onnx.yaml`` preset (or another), with non-``None`` overrides applied.
+
+    Overrides are ``section__key=value`` or plain keys of the ``export`` section.
+    """
+    data = dict(config) if isinstance(config, Mapping) else configs.load("export_configs", config)
+    data.setdefault("export", {})
+    data.setdefault("parity", {})
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        section, _, key = k.rpartition("__")
+        data.setdefault(section or "export", {})[key] = v
+    return data
+
+
+def default_output(ckpt_path: str | Path) -> Path:
+    """``<checkpoint folder>/<checkpoint stem>.onnx``."""
+    p = Path(ckpt_path)
+    return p.with_name(p.stem + ".onnx")
+
+
+def failed_path_for(output: str | Path) -> Path:
+    """Where a model that failed parity is kept: ``<stem>.failed.onnx`` beside ``output``."""
+    p = Path(output)
+    return p.with_name(f"{p.stem}.failed{p.suffix or '.onnx'}")
+
+
+def swappable_names(ckpt, model) -> list[str]:
+    """The tensors a separable export lifts: the checkpoint's adapter and head tensors, model order."""
+    if ckpt.regime == "full":
+        raise IncompatibleCheckpointError(
+            "--separable needs an adapter or head checkpoint; a 'full' fine-tune changes the whole backbone, "
+            "so there is no shared backbone to separate. Export it without --separable."
+        )
+    params = dict(model.named_parameters())
+    names = [n for n in params if n in ckpt.state_dict]
+    extra = sorted(set(ckpt.state_dict) - set(params))
+    if extra:
+        raise IncompatibleCheckpointError(f"checkpoint tensors {extra[:5]} are not parameters of the rebuilt model.")
+    if not names:
+        raise IncompatibleCheckpointError("the checkpoint holds no adapter or head tensors to make swappable.")
+    return names
+
+
+def _metadata(ckpt, *, input_name, output_name, batch, separable, manifest, task, extra):
+    from atexport.metadata import ModelMetadata
+
+    spec = ckpt.model
+    b = BATCH_AXIS if batch is None else int(batch)
+    return ModelMetadata(
+        backbone={
+            "name": spec.backbone,
+            "fingerprint": ckpt.fingerprint,
+            "model_args": dict(spec.model_args),
+            "source": dict(spec.source),
+        },
+        input={
+            "name": input_name,
+            "shape": [b, *[int(v) for v in ckpt.preprocess["input_size"]]],
+            "dtype": "float32",
+            "layout": "NCHW",
+        },
+        output={"name": output_name, "shape": [b, int(spec.num_classes)], "dtype": "float32"},
+        preprocess=dict(ckpt.preprocess),
+        class_names=list(spec.class_names) if spec.class_names else None,
+        num_classes=int(spec.num_classes),
+        adapter=ckpt.adapter.to_dict() if ckpt.adapter else None,
+        regime=ckpt.regime,
+        separable=bool(separable),
+        manifest=manifest,
+        precision="fp32",
+        task=task,
+        extra=extra,
+    )
+
+
+def export_onnx(
+    ckpt,
+    output: str | Path | None = None,
+    *,
+    separable: bool = False,
+    batch: int | None = None,
+    opset: int | None = None,
+    simplify: bool | None = None,
+    simplifier: str | None = None,
+    verify: bool = True,
+    backbone_weights: str | Path | None = None,
+    images=None,
+    task_name: str | None = None,
+    config: str | Mapping = "onnx",
+    log=None,
+) -> ExportResult:
+    """Export a checkpoint to ONNX, verify it against PyTorch, and write it atomically.
+
+    Args:
+        ckpt: path of a ``run.pt`` or a loaded :class:`~atexport.checkpoint.Checkpoint`.
+        output: model path; default ``<checkpoint stem>.onnx`` beside the checkpoint.
+        separable: lift adapter and head tensors to named, swappable initializers (with a manifest).
+        batch: fixed batch size; ``None`` takes the preset's (a dynamic batch axis named ``"batch"``).
+        opset: ONNX opset (>= 20); default from the preset.
+        simplify: run the simplifier (default from the preset: on).
+        simplifier: ``"onnxslim"`` or ``"onnxsim"`` (default from the preset).
+        verify: check parity against the PyTorch model (on by default; off only to save time).
+        backbone_weights: local backbone weights file, for checkpoints whose backbone is not in timm's hub.
+        images: extra real images for parity: a folder, or a list of paths or PIL images.
+        task_name: the task's name in the metadata (default: the checkpoint's file stem).
+        config: export preset name in ``export_configs/`` or a dict.
+        log: optional callable receiving progress lines.
+
+    Returns:
+        The :class:`ExportResult`.
+
+    Raises:
+        BadInputError: missing/unreadable checkpoint, bad flags, unwritable output.
+        IncompatibleCheckpointError: the backbone's fingerprint differs, or ``separable`` with a full fine-tune.
+        ParityError: the model does not compute what PyTorch computes; it is kept at ``<stem>.failed.onnx``
+            (``error.result`` holds the :class:`ExportResult`) and nothing is written at ``output``.
+    """
+    from atexport.checkpoint import Checkpoint, build_model, load_checkpoint
+    from atexport.utils.io import atomic_write_bytes, check_writable
+
+    say = log or (lambda *_: None)
+    t_start = time.perf_counter()
+    cfg = load_export_config(config, opset=opset, batch=batch, simplify=simplify, simplifier=simplifier)
+    ex, par = cfg["export"], cfg["parity"]
+    opset = int(ex.get("opset", MIN_OPSET))
+    batch = ex.get("batch")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise BadInputError(f"--batch {batch}: must be a positive integer (omit it for a dynamic batch axis).")
+    if opset < MIN_OPSET:
+        raise BadInputError(
+            f"--opset {opset}: atexport needs opset >= {MIN_OPSET}, where GELU is one Gelu node and LayerNorm "
+            "one LayerNormalization node (decomposed LayerNorm overflows in FP16 on ViTs)."
+        )
+    do_simplify = bool(ex.get("simplify", True))
+    simplifier = str(ex.get("simplifier", "onnxslim"))
+
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = load_checkpoint(ckpt)
+    if output is None:
+        if ckpt.path is None:
+            raise BadInputError("give an output path (-o): the checkpoint was not loaded from a file.")
+        output = default_output(ckpt.path)
+    output = check_writable(output, "-o")
+    if ckpt.path is not None and output.resolve() == Path(ckpt.path).resolve():
+        raise BadInputError(f"-o {output}: that is the checkpoint itself; choose another output path.")
+    task = task_name or ckpt.name
+    require("onnx", "exporting ONNX models", "onnx")
+    require("onnxscript", "the PyTorch ONNX exporter (torch.onnx.export(dynamo=True))", "onnx")
+    import onnx
+    import torch
+
+    say(f"building {ckpt.model.backbone} from {ckpt.path or 'checkpoint'} ...")
+    model = build_model(ckpt, backbone_weights=backbone_weights)
+    in_shape = [int(v) for v in ckpt.preprocess["input_size"]]
+    trace_batch = int(batch) if batch is not None else max(int(ex.get("trace_batch", 2)), 2)
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn((trace_batch, *in_shape), generator=gen)
+
+    lifted = {}
+    manifest = {}
+    if separable:
+        params = dict(model.named_parameters())
+        lifted = {n: params[n].detach().clone() for n in swappable_names(ckpt, model)}
+        manifest = build_manifest(lifted)  # before simplifying: names are the checkpoint's, by construction
+
+    say(f"exporting ({'separable' if separable else 'fused'}, opset {opset}, "
+        f"{'dynamic batch' if batch is None else f'batch {batch}'}) ...")
+    t0 = time.perf_counter()
+    proto = export_module(model, example, lifted, dynamic_batch=batch is None, opset=opset)
+    seconds = {"export": time.perf_counter() - t0}
+    nodes = {"exported": len(proto.graph.node), "simplified": None}
+    stats = None
+    if do_simplify:
+        from atexport.export.simplify import require_inputs
+        from atexport.export.simplify import simplify as run_simplifier
+
+        say(f"simplifying with {simplifier} ...")
+        proto, stats = run_simplifier(proto, simplifier)
+        require_inputs(proto, list(lifted))
+        nodes["simplified"] = stats.nodes_after
+        seconds["simplify"] = stats.seconds
+    if lifted:
+        bind_initializers(proto, lifted)
+        check_manifest(proto, manifest, "exported model")
+
+    extra = {
+        "export": {
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "opset": opset,
+            "batch": batch,
+            "trace_batch": trace_batch,
+            "simplify": do_simplify,
+            "simplifier": simplifier if do_simplify else None,
+            "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
+            "config_source": cfg.get("_source"),
+        },
+        "nodes": nodes,
+        "ops": {k: v for k, v in op_counts(proto).items() if k in ("LayerNormalization", "Gelu", "Erf", "Gemm", "MatMul")},
+        "checkpoint": {"file": Path(ckpt.path).name if ckpt.path else None, "metrics": ckpt.metrics},
+        "parity": None,
+    }
+    meta = _metadata(
+        ckpt, input_name="input", output_name="logits", batch=batch, separable=separable,
+        manifest=manifest, task=task, extra=extra,
+    )
+    from atexport.metadata import write_onnx_metadata
+
+    proto.producer_name, proto.producer_version = "atexport", __version__
+    proto.doc_string = f"{ckpt.model.backbone} {ckpt.regime} task {task!r} exported by atexport {__version__}"
+    write_onnx_metadata(proto, meta)
+    if proto.ByteSize() > PROTOBUF_LIMIT:
+        raise BadInputError(
+            f"the exported model is {proto.ByteSize() / 1e9:.1f} GB, over protobuf's 2 GB limit; models this large "
+            "(external-data ONNX) are not supported by atexport yet."
+        )
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise AtexportError(f"the exported model fails onnx.checker ({str(e).splitlines()[0][:300]}); a bug.") from e
+
+    result = ExportResult(path=None, metadata=meta, nodes=nodes, simplifier=simplifier if do_simplify else None)
+    data = proto.SerializeToString()
+    if verify:
+        from atexport.runtime.onnxruntime import OnnxRuntimeRunner
+        from atexport.runtime.torch import TorchRunner
+        from atexport.verify.parity import check_parity, photo_batch
+
+        say("checking parity against PyTorch ...")
+        t0 = time.perf_counter()
+        photos = photo_batch(ckpt.preprocess, extra=images, max_images=par.get("max_images"))
+        sizes = [int(batch)] if batch is not None else [int(b) for b in par.get("batch_sizes", [1, 4])]
+        with TorchRunner(model) as ref, OnnxRuntimeRunner(data, optimization=par.get("optimization", "all")) as cand:
+            result.parity = check_parity(
+                ref, cand, photos, par.get("precision", "fp32"),
+                random_inputs=int(par.get("random_inputs", 8)), seed=int(par.get("seed", 0)),
+                batch_sizes=sizes, tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape,
+            )
+        seconds["verify"] = time.perf_counter() - t0
+        meta.extra["parity"] = [r.to_dict() for r in result.parity]
+        write_onnx_metadata(proto, meta)
+        data = proto.SerializeToString()
+    seconds["total"] = time.perf_counter() - t_start
+    result.seconds = seconds
+    result.size_bytes = len(data)
+
+    if verify and not result.passed:
+        from atexport.verify.compare import format_table
+
+        failed = failed_path_for(output)
+        atomic_write_bytes(failed, data)
+        result.failed_path = failed
+        err = ParityError(
+            f"the exported model does not match PyTorch within the {par.get('precision', 'fp32')} tolerances:\n"
+            f"{format_table(result.parity)}\nNothing was written to {output}; the failing model is kept at {failed}."
+        )
+        err.result = result
+        raise err
+    atomic_write_bytes(output, data)
+    result.path = output
+    return result
