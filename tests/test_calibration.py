@@ -1,0 +1,115 @@
+"""Calibration sets (definitions, folders, warnings) and the calibration cache (reuse, never for another model)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+from atexport.errors import BadInputError
+from atexport.export.calibration import (
+    CalibrationWarning,
+    available_sets,
+    load_calibration_set,
+    model_hash,
+)
+
+
+@pytest.fixture(scope="session")
+def calib_fp32(tmp_path_factory, tiny_ckpt):
+    from atexport.export.onnx import export_onnx
+
+    return export_onnx(tiny_ckpt, tmp_path_factory.mktemp("calib") / "tiny.onnx", verify=False).path
+
+
+def test_shipped_sets_load():
+    assert {"digits", "photos", "pets", "imagenet-style"} <= set(available_sets())
+    cs = load_calibration_set("digits", count=16, seed=3)
+    assert (cs.source, cs.split, cs.count, cs.seed) == ("digits", "train", 16, 3)
+    imgs = cs.images()
+    assert len(imgs) == 16 and all(im.mode == "RGB" for im in imgs)
+    # deterministic selection, and the seed matters
+    a = [np.asarray(im).sum() for im in imgs]
+    assert a == [np.asarray(im).sum() for im in load_calibration_set("digits", count=16, seed=3).images()]
+    assert a != [np.asarray(im).sum() for im in load_calibration_set("digits", count=16, seed=4).images()]
+
+
+def test_images_go_through_the_models_preprocessing():
+    pre = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+           "crop_pct": 0.9, "crop_mode": "center"}
+    x = load_calibration_set("digits", count=8, min_images=4).batch(pre)
+    assert x.shape == (8, 3, 32, 32) and x.dtype == np.float32
+    assert -1.01 <= x.min() and x.max() <= 1.01  # (x - 0.5) / 0.5
+
+
+def test_folder_and_warning_below_min_images(tmp_path):
+    from PIL import Image
+
+    for cls in ("cats", "dogs"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), (i * 40, 10, 200)).save(tmp_path / "train" / cls / f"{i}.png")
+    cs = load_calibration_set(tmp_path / "train")
+    assert cs.source == "folder" and len(cs.images()) == 6
+    pre = {"input_size": [3, 32, 32], "mean": [0, 0, 0], "std": [1, 1, 1]}
+    with pytest.warns(CalibrationWarning, match="only 6 images"):
+        cs.batch(pre)
+    # a YAML definition whose relative path is beside the file
+    (tmp_path / "mine.yaml").write_text("name: mine\nsource: folder\npath: train\ncount: 4\nseed: 1\n")
+    cs = load_calibration_set(tmp_path / "mine.yaml", min_images=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(cs.batch(pre)) == 4
+
+
+def test_bad_sets_are_refused(tmp_path):
+    with pytest.raises(BadInputError, match="no calibration config named 'nope'"):
+        load_calibration_set("nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="no image files"):
+        load_calibration_set(tmp_path / "empty").images()
+    with pytest.raises(BadInputError, match="source"):
+        load_calibration_set({"name": "x", "source": "web"})
+
+
+def test_model_hash_ignores_metadata_not_weights(calib_fp32):
+    m = onnx.load(str(calib_fp32))
+    h = model_hash(m)
+    m.metadata_props.add(key="note", value="edited")
+    assert model_hash(m) == h
+    m.graph.initializer[-1].raw_data = bytes(len(m.graph.initializer[-1].raw_data))
+    assert model_hash(m) != h
+
+
+def test_cache_reused_then_not_for_a_changed_model(calib_fp32, tmp_path):
+    from atexport.export.precision import quantize_int8
+
+    cache = tmp_path / "tiny.calib.json"
+    first = quantize_int8(calib_fp32, tmp_path / "a.int8.onnx", {"name": "digits", "source": "digits", "count": 32, "min_images": 16}, cache=cache, verify=False)
+    assert first.calibration["cache_status"].startswith("computed") and cache.is_file()
+    doc = json.loads(cache.read_text())
+    assert doc["model_sha256"] == model_hash(onnx.load(str(calib_fp32)))
+
+    second = quantize_int8(calib_fp32, tmp_path / "b.int8.onnx", {"name": "digits", "source": "digits", "count": 32, "min_images": 16}, cache=cache, verify=False)
+    assert second.calibration["cache_status"] == "reused"
+    assert onnx.load(str(tmp_path / "a.int8.onnx")).graph == onnx.load(str(tmp_path / "b.int8.onnx")).graph
+
+    # other images: recomputed
+    other = quantize_int8(calib_fp32, tmp_path / "c.int8.onnx", {"name": "d", "source": "digits", "count": 32, "seed": 7, "min_images": 16},
+                          cache=cache, verify=False)
+    assert "other calibration images" in other.calibration["cache_status"]
+
+    # a changed model (one weight changed): never reuses another model's ranges
+    m = onnx.load(str(calib_fp32))
+    w = m.graph.initializer[-2]
+    arr = onnx.numpy_helper.to_array(w).copy() * 1.5
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    changed = tmp_path / "changed.onnx"
+    onnx.save(m, str(changed))
+    res = quantize_int8(changed, tmp_path / "d.int8.onnx", {"name": "d", "source": "digits", "count": 32, "seed": 7, "min_images": 16},
+                        cache=cache, verify=False)
+    assert "another model" in res.calibration["cache_status"]
+    assert json.loads(cache.read_text())["model_sha256"] == model_hash(m)
