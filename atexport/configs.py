@@ -3,7 +3,8 @@
 Training recipes live in ``training/``, export presets and parity tolerances in ``export_configs/``,
 calibration-set definitions in ``calibration/`` (all YAML, at the top of the source tree). A name such as
 ``"digits"`` resolves to ``<dir>/digits.yaml``; a path to an existing file is read as it is. The folders
-are found beside the package (source checkout or editable install) or under ``$ATEXPORT_CONFIG_ROOT``.
+are found under ``$ATEXPORT_CONFIG_ROOT``, beside the package (source checkout or editable install), or
+where a wheel installs them (``<prefix>/share/atexport``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ KINDS = ("training", "export_configs", "calibration")
 
 
 def config_root() -> Path:
+    """``$ATEXPORT_CONFIG_ROOT``, else the source tree beside the package, else ``<prefix>/share/atexport``."""
     env = os.environ.get("ATEXPORT_CONFIG_ROOT")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent
+    source = Path(__file__).resolve().parent.parent
+    if (source / "training").is_dir():
+        return source
+    import sys
+
+    return Path(sys.prefix) / "share" / "atexport"
 
 
 def config_dir(kind: str) -> Path:
