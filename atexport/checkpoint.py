@@ -101,8 +101,10 @@ def load_checkpoint(path: str | Path, flag: str = "--ckpt") -> Checkpoint:
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        # torch's own message advises weights_only=False, i.e. running the file's pickled code: never here.
+        reason = str(e).splitlines()[0].split(" In PyTorch 2.6")[0][:200]
         raise BadInputError(
-            f"{flag} {path}: not a readable atexport checkpoint ({str(e).splitlines()[0][:200]}). "
+            f"{flag} {path}: not a readable atexport checkpoint ({reason}). "
             "It must be a run.pt written by 'atexport train' (or converted with 'atexport import-official')."
         ) from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
