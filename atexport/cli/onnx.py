@@ -24,11 +24,19 @@ def _echo_parity(results) -> None:
 
 
 @click.command("onnx")
-@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="Checkpoint (run.pt) to export.")
+@click.option("--ckpt", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="Checkpoint (run.pt) to export; repeat it with --multitask for one model serving several tasks.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="ONNX file to write [default: <checkpoint stem>.onnx beside the checkpoint].")
+              help="ONNX file to write [default: <checkpoint stem>.onnx beside the checkpoint; "
+                   "tasks.onnx in the checkpoints' folder with --multitask].")
 @click.option("--separable", is_flag=True,
               help="Keep adapter and head weights as named, swappable initializers (see 'atexport swap').")
+@click.option("--multitask", is_flag=True,
+              help="One model for all --ckpt: the backbone once, a bank of adapters and heads, a per-sample "
+                   "task_id input (see 'atexport tasks'). The bank is always swappable.")
+@click.option("--max-classes", type=click.IntRange(min=1), default=None,
+              help="With --multitask: logits width, the most classes a task may have, also one added later "
+                   "[default: the largest task's].")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Fix the batch size [default: dynamic batch axis named 'batch'].")
 @click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset, >= 20 [default: from the preset].")
@@ -38,10 +46,12 @@ def _echo_parity(results) -> None:
               help="Local backbone weights, for checkpoints whose backbone is not in timm's hub.")
 @click.option("--images", type=click.Path(file_okay=False), default=None,
               help="Folder of extra real images for the parity check (added to scikit-image's samples).")
-@click.option("--task-name", default=None, help="Task name in the metadata [default: checkpoint file stem].")
+@click.option("--task-name", multiple=True,
+              help="Task name in the metadata [default: checkpoint file stem]; with --multitask one per --ckpt, in order.")
 @click.option("--config", "config", default="onnx", show_default=True,
               help="Export preset in export_configs/ (name or YAML path).")
-def onnx_cmd(ckpt, output, separable, batch, opset, no_simplify, no_verify, backbone_weights, images, task_name, config):
+def onnx_cmd(ckpt, output, separable, multitask, max_classes, batch, opset, no_simplify, no_verify, backbone_weights,
+             images, task_name, config):
     """Export a checkpoint to ONNX and check it against PyTorch.
 
     \b
@@ -49,7 +59,22 @@ def onnx_cmd(ckpt, output, separable, batch, opset, no_simplify, no_verify, back
       atexport onnx --ckpt runs/digits/run.pt                      # runs/digits/run.onnx
       atexport onnx --ckpt run.pt -o model.onnx --separable        # swappable adapters
       atexport onnx --ckpt run.pt --batch 8 --no-simplify
+      atexport onnx --ckpt a.pt --ckpt b.pt --ckpt c.pt --multitask -o tasks.onnx
     """
+    if multitask:
+        _multitask(ckpt, output, max_classes, batch, opset, no_simplify, no_verify, backbone_weights, images,
+                   task_name, config)
+        return
+    if len(ckpt) > 1:
+        raise BadInputError(
+            f"{len(ckpt)} --ckpt given: several checkpoints make one multi-task model only with --multitask "
+            "(one backbone, per-sample task_id); to export them separately run 'atexport onnx' once per checkpoint."
+        )
+    if max_classes is not None:
+        raise BadInputError("--max-classes sets the logits width of a multi-task model; it needs --multitask.")
+    if len(task_name) > 1:
+        raise BadInputError("one --task-name per export (several only with --multitask, one per --ckpt).")
+    ckpt, task_name = ckpt[0], (task_name[0] if task_name else None)
     from atexport.export.onnx import export_onnx
 
     result = export_onnx(
@@ -61,6 +86,25 @@ def onnx_cmd(ckpt, output, separable, batch, opset, no_simplify, no_verify, back
     click.echo(result.summary())
     if result.parity:
         _echo_parity(result.parity)
+    else:
+        click.echo("parity:     NOT checked (--no-verify)")
+    click.echo(f"wrote {result.path}")
+
+
+def _multitask(ckpts, output, max_classes, batch, opset, no_simplify, no_verify, backbone_weights, images,
+               task_names, config):
+    from atexport.export.multitask import export_multitask
+    from atexport.verify.compare import format_table
+
+    result = export_multitask(
+        list(ckpts), output, task_names=list(task_names) or None, max_classes=max_classes, batch=batch, opset=opset,
+        simplify=False if no_simplify else None, verify=not no_verify, backbone_weights=backbone_weights,
+        images=images, config=config, log=lambda line: click.echo(line, err=True),
+    )
+    click.echo(result.summary())
+    if result.parity:
+        click.echo("parity, each task's rows of mixed-task batches against its own PyTorch model (fp32):")
+        click.echo(format_table(result.parity))
     else:
         click.echo("parity:     NOT checked (--no-verify)")
     click.echo(f"wrote {result.path}")
