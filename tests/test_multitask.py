@@ -348,6 +348,14 @@ def test_editing_refuses_int8_and_single_task_models(precision_models, singles, 
         remove_task(singles[0], "task0", output=mt_dir / "x.onnx")
 
 
+def test_swap_points_multitask_models_to_atexport_tasks(mt, extra_ckpts, mt_dir):
+    from atexport.errors import IncompatibleCheckpointError
+    from atexport.export.swap import swap_onnx
+
+    with pytest.raises(IncompatibleCheckpointError, match="multi-task model .*atexport tasks add"):
+        swap_onnx(mt.path, extra_ckpts["new"], mt_dir / "swapped.onnx")
+
+
 def test_fp16_model_accepts_a_new_task(precision_models, mt_dir, extra_ckpts, inputs):
     from atexport.export.multitask import add_task
 

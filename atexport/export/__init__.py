@@ -4,6 +4,8 @@
   write metadata, check parity against PyTorch, write atomically.
 * :func:`export_module`: the reusable exporter for any ``nn.Module``, with named tensors lifted to
   graph inputs (multi-task export builds on it); :func:`bind_initializers` gives them default values.
+* :func:`export_multitask` (``atexport onnx --multitask``): one backbone, a bank of task adapters and heads,
+  a per-sample ``task_id``; :func:`add_task` / :func:`remove_task` / :func:`list_tasks` edit the bank.
 * :func:`swap_onnx` (``atexport swap``) and :class:`AdapterSession`: another task's adapters and head in
   a file or a live ONNX Runtime session, without re-exporting.
 
@@ -11,6 +13,7 @@ Importing this package pulls in neither torch nor onnx; the functions import the
 """
 
 from atexport.export.onnx import ExportResult, bind_initializers, export_module, export_onnx
+from atexport.export.multitask import MultiTaskResult, add_task, export_multitask, list_tasks, remove_task
 from atexport.export.swap import AdapterSession, SwapResult, check_compatible, load_task_weights, swap_onnx
 
 __all__ = [
@@ -19,8 +22,13 @@ __all__ = [
     "SwapResult",
     "bind_initializers",
     "check_compatible",
+    "MultiTaskResult",
+    "add_task",
     "export_module",
+    "export_multitask",
     "export_onnx",
+    "list_tasks",
+    "remove_task",
     "load_task_weights",
     "swap_onnx",
 ]

@@ -87,6 +87,12 @@ def check_compatible(meta: ModelMetadata, ckpt, where: str = "the model") -> Non
         IncompatibleCheckpointError: with every reason found.
     """
     name = f"checkpoint {ckpt.path}" if getattr(ckpt, "path", None) else "the checkpoint"
+    if meta.tasks:
+        names = ", ".join(t["name"] for t in meta.tasks)
+        raise IncompatibleCheckpointError(
+            f"{where} is a multi-task model (tasks: {names}); change its tasks with "
+            "'atexport tasks add --model MODEL --ckpt CKPT [--name NAME --replace]' or 'atexport tasks remove'."
+        )
     if not meta.separable or not meta.manifest:
         raise IncompatibleCheckpointError(
             f"{where} was exported without --separable: its adapter and head weights are fused into the graph "
