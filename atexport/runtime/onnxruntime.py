@@ -55,23 +55,42 @@ class OnnxRuntimeRunner(Runner):
         providers: execution providers, CPU by default.
         feeds: constant extra inputs given with every batch (e.g. swapped adapter weights).
         name: label used in reports.
+        optimization: graph optimisation level (``disable``, ``basic``, ``extended``, ``all``).
+        input_name: the image input (default: the session's first input; multi-task models also take
+            ``task_id``, fed by name).
+        output_name: the logits output (default: the session's first output).
     """
 
-    def __init__(self, model, threads=None, providers=None, feeds=None, name="onnxruntime", optimization="all"):
+    def __init__(self, model, threads=None, providers=None, feeds=None, name="onnxruntime", optimization="all",
+                 input_name=None, output_name=None):
         super().__init__()
         self.model, self.threads, self.providers = model, threads, providers
         self.optimization = optimization
         self.feeds = dict(feeds or {})
         self.name = name
         self.session = None
+        self._want_input, self._want_output = input_name, output_name
 
     def _activate(self):
         self.session = create_session(self.model, self.threads, self.providers, self.optimization)
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        for want, have, what in ((self._want_input, inputs, "input"), (self._want_output, outputs, "output")):
+            if want is not None and want not in have:
+                raise BadInputError(f"the ONNX model has no {what} named {want!r}; its {what}s are {have}.")
+        self.input_name = self._want_input or inputs[0]
+        self.output_name = self._want_output or outputs[0]
 
     def _deactivate(self):
         self.session = None
+
+    def run(self, batch: np.ndarray, output_names=None, **feeds) -> dict[str, np.ndarray]:
+        """Run one batch and return the named outputs (all outputs by default) as numpy arrays."""
+        if not self.is_active:
+            self.activate()
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32), **self.feeds, **feeds}
+        names = list(output_names) if output_names else [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feed)))
 
     def _infer(self, batch, **feeds):
         feed = {self.input_name: batch, **self.feeds, **feeds}

@@ -73,11 +73,11 @@ def _resize_shorter(img: Image.Image, size: int, resample) -> Image.Image:
     return img.resize((new_w, new_h), resample)
 
 
-def _center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+def _center_crop(img: Image.Image, size: tuple[int, int], fill=0) -> Image.Image:
     th, tw = size
     w, h = img.size
-    if w < tw or h < th:  # pad like torchvision, then crop
-        canvas = Image.new(img.mode, (max(w, tw), max(h, th)))
+    if w < tw or h < th:  # pad like torchvision (``fill``: timm's border mode pads with the mean colour)
+        canvas = Image.new(img.mode, (max(w, tw), max(h, th)), fill)
         canvas.paste(img, ((max(w, tw) - w) // 2, (max(h, th) - h) // 2))
         img, (w, h) = canvas, canvas.size
     top = int(round((h - th) / 2.0))
@@ -106,17 +106,29 @@ class Preprocessor:
         self.std = np.asarray(config["std"], dtype=np.float32).reshape(3, 1, 1)
 
     def resize_crop(self, img: Image.Image) -> Image.Image:
+        """timm's eval resize and crop (``crop_mode`` center, squash or border), with its rounding."""
         img = to_rgb(img)
         scale = (math.floor(self.height / self.crop_pct), math.floor(self.width / self.crop_pct))
         if self.crop_mode == "squash":
             img = img.resize((scale[1], scale[0]), self.resample)
+        elif self.crop_mode == "border":
+            # timm: ResizeKeepRatio(longest=1.0), then CenterCropOrPad filled with round(255 * mean).
+            img = self._resize_keep_ratio(img, scale, longest=True)
+            fill = tuple(int(round(255 * float(v))) for v in self.mean.reshape(-1))
+            return _center_crop(img, (self.height, self.width), fill)
         elif scale[0] == scale[1]:
             img = _resize_shorter(img, scale[0], self.resample)
         else:
-            w, h = img.size
-            ratio = min(scale[0] / h, scale[1] / w) if self.crop_mode == "border" else max(scale[0] / h, scale[1] / w)
-            img = img.resize((round(w * ratio), round(h * ratio)), self.resample)
+            img = self._resize_keep_ratio(img, scale, longest=False)
         return _center_crop(img, (self.height, self.width))
+
+    def _resize_keep_ratio(self, img: Image.Image, scale: tuple[int, int], longest: bool) -> Image.Image:
+        """timm's ``ResizeKeepRatio``: scale by the longest (or shortest) edge's ratio, same rounding."""
+        w, h = img.size
+        ratio_h, ratio_w = h / scale[0], w / scale[1]
+        ratio = max(ratio_h, ratio_w) if longest else min(ratio_h, ratio_w)
+        size = (round(h / ratio), round(w / ratio))
+        return img.resize((size[1], size[0]), self.resample)
 
     def image(self, img: Image.Image | str | os.PathLike) -> np.ndarray:
         """One image to a normalised float32 CHW array."""

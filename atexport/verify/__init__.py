@@ -1,5 +1,29 @@
-"""Accuracy parity between artifacts: comparison of any two runners, tolerances per precision."""
+"""Accuracy parity between artifacts: comparison of any two runners, tolerances per precision.
+
+* :func:`verify` (``atexport verify``): every artifact and the PyTorch FP32 model over a labelled data
+  set, with accuracy, agreement, logit differences, throughput and a JSON + Markdown report;
+* :func:`compare_blocks` (``--per-block``): where inside the network an ONNX artifact starts to differ;
+* :func:`compare`, :class:`Tolerance`: the comparison of two logit arrays every stage uses.
+
+Importing this package imports neither torch nor onnxruntime.
+"""
 
 from atexport.verify.compare import ParityResult, Tolerance, compare, format_table, load_tolerances
+from atexport.verify.per_block import PerBlockResult, Stage, compare_blocks
+from atexport.verify.verify import Artifact, BackendResult, VerifyResult, resolve_tolerances, verify
 
-__all__ = ["ParityResult", "Tolerance", "compare", "format_table", "load_tolerances"]
+__all__ = [
+    "Artifact",
+    "BackendResult",
+    "ParityResult",
+    "PerBlockResult",
+    "Stage",
+    "Tolerance",
+    "VerifyResult",
+    "compare",
+    "compare_blocks",
+    "format_table",
+    "load_tolerances",
+    "resolve_tolerances",
+    "verify",
+]

@@ -1,0 +1,72 @@
+"""``atexport verify``: a thin command over :func:`atexport.verify.verify`."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS = ["verify_cmd"]
+
+
+@click.command("verify")
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="Checkpoint the artifacts were made from.")
+@click.option("--onnx", "onnx_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="ONNX model (any precision; its metadata says which). Repeatable.")
+@click.option("--onnx-fp16", multiple=True, type=click.Path(dir_okay=False), help="FP16 ONNX model. Repeatable.")
+@click.option("--onnx-int8", multiple=True, type=click.Path(dir_okay=False), help="INT8 (Q/DQ) ONNX model. Repeatable.")
+@click.option("--engine", multiple=True, type=click.Path(dir_okay=False),
+              help="TensorRT engine (its .json sidecar beside it). Repeatable.")
+@click.option("--dataset", default="digits", show_default=True,
+              help="Data set: digits (offline), pets, cifar10, ..., or imagefolder:PATH.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Verify on a seeded random N images of the split.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Root of downloaded data sets [default: $ATEXPORT_DATA_DIR or ./data].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per inference call.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder to write verify.json and verify.md to.")
+@click.option("--per-block", is_flag=True, help="Also compare every transformer block and adapter of each ONNX model.")
+@click.option("--per-block-images", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images for the per-block comparison.")
+@click.option("--tolerances", default="tolerances", show_default=True,
+              help="Tolerance table: a name in export_configs/ or a YAML file.")
+@click.option("--tol", "tol_overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override one tolerance, e.g. --tol int8.min_cosine=0.99, --tol per_block.fp16=0.02. Repeatable.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads of ONNX Runtime and PyTorch [default: all cores].")
+@click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
+              help="Local backbone weights for the checkpoint.")
+def verify_cmd(ckpt, onnx_paths, onnx_fp16, onnx_int8, engine, dataset, split, limit, data_dir, batch_size, report_dir,
+               per_block, per_block_images, tolerances, tol_overrides, threads, backbone_weights):
+    """Check every artifact against the PyTorch FP32 model on a labelled data set.
+
+    Reports, per backend and precision: top-1 accuracy, top-1 agreement with PyTorch, max and mean abs
+    logit difference, cosine similarity and images/s. Exits nonzero (5) when an artifact is outside the
+    tolerances of its precision (export_configs/tolerances.yaml, or --tolerances / --tol).
+
+    \b
+    Examples:
+      atexport verify --ckpt run.pt --onnx model.onnx --dataset digits --split test
+      atexport verify --ckpt run.pt --onnx model.onnx --onnx-int8 model.int8.onnx --report reports/
+      atexport verify --ckpt run.pt --onnx-fp16 model.fp16.onnx --per-block --limit 200
+      atexport verify --ckpt run.pt --engine model.engine --dataset imagefolder:data/birds
+    """
+    from atexport.verify.verify import parse_overrides, verify
+
+    result = verify(
+        ckpt, onnx=onnx_paths, onnx_fp16=onnx_fp16, onnx_int8=onnx_int8, engine=engine, dataset=dataset, split=split,
+        limit=limit, data_dir=data_dir, batch_size=batch_size, tolerances=tolerances,
+        overrides=parse_overrides(tol_overrides), per_block=per_block, per_block_images=per_block_images,
+        report=report_dir, backbone_weights=backbone_weights, threads=threads, strict=False,
+        log=lambda line: click.echo(line, err=True),
+    )
+    click.echo(f"{result.dataset} {result.split}: {result.samples} images, checkpoint {result.checkpoint}")
+    click.echo(result.table())
+    for r in result.per_block:
+        click.echo(f"\nper block, {r.artifact} ({r.precision}, {r.samples} images):")
+        click.echo(r.table())
+        click.echo(r.summary())
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    for kind, path in result.reports.items():
+        click.echo(f"wrote {path}")
+    result.require_passed()  # ParityError -> "error: verification failed: ..." and exit code 5
+    click.echo("verification passed.")

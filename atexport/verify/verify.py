@@ -1,0 +1,536 @@
+"""``atexport verify``: every artifact and the PyTorch FP32 model over the same labelled images.
+
+:func:`verify` rebuilds the PyTorch model from the checkpoint, loads the data set split, and streams
+its images through the reference (PyTorch on timm's own eval transform) and through every artifact
+(ONNX Runtime or TensorRT on the torch-free :class:`~atexport.runtime.preprocess.Preprocessor`, what
+an app runs). Per backend and precision it reports top-1 accuracy, top-1 agreement with PyTorch, max
+and mean absolute logit difference, cosine similarity and images/s, and checks the logits against the
+tolerances of the artifact's precision (``export_configs/tolerances.yaml``, overridable). The torch-free
+preprocessing itself is checked against timm's transform on the same images. With ``per_block=True``
+every ONNX artifact is also compared block by block (:mod:`atexport.verify.per_block`), naming where
+its error jumps.
+
+A failing artifact is a :class:`~atexport.errors.ParityError` (``VerifyResult.require_passed``) naming
+the backend and by how much, never a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from atexport.errors import BadInputError, IncompatibleCheckpointError, ParityError
+from atexport.verify.compare import ParityResult, Tolerance, compare
+
+PRECISION_FLAGS = {"fp32": "--onnx", "fp16": "--onnx-fp16", "int8": "--onnx-int8"}
+
+
+@dataclass
+class Artifact:
+    """An exported model to verify.
+
+    Attributes:
+        path: the ``.onnx`` or ``.engine`` file.
+        kind: ``onnx`` or ``engine``.
+        flag: the CLI flag it came from (for messages).
+        precision: the precision the flag promises (``None``: take the model's own).
+    """
+
+    path: Path
+    kind: str = "onnx"
+    flag: str = "--onnx"
+    precision: str | None = None
+
+
+def artifacts(onnx=(), onnx_fp16=(), onnx_int8=(), engines=()) -> list[Artifact]:
+    """The artifacts of the CLI's flags (each may be a path or a list of paths)."""
+
+    def many(v):
+        return [] if v is None else [v] if isinstance(v, (str, os.PathLike)) else list(v)
+
+    out = [Artifact(Path(p), "onnx", "--onnx") for p in many(onnx)]
+    out += [Artifact(Path(p), "onnx", "--onnx-fp16", "fp16") for p in many(onnx_fp16)]
+    out += [Artifact(Path(p), "onnx", "--onnx-int8", "int8") for p in many(onnx_int8)]
+    out += [Artifact(Path(p), "engine", "--engine") for p in many(engines)]
+    return out
+
+
+@dataclass
+class BackendResult:
+    """The numbers of one backend over the data set.
+
+    Attributes:
+        name: row label, e.g. ``onnxruntime int8``.
+        backend: ``pytorch``, ``onnxruntime`` or ``tensorrt``.
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        path: the artifact (``None`` for PyTorch).
+        samples: images run.
+        accuracy: top-1 accuracy against the labels.
+        images_per_s: throughput of the inference calls alone (no decoding or preprocessing).
+        parity: logits against PyTorch's, with the tolerance applied (``None`` for PyTorch itself).
+    """
+
+    name: str
+    backend: str
+    precision: str
+    path: str | None
+    samples: int
+    accuracy: float
+    images_per_s: float
+    seconds: float
+    parity: ParityResult | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.parity is None or self.parity.passed
+
+    @property
+    def agreement(self) -> float:
+        return 1.0 if self.parity is None else self.parity.top1_agreement
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["parity"] = self.parity.to_dict() if self.parity else None
+        d["agreement"] = self.agreement
+        d["passed"] = self.passed
+        return d
+
+
+@dataclass
+class VerifyResult:
+    """Everything :func:`verify` measured; ``require_passed`` turns failures into a ParityError."""
+
+    checkpoint: str
+    dataset: str
+    split: str
+    samples: int
+    batch_size: int
+    reference: BackendResult
+    backends: list[BackendResult] = field(default_factory=list)
+    preprocess: dict = field(default_factory=dict)
+    per_block: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    tolerances: dict = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    reports: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(b.passed for b in self.backends) and self.preprocess.get("passed", True)
+
+    def failures(self) -> list[str]:
+        """One line per failure: which backend, which file, by how much."""
+        out = []
+        if not self.preprocess.get("passed", True):
+            out.append(
+                f"preprocessing: the torch-free preprocessing differs from timm's eval transform by "
+                f"{self.preprocess['max_abs']:.3g} (tolerance {self.preprocess['tolerance']:g})"
+            )
+        for b in self.backends:
+            if not b.passed:
+                out.append(f"{b.name} ({b.path}): " + "; ".join(b.parity.failures))
+        return out
+
+    def table(self) -> str:
+        """The terminal table."""
+        head = (f"{'backend':<26} {'n':>5} {'top-1':>7} {'agree':>7} {'max abs':>9} {'mean abs':>9} "
+                f"{'min cos':>9} {'img/s':>8}  result")
+        lines = [head, "-" * len(head)]
+        for b in [self.reference, *self.backends]:
+            p = b.parity
+            cells = (f"{p.max_abs:>9.3g} {p.mean_abs:>9.3g} {p.min_cosine:>9.6f}" if p
+                     else f"{'-':>9} {'-':>9} {'-':>9}")
+            verdict = "reference" if p is None else ("ok" if p.passed else "FAIL: " + "; ".join(p.failures))
+            lines.append(f"{b.name:<26} {b.samples:>5} {b.accuracy:>7.2%} {b.agreement:>7.1%} {cells} "
+                         f"{b.images_per_s:>8.1f}  {verdict}")
+        pp = self.preprocess
+        if pp:
+            lines.append(
+                f"preprocessing (numpy/Pillow vs timm): max abs {pp['max_abs']:.3g} on {pp['images']} images, "
+                f"tolerance {pp['tolerance']:g}: {'ok' if pp['passed'] else 'FAIL'}"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoint": self.checkpoint,
+            "dataset": self.dataset,
+            "split": self.split,
+            "samples": self.samples,
+            "batch_size": self.batch_size,
+            "passed": self.passed,
+            "failures": self.failures(),
+            "reference": self.reference.to_dict(),
+            "backends": [b.to_dict() for b in self.backends],
+            "preprocess": self.preprocess,
+            "per_block": [r.to_dict() for r in self.per_block],
+            "notes": self.notes,
+            "tolerances": self.tolerances,
+            "machine": self.machine,
+            "seconds": self.seconds,
+        }
+
+    def require_passed(self) -> None:
+        """Raise :class:`ParityError` naming every failing backend and by how much."""
+        if self.passed:
+            return
+        lines = ["verification failed:"] + [f"  {f}" for f in self.failures()]
+        for r in self.per_block:
+            if r.first_over or any(b.path == r.artifact and not b.passed for b in self.backends):
+                lines.append(f"  per block: {r.summary()}")
+        if self.reports:
+            lines.append("  report: " + ", ".join(str(p) for p in self.reports.values()))
+        err = ParityError("\n".join(lines))
+        err.result = self
+        raise err
+
+
+# --------------------------------------------------------------------------------------------------
+# Tolerances
+
+
+@dataclass
+class Tolerances:
+    """The resolved limits of one verification."""
+
+    logits: dict[str, Tolerance]
+    per_block: dict[str, float]
+    preprocess_max_abs: float
+    source: str
+
+    def to_dict(self) -> dict:
+        return {"logits": {k: asdict(v) for k, v in self.logits.items()}, "per_block_max_rel": self.per_block,
+                "preprocess_max_abs": self.preprocess_max_abs, "source": self.source}
+
+
+def resolve_tolerances(tolerances: str | os.PathLike | Mapping = "tolerances",
+                       overrides: Mapping[str, Any] | None = None) -> Tolerances:
+    """Load a tolerance table (name in ``export_configs/``, YAML path, or dict) and apply overrides.
+
+    Args:
+        tolerances: the table.
+        overrides: ``{"int8.min_cosine": 0.99, "per_block.fp16": 0.02, "preprocess_max_abs": 1e-3}``.
+    """
+    from atexport import configs
+
+    data = dict(tolerances) if isinstance(tolerances, Mapping) else configs.load("export_configs", tolerances)
+    source = str(data.get("_source", "dict"))
+    table = data.get("tolerances", {})
+    if not isinstance(table, dict) or not table:
+        raise BadInputError(f"--tolerances {source}: no 'tolerances:' table (fp32, fp16, int8 limits) in it.")
+    logits = {k: Tolerance.from_dict(v) for k, v in table.items() if isinstance(v, dict)}
+    per_block = {k: float(v) for k, v in (data.get("per_block_max_rel") or {}).items()}
+    pre = float(data.get("preprocess_max_abs", 1e-4))
+    for key, value in (overrides or {}).items():
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise BadInputError(f"--tol {key}={value}: the value must be a number.") from None
+        parts = str(key).split(".")
+        if parts == ["preprocess_max_abs"]:
+            pre = value
+        elif len(parts) == 2 and parts[0] == "per_block":
+            per_block[parts[1]] = value
+        elif len(parts) == 2 and parts[0] in logits and parts[1] in Tolerance.__dataclass_fields__:
+            setattr(logits[parts[0]], parts[1], value)
+        else:
+            fields = ", ".join(Tolerance.__dataclass_fields__)
+            raise BadInputError(
+                f"--tol {key}: unknown tolerance; use PRECISION.FIELD (precisions {sorted(logits)}, fields {fields}), "
+                "per_block.PRECISION or preprocess_max_abs."
+            )
+    return Tolerances(logits, per_block, pre, source)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """``["int8.min_cosine=0.99", ...]`` -> dict (CLI ``--tol``)."""
+    out = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise BadInputError(f"--tol {item}: expected KEY=VALUE, e.g. --tol int8.min_cosine=0.99.")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Artifacts -> runners
+
+
+@dataclass
+class LoadedArtifact:
+    """An artifact with its (not yet active) runner, metadata and batch constraint."""
+
+    artifact: Artifact
+    runner: Any
+    meta: Any
+    precision: str
+    backend: str
+    batch: int | None  # fixed batch, or the engine's largest
+    name: str = ""
+
+
+def load_artifact(a: Artifact, ckpt, threads=None, providers=None) -> LoadedArtifact:
+    """Read an artifact's metadata, check it against ``ckpt`` and make its runner (an ONNX Runtime session is
+    opened here, to read the metadata; a TensorRT engine is loaded when its runner is activated).
+
+    Raises:
+        BadInputError: missing file, no metadata, wrong flag for its precision, multi-task model.
+        IncompatibleCheckpointError: made from another backbone or with another class count.
+    """
+    from atexport.metadata import ModelMetadata
+
+    if not a.path.exists():
+        raise BadInputError(f"{a.flag} {a.path}: no such file.")
+    if a.kind == "engine":
+        from atexport.export.tensorrt import read_sidecar
+        from atexport.runtime.tensorrt import TensorRTRunner
+
+        side = read_sidecar(a.path)
+        md = side.get("metadata") or {}
+        meta = ModelMetadata(**{k: v for k, v in md.items() if k in ModelMetadata.__dataclass_fields__})
+        prof = (side.get("profiles") or [{}])[0]
+        batch = int(prof["max"][0]) if prof.get("max") else None
+        runner = TensorRTRunner(str(a.path), name="tensorrt")
+        backend = "tensorrt"
+    else:
+        from atexport.metadata import META_KEY
+        from atexport.runtime.onnxruntime import OnnxRuntimeRunner
+
+        runner = OnnxRuntimeRunner(str(a.path), threads=threads, providers=providers).activate()
+        props = runner.session.get_modelmeta().custom_metadata_map
+        if META_KEY not in props:
+            raise BadInputError(f"{a.flag} {a.path}: no atexport metadata; export it with 'atexport onnx'.")
+        meta = ModelMetadata.from_json(props[META_KEY], str(a.path))
+        names_in = [i.name for i in runner.session.get_inputs()]
+        names_out = [o.name for o in runner.session.get_outputs()]
+        runner.input_name = meta.input.get("name") if meta.input.get("name") in names_in else names_in[0]
+        runner.output_name = (meta.output or {}).get("name") if (meta.output or {}).get("name") in names_out else names_out[0]
+        b = meta.input.get("shape", [None])[0]
+        batch = b if isinstance(b, int) else None
+        backend = "onnxruntime"
+    where = f"{a.flag} {a.path}"
+    if meta.tasks:
+        raise BadInputError(f"{where} is a multi-task model; verify compares single-task artifacts with their checkpoint.")
+    if a.precision and meta.precision != a.precision:
+        right = PRECISION_FLAGS.get(meta.precision, "--onnx")
+        raise BadInputError(f"{where}: its metadata says precision {meta.precision}, not {a.precision}; "
+                            f"pass it with {right}.")
+    fp = (meta.backbone or {}).get("fingerprint")
+    if fp and fp != ckpt.fingerprint:
+        raise IncompatibleCheckpointError(
+            f"{where} was exported from another backbone than --ckpt {ckpt.path} (fingerprint {str(fp)[:12]} != "
+            f"{ckpt.fingerprint[:12]}); verify an artifact against the checkpoint it was made from."
+        )
+    if meta.num_classes is not None and int(meta.num_classes) != int(ckpt.model.num_classes):
+        raise IncompatibleCheckpointError(
+            f"{where} has {meta.num_classes} classes, --ckpt {ckpt.path} {ckpt.model.num_classes}; "
+            "verify an artifact against the checkpoint it was made from."
+        )
+    return LoadedArtifact(a, runner, meta, meta.precision, backend, batch)
+
+
+def _run(runner, x: np.ndarray, batch: int, fixed: bool) -> tuple[np.ndarray, float]:
+    """Logits of ``x`` in chunks of ``batch`` (fixed-batch models: padded, then trimmed) and the seconds spent."""
+    outs, spent = [], 0.0
+    for i in range(0, len(x), batch):
+        chunk = x[i : i + batch]
+        n = len(chunk)
+        if fixed and n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+        t0 = time.perf_counter()
+        y = runner.infer(chunk)
+        spent += time.perf_counter() - t0
+        outs.append(y[:n])
+    return np.concatenate(outs), spent
+
+
+# --------------------------------------------------------------------------------------------------
+# verify()
+
+
+def verify(
+    ckpt,
+    artifacts_: Sequence[Artifact] | None = None,
+    *,
+    onnx=None,
+    onnx_fp16=None,
+    onnx_int8=None,
+    engine=None,
+    dataset: str = "digits",
+    split: str = "test",
+    limit: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    tolerances: str | os.PathLike | Mapping = "tolerances",
+    overrides: Mapping[str, Any] | None = None,
+    per_block: bool = False,
+    per_block_images: int = 8,
+    report: str | os.PathLike | None = None,
+    backbone_weights: str | os.PathLike | None = None,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    seed: int = 0,
+    strict: bool = True,
+    log=None,
+) -> VerifyResult:
+    """Verify exported artifacts against their checkpoint's PyTorch model on a labelled data set.
+
+    Args:
+        ckpt: the checkpoint (``run.pt`` path or loaded) the artifacts were made from.
+        artifacts_: artifacts as :class:`Artifact` objects; or give them with ``onnx``, ``onnx_fp16``,
+            ``onnx_int8``, ``engine`` (paths or lists of paths).
+        dataset: a data set name (``digits``, ``pets``, ...) or ``imagefolder:PATH``.
+        split: ``train``, ``val`` or ``test``.
+        limit: verify on a seeded random ``limit`` images of the split (default: all).
+        data_dir: root of downloaded data sets.
+        batch_size: images per inference call (a fixed-batch artifact uses its own).
+        tolerances: tolerance table (name in ``export_configs/``, YAML path or dict).
+        overrides: tolerance overrides, e.g. ``{"int8.min_cosine": 0.99}``.
+        per_block: also compare every block of each ONNX artifact with PyTorch.
+        per_block_images: images used for the per-block comparison.
+        report: folder to write ``verify.json`` and ``verify.md`` to.
+        backbone_weights: local backbone weights for the checkpoint.
+        threads: threads of ONNX Runtime and PyTorch (default: each library's own).
+        providers: ONNX Runtime execution providers.
+        seed: seed of the ``limit`` subset.
+        strict: raise :class:`ParityError` when an artifact is outside tolerance (after the report is
+            written); ``False`` returns the result for the caller to inspect.
+        log: optional callable receiving progress lines.
+    """
+    from atexport.benchmark import describe_machine
+    from atexport.checkpoint import Checkpoint, build_model, load_checkpoint
+    from atexport.data import eval_transform, load_dataset, seeded_subset
+    from atexport.runtime.preprocess import Preprocessor
+    from atexport.runtime.torch import TorchRunner
+
+    say = log or (lambda *_: None)
+    t_start = time.perf_counter()
+    items = list(artifacts_ or []) + artifacts(onnx, onnx_fp16, onnx_int8, engine)
+    if not items:
+        raise BadInputError("nothing to verify: give at least one of --onnx, --onnx-fp16, --onnx-int8, --engine.")
+    if int(batch_size) < 1:
+        raise BadInputError(f"--batch-size {batch_size}: must be at least 1.")
+    if limit is not None and int(limit) < 1:
+        raise BadInputError(f"--limit {limit}: must be at least 1.")
+    tol = resolve_tolerances(tolerances, overrides)
+    if report is not None:
+        from atexport.utils.io import check_writable
+
+        check_writable(Path(report) / "verify.json", "--report")
+    ckpt = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)
+    loaded = [load_artifact(a, ckpt, threads, providers) for a in items]
+    for item in loaded:
+        if item.precision not in tol.logits:
+            raise BadInputError(f"{item.artifact.flag} {item.artifact.path}: no tolerances for precision "
+                                f"{item.precision!r} in {tol.source}.")
+        if item.meta.preprocess and dict(item.meta.preprocess) != dict(ckpt.preprocess):
+            raise IncompatibleCheckpointError(
+                f"{item.artifact.flag} {item.artifact.path}: its preprocessing differs from --ckpt {ckpt.path}'s.")
+    names = [f"{i.backend} {i.precision}" for i in loaded]
+    for i, item in enumerate(loaded):
+        item.name = names[i] if names.count(names[i]) == 1 else f"{names[i]} ({item.artifact.path.name})"
+
+    say(f"loading {dataset} ({split}) ...")
+    ds = load_dataset(dataset, split, data_dir=data_dir)
+    if ds.num_classes != int(ckpt.model.num_classes):
+        raise BadInputError(
+            f"--dataset {dataset}: {ds.num_classes} classes, but --ckpt {ckpt.path} has {ckpt.model.num_classes}; "
+            "verify on the data set the model was trained for."
+        )
+    ds = seeded_subset(ds, int(limit) if limit else None, seed)
+    say(f"building the PyTorch model from {ckpt.path} ...")
+    model = build_model(ckpt, backbone_weights=backbone_weights)
+    timm_tf = eval_transform(ckpt.preprocess)
+    pre = Preprocessor(ckpt.preprocess)
+    reference = TorchRunner(model, name="pytorch")
+    runners = [reference] + [i.runner for i in loaded]
+    import torch
+
+    prev_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))  # the same thread count for PyTorch and ONNX Runtime
+    for r in runners:
+        r.activate()  # fails here, before any work, when a backend is missing (e.g. TensorRT)
+    try:
+        n = len(ds)
+        bs = int(batch_size)
+        labels = np.asarray(ds.targets, dtype=np.int64)
+        ref_logits, pt_time = [], 0.0
+        outs = {id(i): [] for i in loaded}
+        spent = {id(i): 0.0 for i in loaded}
+        pre_max, first_x = 0.0, None
+        chunk = max(bs, *[i.batch or 0 for i in loaded])
+        say(f"running {n} images through PyTorch and {len(loaded)} artifact(s) ...")
+        for start in range(0, n, chunk):
+            imgs = [ds.load(k) for k in range(start, min(start + chunk, n))]
+            x_pt = np.stack([timm_tf(im).numpy() for im in imgs]).astype(np.float32)
+            x_rt = pre(imgs)
+            pre_max = max(pre_max, float(np.abs(x_pt - x_rt).max()))
+            if first_x is None:
+                first_x = x_rt
+                # warm-up, untimed: first calls allocate, pick kernels, build ORT's caches
+                reference.infer(x_pt[: min(bs, len(x_pt))])
+                for i in loaded:
+                    _run(i.runner, x_rt[: (i.batch or min(bs, len(x_rt)))], i.batch or bs, bool(i.batch))
+            y, t = _run(reference, x_pt, bs, False)
+            ref_logits.append(y)
+            pt_time += t
+            for i in loaded:
+                b = i.batch if i.batch and (i.backend == "onnxruntime" or i.batch < bs) else bs
+                y, t = _run(i.runner, x_rt, b, bool(i.batch) and i.backend == "onnxruntime")
+                outs[id(i)].append(y)
+                spent[id(i)] += t
+        ref = np.concatenate(ref_logits)
+        ref_res = BackendResult("pytorch fp32 (reference)", "pytorch", "fp32", None, n,
+                                float((ref.argmax(1) == labels).mean()), n / max(pt_time, 1e-9), pt_time)
+        result = VerifyResult(
+            checkpoint=str(ckpt.path), dataset=str(dataset), split=split, samples=n, batch_size=bs,
+            reference=ref_res, tolerances=tol.to_dict(), machine=describe_machine(),
+        )
+        result.preprocess = {"max_abs": pre_max, "tolerance": tol.preprocess_max_abs, "images": n,
+                             "passed": bool(pre_max <= tol.preprocess_max_abs)}
+        for i in loaded:
+            y = np.concatenate(outs[id(i)])
+            parity = compare(ref, y, tol.logits[i.precision], name=i.name)
+            result.backends.append(BackendResult(
+                i.name, i.backend, i.precision, str(i.artifact.path), n, float((y.argmax(1) == labels).mean()),
+                n / max(spent[id(i)], 1e-9), spent[id(i)], parity))
+        result.seconds["run"] = time.perf_counter() - t_start
+        if per_block:
+            from atexport.verify.per_block import compare_blocks
+
+            sample = first_x[: max(1, int(per_block_images))]
+            for i in loaded:
+                if i.backend != "onnxruntime":
+                    src = i.artifact.path
+                    result.notes.append(
+                        f"per-block: {src} is a TensorRT engine, whose intermediate tensors are not exposed; run "
+                        "--per-block on the ONNX model it was built from (its sidecar's onnx.path)."
+                    )
+                    continue
+                say(f"comparing {i.artifact.path} block by block ...")
+                pb = compare_blocks(model, i.artifact.path, sample, precision=i.precision,
+                                    tolerance=tol.per_block.get(i.precision), tolerances=tolerances
+                                    if not isinstance(tolerances, Mapping) else dict(tolerances),
+                                    name=str(i.artifact.path), threads=threads)
+                result.per_block.append(pb)
+            result.seconds["per_block"] = time.perf_counter() - t_start - result.seconds["run"]
+    finally:
+        torch.set_num_threads(prev_threads)
+        for r in runners:
+            r.deactivate()
+    result.seconds["total"] = time.perf_counter() - t_start
+    if report is not None:
+        from atexport.verify.report import write_verify_report
+
+        result.reports = write_verify_report(result, report)
+    if strict:
+        result.require_passed()
+    return result
