@@ -6,7 +6,9 @@ input, ``warmup`` untimed calls then ``runs`` timed ones per (backend, batch siz
 p99 latency, mean, throughput, and the speed-up over PyTorch eager at the same batch on the same device,
 with the machine described (:func:`describe_machine`: CPU model and cores, memory, GPU, library versions).
 The input is already preprocessed (what trtexec and Polygraphy time); decoding and resizing are not
-included. TensorRT timings include the host-device copies of the input and logits, as an app sees them.
+included. Multi-task models are timed on one task (``task``) against that task's PyTorch model, or on
+mixed-task batches (``mixed``) against every task's PyTorch model run on its share, one after another.
+TensorRT timings include the host-device copies of the input and logits, as an app sees them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from atexport.errors import AtexportError, BadInputError
+from atexport.runtime.base import Runner
 
 BENCH_FORMAT = "atexport.bench"
 BENCH_VERSION = 1
@@ -142,6 +145,7 @@ class BenchRow:
         latency_ms: ``{"p50", "p90", "p99", "mean", "min", "max"}`` over the timed runs.
         throughput: images per second (``batch / mean latency``).
         speedup: PyTorch eager's mean latency over this row's, at the same batch on the same device.
+        task: multi-task models: the task timed, or ``"mixed"`` for mixed-task batches.
     """
 
     name: str
@@ -155,9 +159,13 @@ class BenchRow:
     throughput: float
     path: str | None = None
     speedup: float | None = None
+    task: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["task"] is None:  # single-task models: the JSON is as it was
+            del d["task"]
+        return d
 
 
 @dataclass
@@ -174,13 +182,14 @@ class BenchResult:
                 "config": self.config, "rows": [r.to_dict() for r in self.rows], "notes": self.notes}
 
     def table(self) -> str:
-        head = (f"{'backend':<28} {'device':<6} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
+        w = max([28, *[len(r.name) for r in self.rows]])
+        head = (f"{'backend':<{w}} {'device':<6} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
                 f"{'img/s':>9} {'vs eager':>9}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             sp = f"{r.speedup:.2f}x" if r.speedup else "-"
             lat = r.latency_ms
-            lines.append(f"{r.name:<28} {r.device:<6} {r.batch:>5} {lat['p50']:>9.2f} {lat['p90']:>9.2f} "
+            lines.append(f"{r.name:<{w}} {r.device:<6} {r.batch:>5} {lat['p50']:>9.2f} {lat['p90']:>9.2f} "
                          f"{lat['p99']:>9.2f} {r.throughput:>9.1f} {sp:>9}")
         return "\n".join(lines)
 
@@ -226,6 +235,136 @@ def _ort_device(providers) -> str:
     return "cuda" if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in providers or []) else "cpu"
 
 
+class _FeedTasks(Runner):
+    """Runs a multi-task model with the same per-sample task ids (one batch size) on every call."""
+
+    def __init__(self, runner, input_name: str, ids: np.ndarray):
+        super().__init__()
+        self.runner, self.input_name, self.ids = runner, input_name, np.ascontiguousarray(ids, dtype=np.int64)
+        self.name = getattr(runner, "name", "runner")
+
+    def _activate(self):
+        self.runner.activate()
+
+    def _infer(self, batch, **feeds):
+        return self.runner.infer(batch, **{self.input_name: self.ids}, **feeds)
+
+
+class _TasksOneByOne(Runner):
+    """The PyTorch baseline of a mixed-task batch: each task's own model on its share of the batch, in turn."""
+
+    def __init__(self, runners, ids: np.ndarray, pad: float):
+        super().__init__()
+        self.runners, self.pad = list(runners), pad
+        self.rows = [np.flatnonzero(ids == k) for k in range(len(self.runners))]
+        self.name = "pytorch"
+
+    def _activate(self):
+        for r in self.runners:
+            r.activate()
+
+    def _infer(self, batch, **feeds):
+        outs = [(rows, r.infer(batch[rows], **feeds)) for r, rows in zip(self.runners, self.rows) if len(rows)]
+        y = np.full((len(batch), max(o.shape[1] for _, o in outs)), self.pad, dtype=np.float32)
+        for rows, o in outs:
+            y[rows, : o.shape[1]] = o
+        return y
+
+
+@dataclass
+class TaskPlan:
+    """What a benchmark of multi-task models runs: one task, or mixed batches of several.
+
+    Attributes:
+        mode: ``task`` (every sample the same task) or ``mixed`` (task ids interleaved ``0 1 2 0 1 2 ...``).
+        names: the tasks, in the order of ``positions``.
+        positions: the checkpoints (indices into the given list) of those tasks: their PyTorch models are
+            the baseline (one by one on their shares of a mixed batch).
+        indices: ``{id(loaded artifact): [task index in that model, per task]}``.
+        input_names: ``{id(loaded artifact): name of its task id input}``.
+    """
+
+    mode: str
+    names: list[str]
+    positions: list[int]
+    indices: dict
+    input_names: dict
+
+    def ids(self, batch: int) -> np.ndarray:
+        """Task positions (0..K-1) of the samples of a batch: round-robin, consecutive samples differ."""
+        from atexport.export.multitask import mixed_task_ids
+
+        return mixed_task_ids(batch, len(self.positions))
+
+    @property
+    def label(self) -> str:
+        return f" [{self.names[0]}]" if self.mode == "task" else f" [mixed, {len(self.names)} tasks]"
+
+    @property
+    def row_task(self) -> str:
+        return self.names[0] if self.mode == "task" else "mixed"
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "tasks": self.names,
+                "task_ids": "every sample the same task" if self.mode == "task" else
+                "round-robin over the tasks: 0 1 2 ... K-1 0 1 ... (index into 'tasks')",
+                "baseline": "the task's own PyTorch model" if self.mode == "task" else
+                "each task's own PyTorch model on its share of the batch, one after another"}
+
+
+def task_plan(loaded, ckpts, task: str | None = None, mixed: bool = False) -> TaskPlan:
+    """Which tasks of multi-task models to time, and the checkpoints of their PyTorch baselines.
+
+    Raises:
+        BadInputError: both or neither of ``task`` and ``mixed`` (with several checkpoints), an unknown task,
+            a task without its checkpoint, ``mixed`` with one checkpoint.
+        IncompatibleCheckpointError: a checkpoint that is not a task of a model.
+    """
+    from atexport.export.multitask import TASK_INPUT
+    from atexport.verify.multitask import match_tasks
+
+    if task is not None and mixed:
+        raise BadInputError("--task and --mixed: choose one (a task's own batches, or batches mixing the tasks).")
+    entries = {id(i): match_tasks(i, ckpts) for i in loaded}
+    first = loaded[0]
+    names = [e["name"] for e in entries[id(first)]]
+    where = f"{first.artifact.flag} {first.artifact.path}"
+    if mixed:
+        if len(ckpts) < 2:
+            raise BadInputError(
+                "--mixed times batches mixing several tasks; give the checkpoint of each (--ckpt A --ckpt B ...), "
+                "whose PyTorch models are the baseline."
+            )
+        positions = list(range(len(ckpts)))
+    elif task is not None:
+        if task not in names:
+            held = [t["name"] for t in sorted(first.meta.tasks, key=lambda t: t["index"])]
+            if task in held:
+                raise BadInputError(f"--task {task}: give its checkpoint with --ckpt (its PyTorch model is the "
+                                    f"baseline); the given ones are tasks {names}.")
+            raise BadInputError(f"--task {task}: {where} has no such task; it has {held}.")
+        positions = [names.index(task)]
+    elif len(ckpts) == 1:
+        positions = [0]
+    else:
+        raise BadInputError(
+            f"{where} is a multi-task model and {len(ckpts)} checkpoints were given: time one task with --task NAME "
+            f"(one of {names}) or batches mixing them with --mixed."
+        )
+    return TaskPlan(
+        mode="mixed" if mixed else "task",
+        names=[names[p] for p in positions],
+        positions=positions,
+        indices={id(i): [int(entries[id(i)][p]["index"]) for p in positions] for i in loaded},
+        input_names={id(i): str(((i.meta.extra or {}).get("task_input") or {}).get("name", TASK_INPUT))
+                     for i in loaded},
+    )
+
+
+def _many(v) -> list:
+    return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+
+
 def benchmark(
     ckpt,
     *,
@@ -242,13 +381,21 @@ def benchmark(
     providers: Sequence[str] | None = None,
     backbone_weights=None,
     seed: int = 0,
+    task: str | None = None,
+    mixed: bool = False,
     output_json: str | os.PathLike | None = None,
     log=None,
 ) -> BenchResult:
     """Time PyTorch (eager, optionally ``torch.compile``) and every artifact at each batch size.
 
+    Multi-task models (``atexport onnx --multitask``) are timed on one task (``task``; every sample given
+    it), against that task's own PyTorch model, or on mixed batches (``mixed``: task ids interleaved
+    ``0 1 2 0 1 2 ...`` over the given checkpoints' tasks), against each task's PyTorch model run on its
+    share of the batch, one after another (what serving the tasks without a multi-task model costs).
+
     Args:
-        ckpt: the checkpoint the artifacts were made from (its PyTorch model is the baseline).
+        ckpt: the checkpoint the artifacts were made from (its PyTorch model is the baseline); for
+            multi-task models, a list: the checkpoints of the tasks to time.
         onnx, onnx_fp16, onnx_int8, engine: artifacts (paths or lists of paths).
         batches: batch sizes (``"1,8"`` or a list); fixed-batch artifacts run at their own only, engines
             within their optimisation profile.
@@ -262,11 +409,13 @@ def benchmark(
         providers: ONNX Runtime execution providers (default CPU).
         backbone_weights: local backbone weights for the checkpoint.
         seed: seed of the random input.
+        task: multi-task models: the task to time (default: the one task of a single checkpoint).
+        mixed: multi-task models: time mixed-task batches of the checkpoints' tasks.
         output_json: write the result there (atomically).
         log: optional callable receiving progress lines.
     """
     from atexport.checkpoint import Checkpoint, build_model, load_checkpoint
-    from atexport.verify.verify import artifacts, load_artifact
+    from atexport.verify.verify import artifacts, check_single_task, read_artifact
 
     say = log or (lambda *_: None)
     sizes = parse_batches(batches)
@@ -278,8 +427,28 @@ def benchmark(
         from atexport.utils.io import check_writable
 
         check_writable(output_json, "--json")
-    ckpt = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)
-    loaded = [load_artifact(a, ckpt, threads, providers) for a in artifacts(onnx, onnx_fp16, onnx_int8, engine)]
+    ckpts = [ck if isinstance(ck, Checkpoint) else load_checkpoint(ck) for ck in _many(ckpt)]
+    if not ckpts:
+        raise BadInputError("give the checkpoint the artifacts were made from (--ckpt).")
+    loaded = [read_artifact(a, threads, providers) for a in artifacts(onnx, onnx_fp16, onnx_int8, engine)]
+    multi = [i for i in loaded if i.meta.tasks]
+    plan = None
+    if multi:
+        if len(multi) != len(loaded):
+            single = [str(i.artifact.path) for i in loaded if not i.meta.tasks]
+            raise BadInputError(f"{', '.join(single)}: single-task, and {multi[0].artifact.path} multi-task; "
+                                "time them in separate runs.")
+        plan = task_plan(loaded, ckpts, task, mixed)
+    else:
+        if task is not None or mixed:
+            flag = "--mixed" if mixed else f"--task {task}"
+            raise BadInputError(f"{flag}: for multi-task models (atexport onnx --multitask); "
+                                f"{'no model was given' if not loaded else 'the models given are single-task'}.")
+        if len(ckpts) != 1:
+            raise BadInputError(f"{len(ckpts)} checkpoints (--ckpt): several are for multi-task models (one per task); "
+                                "time a single-task model with the one checkpoint it was made from.")
+        for i in loaded:
+            check_single_task(i, ckpts[0])
     import torch
 
     devices = [torch_device] if torch_device else ["cpu"]
@@ -288,23 +457,26 @@ def benchmark(
         devices.append("cuda")
     if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
         raise BadInputError(f"--torch-device {torch_device}: CUDA is not available to PyTorch on this machine.")
-    model = build_model(ckpt, backbone_weights=backbone_weights)
+    baseline = ckpts if plan is None else [ckpts[p] for p in plan.positions]
+    models = [build_model(ck, backbone_weights=backbone_weights) for ck in baseline]
     prev_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))  # same thread count for every backend; restored below
     try:
-        return _run_benchmark(model, ckpt, loaded, devices, sizes, runs, warmup, torch_compile, threads, providers,
-                              seed, output_json, say)
+        return _run_benchmark(models, baseline, loaded, devices, sizes, runs, warmup, torch_compile, threads,
+                              providers, seed, output_json, say, plan)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _run_benchmark(model, ckpt, loaded, devices, sizes, runs, warmup, torch_compile, threads, providers, seed,
-                   output_json, say) -> BenchResult:
+def _run_benchmark(models, ckpts, loaded, devices, sizes, runs, warmup, torch_compile, threads, providers, seed,
+                   output_json, say, plan=None) -> BenchResult:
     import torch
 
+    from atexport.export.multitask import PAD_LOGIT
     from atexport.runtime.torch import TorchRunner
 
+    ckpt = ckpts[0]
     shape = [int(v) for v in ckpt.preprocess["input_size"]]
     rng = np.random.default_rng(seed)
     notes, rows = [], []
@@ -312,6 +484,14 @@ def _run_benchmark(model, ckpt, loaded, devices, sizes, runs, warmup, torch_comp
               "runs": int(runs), "warmup": int(warmup), "threads": threads, "providers": list(providers or ["CPUExecutionProvider"]),
               "torch_threads": torch.get_num_threads(), "torch_compile": bool(torch_compile),
               "input_kind": "seeded standard-normal, already preprocessed"}
+    if plan is not None:
+        config["checkpoint"] = [str(ck.path) for ck in ckpts]
+        config["multitask"] = plan.to_dict()
+    label = "" if plan is None else plan.label
+    if plan is not None and plan.mode == "mixed" and min(sizes) < len(plan.names):
+        notes.append(f"batch {min(sizes)} holds fewer samples than the {len(plan.names)} tasks: its batches mix "
+                     f"only the first {min(sizes)} (ids 0 1 2 ... per batch).")
+    row_task = None if plan is None else plan.row_task
     inputs = {b: rng.standard_normal((b, *shape)).astype(np.float32) for b in sizes}
 
     def add(name, backend, precision, device, runner, b, path=None, sync=None):
@@ -319,32 +499,47 @@ def _run_benchmark(model, ckpt, loaded, devices, sizes, runs, warmup, torch_comp
         lat = time_runner(runner, inputs[b], runs, warmup, sync)
         st = _stats(lat)
         rows.append(BenchRow(name, backend, precision, device, b, int(runs), int(warmup), st,
-                             b / (st["mean"] / 1000.0), path))
+                             b / (st["mean"] / 1000.0), path, task=row_task))
+
+    def torch_rows(mods, device, name, backend, sync):
+        runners = [TorchRunner(m, device=device, name=backend) for m in mods]
+        for b in sizes:
+            r = runners[0] if len(runners) == 1 else _TasksOneByOne(runners, plan.ids(b), PAD_LOGIT)
+            with r:
+                if backend != "pytorch-compile":
+                    add(name + label, backend, "fp32", device.split(":")[0], r, b, sync=sync)
+                    continue
+                try:
+                    add(name + label, backend, "fp32", device.split(":")[0], r, b, sync=sync)
+                except Exception as e:
+                    raise AtexportError(
+                        f"torch.compile could not compile the model on {device} (batch {b}): "
+                        f"{str(e).strip().splitlines()[0][:300]}. Run without --torch-compile, or install "
+                        "a C++ compiler (inductor needs one on CPU)."
+                    ) from None
 
     for device in devices:
         sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else None
-        dev_model = model.to(device)
-        with TorchRunner(dev_model, device=device, name="pytorch") as r:
-            for b in sizes:
-                add("pytorch eager fp32", "pytorch", "fp32", device.split(":")[0], r, b, sync=sync)
+        dev_models = [m.to(device) for m in models]
+        torch_rows(dev_models, device, "pytorch eager fp32", "pytorch", sync)
         if torch_compile:
             try:
-                compiled = torch.compile(dev_model)
+                compiled = [torch.compile(m) for m in dev_models]
             except Exception as e:  # pragma: no cover - depends on the platform's compiler
                 raise AtexportError(f"torch.compile failed on {device}: {str(e).splitlines()[0][:200]}") from None
-            with TorchRunner(compiled, device=device, name="pytorch-compile") as r:
-                for b in sizes:
-                    try:
-                        add("pytorch compile fp32", "pytorch-compile", "fp32", device.split(":")[0], r, b, sync=sync)
-                    except Exception as e:
-                        raise AtexportError(
-                            f"torch.compile could not compile the model on {device} (batch {b}): "
-                            f"{str(e).strip().splitlines()[0][:300]}. Run without --torch-compile, or install "
-                            "a C++ compiler (inductor needs one on CPU)."
-                        ) from None
-    model.to("cpu")
+            torch_rows(compiled, device, "pytorch compile fp32", "pytorch-compile", sync)
+    for m in models:
+        m.to("cpu")
+
+    def feed(i, r, b):
+        if plan is None:
+            return r
+        ids = np.asarray(plan.indices[id(i)], dtype=np.int64)[plan.ids(b)]
+        return _FeedTasks(r, plan.input_names[id(i)], ids)
+
     for i in loaded:
         device = "cuda" if i.backend == "tensorrt" else _ort_device(providers)
+        name = f"{i.backend} {i.precision}{label}"
         with i.runner as r:
             for b in sizes:
                 if i.batch and i.backend == "onnxruntime" and b != i.batch:
@@ -353,10 +548,10 @@ def _run_benchmark(model, ckpt, loaded, devices, sizes, runs, warmup, torch_comp
                 if i.batch and i.backend == "tensorrt" and b > i.batch:
                     notes.append(f"{i.artifact.path}: batch {b} is above the engine profile's maximum {i.batch}; skipped.")
                     continue
-                add(f"{i.backend} {i.precision}", i.backend, i.precision, device, r, b, str(i.artifact.path))
+                add(name, i.backend, i.precision, device, feed(i, r, b), b, str(i.artifact.path))
             for b in sorted({i.batch} - set(sizes)) if i.batch and i.backend == "onnxruntime" else []:
                 inputs.setdefault(b, rng.standard_normal((b, *shape)).astype(np.float32))
-                add(f"{i.backend} {i.precision}", i.backend, i.precision, device, r, b, str(i.artifact.path))
+                add(name, i.backend, i.precision, device, feed(i, r, b), b, str(i.artifact.path))
     eager = {(r.device, r.batch): r.latency_ms["mean"] for r in rows if r.backend == "pytorch"}
     for r in rows:
         base = eager.get((r.device, r.batch))

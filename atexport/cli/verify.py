@@ -8,15 +8,17 @@ COMMANDS = ["verify_cmd"]
 
 
 @click.command("verify")
-@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="Checkpoint the artifacts were made from.")
+@click.option("--ckpt", "ckpts", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="Checkpoint the artifacts were made from. Multi-task models: one per task to verify (repeatable).")
 @click.option("--onnx", "onnx_paths", multiple=True, type=click.Path(dir_okay=False),
               help="ONNX model (any precision; its metadata says which). Repeatable.")
 @click.option("--onnx-fp16", multiple=True, type=click.Path(dir_okay=False), help="FP16 ONNX model. Repeatable.")
 @click.option("--onnx-int8", multiple=True, type=click.Path(dir_okay=False), help="INT8 (Q/DQ) ONNX model. Repeatable.")
 @click.option("--engine", multiple=True, type=click.Path(dir_okay=False),
               help="TensorRT engine (its .json sidecar beside it). Repeatable.")
-@click.option("--dataset", default="digits", show_default=True,
-              help="Data set: digits (offline), pets, cifar10, ..., or imagefolder:PATH.")
+@click.option("--dataset", "datasets", multiple=True, default=["digits"], show_default=True,
+              help="Data set: digits (offline), pets, cifar10, ..., or imagefolder:PATH. Multi-task models: one for "
+                   "all tasks, or one per --ckpt in the same order.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Verify on a seeded random N images of the split.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
@@ -34,7 +36,7 @@ COMMANDS = ["verify_cmd"]
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads of ONNX Runtime and PyTorch [default: all cores].")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
               help="Local backbone weights for the checkpoint.")
-def verify_cmd(ckpt, onnx_paths, onnx_fp16, onnx_int8, engine, dataset, split, limit, data_dir, batch_size, report_dir,
+def verify_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, datasets, split, limit, data_dir, batch_size, report_dir,
                per_block, per_block_images, tolerances, tol_overrides, threads, backbone_weights):
     """Check every artifact against the PyTorch FP32 model on a labelled data set.
 
@@ -42,23 +44,30 @@ def verify_cmd(ckpt, onnx_paths, onnx_fp16, onnx_int8, engine, dataset, split, l
     logit difference, cosine similarity and images/s. Exits nonzero (5) when an artifact is outside the
     tolerances of its precision (export_configs/tolerances.yaml, or --tolerances / --tol).
 
+    A multi-task model is verified task by task, each against its own checkpoint (matched to its task
+    by its weights; give any subset of the tasks), then on mixed-task batches, whose rows must equal the
+    model's single-task rows.
+
     \b
     Examples:
       atexport verify --ckpt run.pt --onnx model.onnx --dataset digits --split test
       atexport verify --ckpt run.pt --onnx model.onnx --onnx-int8 model.int8.onnx --report reports/
       atexport verify --ckpt run.pt --onnx-fp16 model.fp16.onnx --per-block --limit 200
       atexport verify --ckpt run.pt --engine model.engine --dataset imagefolder:data/birds
+      atexport verify --ckpt cars.pt --ckpt birds.pt --onnx tasks.onnx --onnx-fp16 tasks.fp16.onnx
+      atexport verify --ckpt cars.pt --ckpt birds.pt --onnx tasks.onnx --dataset D_CARS --dataset D_BIRDS
     """
     from atexport.verify.verify import parse_overrides, verify
 
     result = verify(
-        ckpt, onnx=onnx_paths, onnx_fp16=onnx_fp16, onnx_int8=onnx_int8, engine=engine, dataset=dataset, split=split,
+        ckpts[0] if len(ckpts) == 1 else list(ckpts), onnx=onnx_paths, onnx_fp16=onnx_fp16, onnx_int8=onnx_int8,
+        engine=engine, dataset=datasets[0] if len(datasets) == 1 else list(datasets), split=split,
         limit=limit, data_dir=data_dir, batch_size=batch_size, tolerances=tolerances,
         overrides=parse_overrides(tol_overrides), per_block=per_block, per_block_images=per_block_images,
         report=report_dir, backbone_weights=backbone_weights, threads=threads, strict=False,
         log=lambda line: click.echo(line, err=True),
     )
-    click.echo(f"{result.dataset} {result.split}: {result.samples} images, checkpoint {result.checkpoint}")
+    click.echo(result.headline())
     click.echo(result.table())
     for r in result.per_block:
         click.echo(f"\nper block, {r.artifact} ({r.precision}, {r.samples} images):")

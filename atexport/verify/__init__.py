@@ -2,6 +2,8 @@
 
 * :func:`verify` (``atexport verify``): every artifact and the PyTorch FP32 model over a labelled data
   set, with accuracy, agreement, logit differences, throughput and a JSON + Markdown report;
+* :func:`verify_multitask` (``verify`` of multi-task models): each task against its own PyTorch model,
+  then mixed-task batches against the model's single-task rows;
 * :func:`compare_blocks` (``--per-block``): where inside the network an ONNX artifact starts to differ;
 * :func:`compare`, :class:`Tolerance`: the comparison of two logit arrays every stage uses.
 
@@ -9,12 +11,14 @@ Importing this package imports neither torch nor onnxruntime.
 """
 
 from atexport.verify.compare import ParityResult, Tolerance, compare, format_table, load_tolerances
+from atexport.verify.multitask import MultiTaskVerifyResult, verify_multitask
 from atexport.verify.per_block import PerBlockResult, Stage, compare_blocks
 from atexport.verify.verify import Artifact, BackendResult, VerifyResult, resolve_tolerances, verify
 
 __all__ = [
     "Artifact",
     "BackendResult",
+    "MultiTaskVerifyResult",
     "ParityResult",
     "PerBlockResult",
     "Stage",
@@ -26,4 +30,5 @@ __all__ = [
     "load_tolerances",
     "resolve_tolerances",
     "verify",
+    "verify_multitask",
 ]

@@ -69,6 +69,54 @@ def verify_markdown(result) -> str:
     return "\n".join(lines)
 
 
+def multitask_markdown(result) -> str:
+    """The Markdown report of a :class:`~atexport.verify.multitask.MultiTaskVerifyResult`."""
+    from atexport.benchmark import machine_line
+
+    verdict = "PASSED" if result.passed else "FAILED"
+    models = ", ".join(f"`{Path(m['path']).name}` ({m['precision']}, tasks {', '.join(m['tasks'])})"
+                       for m in result.models)
+    lines = [
+        f"# atexport verify (multi-task): {verdict}",
+        "",
+        f"Models {models}; {result.split} split, batch {result.batch_size}. Machine: {machine_line(result.machine)}. "
+        f"Date: {result.machine.get('date')}.",
+        "",
+        "Each task against its own PyTorch FP32 model (its checkpoint, on timm's eval transform), with every "
+        "sample given that task; the models run atexport's torch-free preprocessing, as an app does.",
+        "",
+    ]
+    rows = []
+    for t in result.tasks:
+        for b in [t.reference, *t.backends]:
+            p = b.parity
+            rows.append([
+                t.task, f"`{Path(t.checkpoint).name}`", t.dataset, b.name, f"`{Path(b.path).name}`" if b.path else "-",
+                "-" if b.accuracy is None else f"{b.accuracy:.2%}", f"{b.agreement:.2%}",
+                f"{p.max_abs:.3g}" if p else "-", f"{p.min_cosine:.6f}" if p else "-", f"{b.images_per_s:.1f}",
+                "reference" if p is None else ("ok" if p.passed else "**FAIL**: " + "; ".join(p.failures)),
+            ])
+    lines.append(_md_table(["task", "checkpoint", "data set", "backend", "file", "top-1", "agreement", "max abs",
+                            "min cos", "images/s", "result"], rows))
+    if result.mixed:
+        lines += ["", "## Mixed-task batches", "",
+                  "The verified tasks' images interleaved in one batch (task ids 0 1 2 0 1 2 ...); each task's rows "
+                  "against the same model's single-task rows.", ""]
+        lines.append(_md_table(
+            ["task", "backend", "file", "rows", "batch", "tasks in batch", "max abs", "min cos", "result"],
+            [[m.task, m.name, f"`{Path(m.path).name}`", m.parity.samples, m.batch_size, ", ".join(m.tasks_in_batch),
+              f"{m.parity.max_abs:.3g}", f"{m.parity.min_cosine:.6f}",
+              "ok" if m.passed else "**FAIL**: " + "; ".join(m.parity.failures)] for m in result.mixed]))
+    pre = [f"{t.task} {t.preprocess['max_abs']:.3g}" for t in result.tasks]
+    lines += ["", "Preprocessing (numpy/Pillow vs timm), max abs difference: " + ", ".join(pre) + "."]
+    if result.failures():
+        lines += ["", "## Failures", ""] + [f"- {f}" for f in result.failures()]
+    if result.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
+    lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()), ""]
+    return "\n".join(lines)
+
+
 def write_verify_report(result, folder: str | os.PathLike) -> dict[str, Path]:
     """Write ``verify.json`` and ``verify.md`` into ``folder`` (created if needed); returns their paths."""
     from atexport.utils.io import atomic_write_json, atomic_write_text, check_writable
@@ -78,7 +126,8 @@ def write_verify_report(result, folder: str | os.PathLike) -> dict[str, Path]:
     md_path = folder / "verify.md"
     result.reports = {"json": json_path, "markdown": md_path}
     atomic_write_json(json_path, result.to_dict())
-    atomic_write_text(md_path, verify_markdown(result))
+    markdown = multitask_markdown if getattr(result, "mixed", None) is not None else verify_markdown
+    atomic_write_text(md_path, markdown(result))
     return result.reports
 
 

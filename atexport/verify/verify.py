@@ -8,7 +8,8 @@ and mean absolute logit difference, cosine similarity and images/s, and checks t
 tolerances of the artifact's precision (``export_configs/tolerances.yaml``, overridable). The torch-free
 preprocessing itself is checked against timm's transform on the same images. With ``per_block=True``
 every ONNX artifact is also compared block by block (:mod:`atexport.verify.per_block`), naming where
-its error jumps.
+its error jumps. Multi-task models are verified per task and on mixed-task batches
+(:mod:`atexport.verify.multitask`).
 
 A failing artifact is a :class:`~atexport.errors.ParityError` (``VerifyResult.require_passed``) naming
 the backend and by how much, never a warning.
@@ -123,6 +124,10 @@ class VerifyResult:
     @property
     def passed(self) -> bool:
         return all(b.passed for b in self.backends) and self.preprocess.get("passed", True)
+
+    def headline(self) -> str:
+        """The line the CLI prints above the table."""
+        return f"{self.dataset} {self.split}: {self.samples} images, checkpoint {self.checkpoint}"
 
     def failures(self) -> list[str]:
         """One line per failure: which backend, which file, by how much."""
@@ -276,13 +281,13 @@ class LoadedArtifact:
     name: str = ""
 
 
-def load_artifact(a: Artifact, ckpt, threads=None, providers=None) -> LoadedArtifact:
-    """Read an artifact's metadata, check it against ``ckpt`` and make its runner (an ONNX Runtime session is
-    opened here, to read the metadata; a TensorRT engine is loaded when its runner is activated).
+def read_artifact(a: Artifact, threads=None, providers=None) -> LoadedArtifact:
+    """Read an artifact's metadata and make its runner, without a checkpoint to check it against (an ONNX
+    Runtime session is opened here, to read the metadata; a TensorRT engine is loaded when its runner is
+    activated).
 
     Raises:
-        BadInputError: missing file, no metadata, wrong flag for its precision, multi-task model.
-        IncompatibleCheckpointError: made from another backbone or with another class count.
+        BadInputError: missing file, no metadata, wrong flag for its precision.
     """
     from atexport.metadata import ModelMetadata
 
@@ -315,37 +320,70 @@ def load_artifact(a: Artifact, ckpt, threads=None, providers=None) -> LoadedArti
         b = meta.input.get("shape", [None])[0]
         batch = b if isinstance(b, int) else None
         backend = "onnxruntime"
-    where = f"{a.flag} {a.path}"
-    if meta.tasks:
-        raise BadInputError(f"{where} is a multi-task model; verify compares single-task artifacts with their checkpoint.")
     if a.precision and meta.precision != a.precision:
         right = PRECISION_FLAGS.get(meta.precision, "--onnx")
-        raise BadInputError(f"{where}: its metadata says precision {meta.precision}, not {a.precision}; "
+        raise BadInputError(f"{a.flag} {a.path}: its metadata says precision {meta.precision}, not {a.precision}; "
                             f"pass it with {right}.")
+    return LoadedArtifact(a, runner, meta, meta.precision, backend, batch)
+
+
+def check_backbone(item: LoadedArtifact, ckpt) -> None:
+    """Refuse an artifact exported from another backbone than ``ckpt``'s (backbone fingerprints differ)."""
+    a, meta = item.artifact, item.meta
     fp = (meta.backbone or {}).get("fingerprint")
     if fp and fp != ckpt.fingerprint:
         raise IncompatibleCheckpointError(
-            f"{where} was exported from another backbone than --ckpt {ckpt.path} (fingerprint {str(fp)[:12]} != "
-            f"{ckpt.fingerprint[:12]}); verify an artifact against the checkpoint it was made from."
+            f"{a.flag} {a.path} was exported from another backbone than --ckpt {ckpt.path} (fingerprint "
+            f"{str(fp)[:12]} != {ckpt.fingerprint[:12]}); verify an artifact against the checkpoint it was made from."
         )
+
+
+def check_single_task(item: LoadedArtifact, ckpt) -> None:
+    """Refuse a multi-task model, or one made from another backbone or with another class count than ``ckpt``.
+
+    Raises:
+        BadInputError: a multi-task model.
+        IncompatibleCheckpointError: made from another backbone or with another class count.
+    """
+    a, meta = item.artifact, item.meta
+    where = f"{a.flag} {a.path}"
+    if meta.tasks:
+        raise BadInputError(
+            f"{where} is a multi-task model; give the checkpoint of each task to check with --ckpt (repeatable), "
+            "and for 'atexport bench' the task with --task NAME or --mixed."
+        )
+    check_backbone(item, ckpt)
     if meta.num_classes is not None and int(meta.num_classes) != int(ckpt.model.num_classes):
         raise IncompatibleCheckpointError(
             f"{where} has {meta.num_classes} classes, --ckpt {ckpt.path} {ckpt.model.num_classes}; "
             "verify an artifact against the checkpoint it was made from."
         )
-    return LoadedArtifact(a, runner, meta, meta.precision, backend, batch)
 
 
-def _run(runner, x: np.ndarray, batch: int, fixed: bool) -> tuple[np.ndarray, float]:
-    """Logits of ``x`` in chunks of ``batch`` (fixed-batch models: padded, then trimmed) and the seconds spent."""
+def load_artifact(a: Artifact, ckpt, threads=None, providers=None) -> LoadedArtifact:
+    """:func:`read_artifact`, then :func:`check_single_task` against ``ckpt``."""
+    item = read_artifact(a, threads, providers)
+    check_single_task(item, ckpt)
+    return item
+
+
+def _run(runner, x: np.ndarray, batch: int, fixed: bool, ids: np.ndarray | None = None,
+         id_name: str = "task_id") -> tuple[np.ndarray, float]:
+    """Logits of ``x`` in chunks of ``batch`` (fixed-batch models: padded, then trimmed) and the seconds spent.
+
+    ``ids``: per-sample task ids, fed as ``id_name`` (multi-task models).
+    """
     outs, spent = [], 0.0
     for i in range(0, len(x), batch):
         chunk = x[i : i + batch]
+        tb = None if ids is None else ids[i : i + batch]
         n = len(chunk)
         if fixed and n < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+            tb = None if tb is None else np.concatenate([tb, np.repeat(tb[-1:], batch - n)])
+        feeds = {} if tb is None else {id_name: np.ascontiguousarray(tb, dtype=np.int64)}
         t0 = time.perf_counter()
-        y = runner.infer(chunk)
+        y = runner.infer(chunk, **feeds)
         spent += time.perf_counter() - t0
         outs.append(y[:n])
     return np.concatenate(outs), spent
@@ -353,6 +391,27 @@ def _run(runner, x: np.ndarray, batch: int, fixed: bool) -> tuple[np.ndarray, fl
 
 # --------------------------------------------------------------------------------------------------
 # verify()
+
+
+def check_precision_and_preprocess(item: LoadedArtifact, ckpt, tol: Tolerances) -> None:
+    """Refuse an artifact with no tolerances for its precision, or with other preprocessing than ``ckpt``."""
+    if item.precision not in tol.logits:
+        raise BadInputError(f"{item.artifact.flag} {item.artifact.path}: no tolerances for precision "
+                            f"{item.precision!r} in {tol.source}.")
+    if item.meta.preprocess and dict(item.meta.preprocess) != dict(ckpt.preprocess):
+        raise IncompatibleCheckpointError(
+            f"{item.artifact.flag} {item.artifact.path}: its preprocessing differs from --ckpt {ckpt.path}'s.")
+
+
+def name_artifacts(loaded: Sequence[LoadedArtifact]) -> None:
+    """Row labels ``backend precision``, with the file name where two artifacts would share one."""
+    names = [f"{i.backend} {i.precision}" for i in loaded]
+    for i, item in enumerate(loaded):
+        item.name = names[i] if names.count(names[i]) == 1 else f"{names[i]} ({item.artifact.path.name})"
+
+
+def _many(v) -> list:
+    return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 def verify(
@@ -363,7 +422,7 @@ def verify(
     onnx_fp16=None,
     onnx_int8=None,
     engine=None,
-    dataset: str = "digits",
+    dataset: str | Sequence[str] = "digits",
     split: str = "test",
     limit: int | None = None,
     data_dir: str | os.PathLike | None = None,
@@ -377,29 +436,38 @@ def verify(
     threads: int | None = None,
     providers: Sequence[str] | None = None,
     seed: int = 0,
+    mixed_images: int = 64,
     strict: bool = True,
     log=None,
-) -> VerifyResult:
+):
     """Verify exported artifacts against their checkpoint's PyTorch model on a labelled data set.
 
+    Multi-task models (``atexport onnx --ckpt A --ckpt B --multitask``) are verified task by task, each
+    against its own checkpoint, then on mixed-task batches: see
+    :func:`atexport.verify.multitask.verify_multitask`, which this calls when the artifacts are multi-task
+    models and returns its :class:`~atexport.verify.multitask.MultiTaskVerifyResult`.
+
     Args:
-        ckpt: the checkpoint (``run.pt`` path or loaded) the artifacts were made from.
+        ckpt: the checkpoint (``run.pt`` path or loaded) the artifacts were made from; for multi-task
+            models, a list: one checkpoint per task to verify (any subset of the model's tasks).
         artifacts_: artifacts as :class:`Artifact` objects; or give them with ``onnx``, ``onnx_fp16``,
             ``onnx_int8``, ``engine`` (paths or lists of paths).
-        dataset: a data set name (``digits``, ``pets``, ...) or ``imagefolder:PATH``.
+        dataset: a data set name (``digits``, ``pets``, ...) or ``imagefolder:PATH``; for multi-task
+            models one for all tasks, or a list with one per checkpoint, in order.
         split: ``train``, ``val`` or ``test``.
         limit: verify on a seeded random ``limit`` images of the split (default: all).
         data_dir: root of downloaded data sets.
         batch_size: images per inference call (a fixed-batch artifact uses its own).
         tolerances: tolerance table (name in ``export_configs/``, YAML path or dict).
         overrides: tolerance overrides, e.g. ``{"int8.min_cosine": 0.99}``.
-        per_block: also compare every block of each ONNX artifact with PyTorch.
+        per_block: also compare every block of each ONNX artifact with PyTorch (single-task models).
         per_block_images: images used for the per-block comparison.
         report: folder to write ``verify.json`` and ``verify.md`` to.
         backbone_weights: local backbone weights for the checkpoint.
         threads: threads of ONNX Runtime and PyTorch (default: each library's own).
         providers: ONNX Runtime execution providers.
         seed: seed of the ``limit`` subset.
+        mixed_images: multi-task models: images per task in the mixed-task batch check.
         strict: raise :class:`ParityError` when an artifact is outside tolerance (after the report is
             written); ``False`` returns the result for the caller to inspect.
         log: optional callable receiving progress lines.
@@ -419,23 +487,48 @@ def verify(
         raise BadInputError(f"--batch-size {batch_size}: must be at least 1.")
     if limit is not None and int(limit) < 1:
         raise BadInputError(f"--limit {limit}: must be at least 1.")
+    ckpts, datasets = _many(ckpt), _many(dataset)
+    if not ckpts:
+        raise BadInputError("give the checkpoint the artifacts were made from (--ckpt).")
+    if not datasets:
+        raise BadInputError("give a data set (--dataset).")
     tol = resolve_tolerances(tolerances, overrides)
     if report is not None:
         from atexport.utils.io import check_writable
 
         check_writable(Path(report) / "verify.json", "--report")
+    loaded = [read_artifact(a, threads, providers) for a in items]
+    multi = [i for i in loaded if i.meta.tasks]
+    if multi:
+        if len(multi) != len(loaded):
+            single = [f"{i.artifact.flag} {i.artifact.path}" for i in loaded if not i.meta.tasks]
+            raise BadInputError(
+                f"{', '.join(single)} {'is a single-task model' if len(single) == 1 else 'are single-task models'} and "
+                f"{multi[0].artifact.path} a multi-task one; verify them in separate runs."
+            )
+        from atexport.verify.multitask import verify_multitask
+
+        return verify_multitask(
+            ckpts, loaded, datasets=datasets, split=split, limit=limit, data_dir=data_dir, batch_size=int(batch_size),
+            tol=tol, per_block=per_block, report=report, backbone_weights=backbone_weights, threads=threads,
+            seed=seed, mixed_images=mixed_images, strict=strict, say=say, t_start=t_start,
+        )
+    if len(ckpts) != 1:
+        raise BadInputError(
+            f"{len(ckpts)} checkpoints (--ckpt) for single-task models; several are for multi-task models "
+            "(one per task). Verify each single-task model against the one checkpoint it was made from."
+        )
+    if len(datasets) != 1:
+        raise BadInputError(
+            f"{len(datasets)} data sets (--dataset) for one checkpoint; give one (several are for multi-task "
+            "models, one per --ckpt)."
+        )
+    ckpt, dataset = ckpts[0], datasets[0]
     ckpt = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)
-    loaded = [load_artifact(a, ckpt, threads, providers) for a in items]
     for item in loaded:
-        if item.precision not in tol.logits:
-            raise BadInputError(f"{item.artifact.flag} {item.artifact.path}: no tolerances for precision "
-                                f"{item.precision!r} in {tol.source}.")
-        if item.meta.preprocess and dict(item.meta.preprocess) != dict(ckpt.preprocess):
-            raise IncompatibleCheckpointError(
-                f"{item.artifact.flag} {item.artifact.path}: its preprocessing differs from --ckpt {ckpt.path}'s.")
-    names = [f"{i.backend} {i.precision}" for i in loaded]
-    for i, item in enumerate(loaded):
-        item.name = names[i] if names.count(names[i]) == 1 else f"{names[i]} ({item.artifact.path.name})"
+        check_single_task(item, ckpt)
+        check_precision_and_preprocess(item, ckpt, tol)
+    name_artifacts(loaded)
 
     say(f"loading {dataset} ({split}) ...")
     ds = load_dataset(dataset, split, data_dir=data_dir)
