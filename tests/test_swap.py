@@ -244,3 +244,58 @@ def test_swap_with_verify(tmp_path, model_a, tiny_ckpt_b):
     result = swap_onnx(model_a.path, tiny_ckpt_b, tmp_path / "b.onnx", verify=True)
     assert result.parity and all(r.passed for r in result.parity)
     assert all(r["passed"] for r in result.metadata.extra["parity"])
+
+
+# ------------------------------------------------------------------------------------------- swap --engine
+
+
+def _fake_engine(folder, onnx_path, refit=True):
+    """An engine file with the sidecar 'atexport trt [--refit]' writes for ``onnx_path`` (no TensorRT needed)."""
+    import hashlib
+    import json
+
+    from atexport.export.swap import read_onnx
+    from atexport.export.trt_plan import engine_sidecar, plan_build, sidecar_path
+    from atexport.metadata import read_onnx_metadata
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = read_onnx_metadata(read_onnx(onnx_path), str(onnx_path))
+    engine = folder / "a.engine"
+    engine.write_bytes(b"engine bytes")
+    side = engine_sidecar(meta, plan_build(meta, "10.13.3.9", refit=refit),
+                          device={"name": "NVIDIA H100", "compute_capability": [9, 0]}, engine_path=engine,
+                          engine_sha256=hashlib.sha256(b"engine bytes").hexdigest(), engine_bytes=12,
+                          onnx_path=onnx_path, onnx_sha256=None)
+    sidecar_path(engine).write_text(json.dumps(side))
+    return engine
+
+
+def test_cli_swap_engine_refusals(tmp_path, model_a, tiny_ckpt_b, misfits):
+    """The --engine branch runs refit_engine's real checks; all of them come before TensorRT is needed."""
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from atexport.cli import cli
+    from atexport.errors import MissingDependencyError
+
+    runner = CliRunner()
+    engine = _fake_engine(tmp_path, model_a.path)
+    out = tmp_path / "b.engine"
+    res = runner.invoke(cli, ["swap", "--onnx", str(model_a.path), "--engine", str(engine), "--ckpt", str(tiny_ckpt_b)])
+    assert res.exit_code == BadInputError.exit_code and "either --onnx" in res.output and "not both" in res.output
+    res = runner.invoke(cli, ["swap", "--engine", str(engine), "--ckpt", str(misfits["rank"]), "-o", str(out)])
+    assert res.exit_code == IncompatibleCheckpointError.exit_code and "adapter rank 8" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(cli, ["swap", "--engine", str(engine), "--ckpt", str(tiny_ckpt_b), "--verify"])
+    assert res.exit_code == BadInputError.exit_code and "atexport verify" in res.output
+    plain = _fake_engine(tmp_path / "plain", model_a.path, refit=False)
+    res = runner.invoke(cli, ["swap", "--engine", str(plain), "--ckpt", str(tiny_ckpt_b), "-o", str(out)])
+    assert res.exit_code == BadInputError.exit_code and "not refittable" in res.output and "--refit" in res.output
+    res = runner.invoke(cli, ["swap", "--engine", str(tmp_path / "none.engine"), "--ckpt", str(tiny_ckpt_b)])
+    assert res.exit_code == BadInputError.exit_code and "none.engine" in res.output
+    if importlib.util.find_spec("tensorrt") is None:
+        res = runner.invoke(cli, ["swap", "--engine", str(engine), "--ckpt", str(tiny_ckpt_b), "-o", str(out)])
+        assert res.exit_code == MissingDependencyError.exit_code, res.output
+        assert "TensorRT's Python package is not installed" in res.output and "atexport[tensorrt]" in res.output
+        assert "Traceback" not in res.output and not out.exists()

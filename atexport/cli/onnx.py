@@ -1,8 +1,8 @@
 """``atexport onnx`` and ``atexport swap``: thin commands over :mod:`atexport.export`.
 
 ``onnx`` calls :func:`atexport.export.onnx.export_onnx`; ``swap`` calls
-:func:`atexport.export.swap.swap_onnx` (ONNX models; the TensorRT stage adds an engine branch that calls
-its own function in ``atexport.export.tensorrt``). Errors are :class:`~atexport.errors.AtexportError`
+:func:`atexport.export.swap.swap_onnx` (``--onnx``) or :func:`atexport.export.tensorrt.refit_engine`
+(``--engine``, a refit of a TensorRT engine). Errors are :class:`~atexport.errors.AtexportError`
 subclasses, which the CLI group turns into one message and a nonzero exit code.
 """
 
@@ -113,28 +113,39 @@ def _multitask(ckpts, output, max_classes, batch, opset, no_simplify, no_verify,
 @click.command("swap")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
               help="A model exported with 'atexport onnx --separable'.")
+@click.option("--engine", "engine_path", type=click.Path(dir_okay=False), default=None,
+              help="Instead of --onnx: a TensorRT engine built with 'atexport trt --refit', refitted without rebuilding.")
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The other task's checkpoint.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="File to write [default: <checkpoint stem>.onnx beside the model].")
-@click.option("--task-name", default=None, help="Task name in the metadata [default: checkpoint file stem].")
+              help="File to write [default: <checkpoint stem>.onnx / .engine beside the model; a multi-task "
+                   "engine is refitted in place].")
+@click.option("--task-name", default=None,
+              help="Task name in the metadata [default: checkpoint file stem]; for a multi-task engine, the task "
+                   "to replace.")
 @click.option("--verify", is_flag=True,
               help="Also rebuild the PyTorch model of --ckpt and check parity (needs its backbone weights).")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
               help="Local backbone weights for --verify.")
-def swap_cmd(onnx_path, ckpt, output, task_name, verify, backbone_weights):
-    """Write a model with another task's adapters and head, without re-exporting.
+def swap_cmd(onnx_path, engine_path, ckpt, output, task_name, verify, backbone_weights):
+    """Write a model with another task's adapters and head, without re-exporting (or rebuilding an engine).
 
     Refuses, with the reason, a checkpoint whose backbone fingerprint, adapter rank, placement or class
     count does not fit the model.
 
     \b
-    Example:
+    Examples:
       atexport swap --onnx birds.onnx --ckpt runs/cars/run.pt -o cars.onnx
+      atexport swap --engine birds.engine --ckpt runs/cars/run.pt -o cars.engine
+      atexport swap --engine tasks.engine --ckpt cars_v2.pt --task-name cars     # one task of a multi-task engine
     """
-    # Each source format is one branch calling one library function; the TensorRT stage adds its
-    # ``--engine`` option here with a branch calling its function in atexport.export.tensorrt.
+    # Each source format is one branch calling one library function.
+    if onnx_path is not None and engine_path is not None:
+        raise BadInputError("give either --onnx (swap into an ONNX model) or --engine (refit a TensorRT engine), not both.")
+    if engine_path is not None:
+        _refit(engine_path, ckpt, output, task_name, verify)
+        return
     if onnx_path is None:
-        raise BadInputError("give the model to swap into with --onnx MODEL.onnx.")
+        raise BadInputError("give the model to swap into: --onnx MODEL.onnx, or --engine MODEL.engine (TensorRT).")
     from atexport.export.swap import swap_onnx
 
     result = swap_onnx(
@@ -148,3 +159,23 @@ def swap_cmd(onnx_path, ckpt, output, task_name, verify, backbone_weights):
     if result.parity:
         _echo_parity(result.parity)
     click.echo(f"wrote {result.path}")
+
+
+def _refit(engine_path, ckpt, output, task_name, verify):
+    if verify:
+        raise BadInputError(
+            "--verify checks an ONNX swap against PyTorch; check a refitted engine with "
+            "'atexport verify --ckpt CKPT --engine ENGINE --dataset ...'."
+        )
+    from atexport.cli.trt import echo_refit
+    from atexport.export.tensorrt import refit_engine
+
+    result = refit_engine(engine_path, ckpt, output, task_name=task_name, log=lambda line: click.echo(line, err=True))
+    tasks = result.sidecar["metadata"].get("tasks")
+    if tasks:  # a multi-task engine: echo_refit describes single-task engines
+        t = next(t for t in tasks if t["name"] == result.sidecar["metadata"]["extra"]["refit"]["task"])
+        click.echo(f"refitted {result.refitted} bank tensors: task {t['name']!r} (index {t['index']}, "
+                   f"{t['num_classes']} classes) replaced in {result.seconds.get('refit', 0) * 1000:.0f} ms")
+        click.echo(f"wrote {result.path} (+ {result.path.name}.json, {result.sidecar['bank']['path']})")
+    else:
+        echo_refit(result)

@@ -12,10 +12,15 @@ The rules, from TensorRT's documentation:
   never set. Builder precision flags are never set, on either version.
 * An FP32 build clears ``BuilderFlag.TF32`` (on by default), as Polygraphy does, so an "fp32" engine
   meets the fp32 parity tolerance.
-* A dynamic batch axis gets one optimisation profile (min/opt/max); a fixed-batch model gets its batch.
+* A dynamic batch axis gets one optimisation profile (min/opt/max) covering every batch-aligned input:
+  the image, and a multi-task model's per-sample ``task_id`` (int64 ``[N]``; the bank tensors are
+  initializers, which TensorRT's ONNX parser imports as weights, not inputs); a fixed-batch model gets
+  its batch.
 * Refittable adapters: ``BuilderFlag.REFIT_INDIVIDUAL`` with the swappable tensors of the metadata's
   manifest marked refittable (``INetworkDefinition.mark_weights_refittable``), so only those weights
-  stay refittable and the frozen backbone is optimised as constants.
+  stay refittable and the frozen backbone is optimised as constants. A multi-task model's manifest names
+  its bank tensors, so one task's slice is replaced by refitting each bank tensor whole
+  (:func:`bank_source` says where the other tasks' current values are read from).
 * ``--version-compatible``: ``BuilderFlag.VERSION_COMPATIBLE`` (the runtime then needs
   ``engine_host_code_allowed``); such engines run in the lean runtime, which cannot refit, so the two are
   refused together. ``--hardware-compatible``: ``HardwareCompatibilityLevel.AMPERE_PLUS`` (compute
@@ -190,10 +195,8 @@ def plan_build(
         plan.clear_flags.append("TF32")
         plan.notes.append("fp32: TF32 cleared so the engine meets the fp32 tolerance.")
 
-    # Optimisation profile for the batch axis.
-    name = str(meta.input.get("name", "input"))
+    # Optimisation profile for the batch axis, on every batch-aligned input.
     shape = list(meta.input["shape"])
-    rest = [int(v) for v in shape[1:]]
     if isinstance(shape[0], int):
         if batch is not None and parse_batch_range(batch) != (shape[0],) * 3:
             raise BadInputError(
@@ -203,7 +206,11 @@ def plan_build(
         lo = opt = hi = int(shape[0])
     else:
         lo, opt, hi = parse_batch_range(batch)
-    plan.profiles.append(Profile(input=name, min=[lo, *rest], opt=[opt, *rest], max=[hi, *rest]))
+    for name, rest in batch_inputs(meta):
+        plan.profiles.append(Profile(input=name, min=[lo, *rest], opt=[opt, *rest], max=[hi, *rest]))
+    if meta.tasks:
+        plan.notes.append(f"multi-task model ({len(meta.tasks)} tasks): the profile covers the image and "
+                          f"{plan.profiles[-1].input}; the bank tensors are weights.")
 
     if workspace_gb is not None:
         if workspace_gb <= 0:
@@ -248,6 +255,68 @@ def plan_build(
     if timing_cache is not None:
         plan.timing_cache = str(timing_cache)
     return plan
+
+
+def batch_inputs(meta) -> list[tuple[str, list[int]]]:
+    """The model's inputs whose first axis is the batch, with their other dimensions.
+
+    The image input, and for a multi-task model its per-sample task input (``extra["task_input"]``,
+    ``task_id`` ``[N]`` int64). Every one of them needs a shape in the optimisation profile.
+    """
+    out = [(str(meta.input.get("name", "input")), [int(v) for v in list(meta.input["shape"])[1:]])]
+    if getattr(meta, "tasks", None):
+        spec = (meta.extra or {}).get("task_input") or {}
+        out.append((str(spec.get("name", "task_id")), [int(v) for v in list(spec.get("shape") or [None])[1:]]))
+    return out
+
+
+BANK_SUFFIX = ".bank.npz"
+
+
+def bank_path(engine_path: str | os.PathLike) -> Path:
+    """``tasks.engine`` -> ``tasks.engine.bank.npz``: the bank tensors a multi-task refit left in the engine."""
+    p = Path(engine_path)
+    return p.with_name(p.name + BANK_SUFFIX)
+
+
+def bank_source(sidecar: dict, engine_path: str | os.PathLike) -> Path:
+    """Where a multi-task engine's current bank tensors can be read (a refit rewrites each bank tensor whole).
+
+    TensorRT's refitter hands back only weights set through it, not an engine's current values, so: the
+    bank file that the refit which made this engine wrote beside it (``sidecar["bank"]``), else the ONNX model the engine was built from
+    (``sidecar["onnx"]``); each must still match the sha256 the sidecar recorded.
+
+    Raises:
+        BadInputError: the file is missing or changed (says which, and what to do).
+    """
+    from atexport.utils.io import sha256_file
+
+    where = f"engine {engine_path}"
+    rec = sidecar.get("bank")
+    if rec:
+        p = Path(engine_path).with_name(str(rec.get("path")))
+        if not p.is_file():
+            raise BadInputError(
+                f"{where}: its bank file {p.name} (the task weights the refit that made this engine put in) is "
+                "missing; copy it beside the engine, or rebuild the engine with 'atexport trt'."
+            )
+        if rec.get("sha256") and sha256_file(p) != rec["sha256"]:
+            raise BadInputError(f"{where}: its bank file {p.name} changed since the refit wrote it (sha256 differs).")
+        return p
+    onnx = sidecar.get("onnx") or {}
+    if not onnx.get("path") or not Path(onnx["path"]).is_file():
+        raise BadInputError(
+            f"{where}: replacing one task needs every other task's weights, read from the ONNX model the engine was "
+            f"built from ({onnx.get('path')}), which is not there; put it back at that path, or rebuild the engine "
+            "with 'atexport trt'."
+        )
+    p = Path(onnx["path"])
+    if onnx.get("sha256") and sha256_file(p) != onnx["sha256"]:
+        raise BadInputError(
+            f"{where}: the ONNX model it was built from ({p}) changed since (sha256 differs, e.g. 'atexport tasks' "
+            f"edited it), so its bank is not the engine's; rebuild the engine from it: {rebuild_command(sidecar)}"
+        )
+    return p
 
 
 def default_timing_cache(engine_path: str | os.PathLike, trt_version: str, device_cc: tuple[int, int] | None) -> Path:
@@ -375,13 +444,12 @@ def check_compatible(sidecar: dict, trt_version: str, device: dict, where: str =
 
 def describe_plan(plan: BuildPlan) -> str:
     """A few lines for the terminal."""
-    p = plan.profiles[0] if plan.profiles else None
     lines = [
         f"tensorrt:   {plan.tensorrt} ({'strongly typed' if plan.major >= 11 or 'STRONGLY_TYPED' in plan.network_flags else 'weakly typed'})",
         f"precision:  {plan.precision} (from the ONNX model)",
     ]
-    if p:
-        lines.append(f"profile:    {p.input} min {p.min} opt {p.opt} max {p.max}")
+    for i, p in enumerate(plan.profiles):
+        lines.append(f"{'profile:' if i == 0 else '':<12}{p.input} min {p.min} opt {p.opt} max {p.max}")
     flags = plan.builder_flags + [f"-{f}" for f in plan.clear_flags]
     lines.append(f"flags:      network {plan.network_flags or '[]'}, builder {flags or '[]'}")
     if plan.workspace_bytes:

@@ -23,7 +23,8 @@ engine's JSON sidecar): the preprocessing (timm's eval transform, reproduced wit
 
 ONNX models run in ONNX Runtime; engines in TensorRT through
 :class:`~atexport.runtime.tensorrt.TensorRTRunner`, after the sidecar check that the engine was built for
-this GPU and TensorRT version (that runner takes GPU memory from torch; ONNX models need no torch at all).
+this GPU and TensorRT version (its GPU memory comes from :mod:`atexport.runtime.cuda`: cuda-python or the
+CUDA runtime library, no torch). Multi-task engines take the same per-sample ``task_id`` as the ONNX model.
 """
 
 from __future__ import annotations
@@ -407,16 +408,14 @@ def _engine_model(path: Path, device: int) -> tuple[ModelMetadata, Runner, str, 
     sidecar = read_sidecar(path)
     md = sidecar.get("metadata") or {}
     meta = ModelMetadata(**{k: v for k, v in md.items() if k in ModelMetadata.__dataclass_fields__})
-    if meta.tasks:
-        raise BadInputError(
-            f"{path}: multi-task engines take a {TASK_INPUT!r} input, which the TensorRT runner does not feed yet; "
-            "serve the multi-task ONNX model with ONNX Runtime (its CUDA or TensorRT execution provider)."
-        )
     profiles = sidecar.get("profiles") or []
     max_batch = int(profiles[0]["max"][0]) if profiles and profiles[0].get("max") else None
     runner = TensorRTRunner(str(path), device=device, name="tensorrt")
     runner.activate()  # checks the sidecar against this GPU and TensorRT version; clear error without TensorRT
-    return meta, runner, "single", max_batch
+    if meta.tasks and TASK_INPUT not in runner.inputs:
+        raise BadInputError(f"{path}: its metadata lists tasks but the engine has no {TASK_INPUT!r} input "
+                            f"({sorted(runner.inputs)}).")
+    return meta, runner, "multitask" if meta.tasks else "single", max_batch
 
 
 def load_model(path: str | os.PathLike, *, task=None, providers: Sequence[str] | None = None,

@@ -1,18 +1,102 @@
 """TensorRT runner: runs an atexport engine behind the common :class:`~atexport.runtime.base.Runner` interface.
 
 Activation checks the engine's sidecar against this machine (TensorRT version, GPU compute capability;
-a mismatch stops with the command that rebuilds it here), deserializes the engine and creates an
-execution context; :meth:`infer` uses TensorRT's I/O tensor API (``set_input_shape``,
-``set_tensor_address``, ``execute_async_v3``), identical on TensorRT 10.x and 11.x. GPU memory comes
-from torch (CUDA tensors); tensorrt and torch are imported on activation only.
+a mismatch stops with the command that rebuilds it here), deserializes the engine, and creates an
+execution context, a CUDA stream and GPU buffers. GPU memory and copies go through
+:mod:`atexport.runtime.cuda` (cuda-python, or the CUDA runtime library through ctypes), so this runner
+never imports torch; tensorrt is imported on activation only.
+
+:meth:`TensorRTRunner.infer` uses TensorRT's name-based I/O API, the same on 10.x and 11.x:
+``engine.num_io_tensors``, ``get_tensor_name``, ``get_tensor_mode``, ``get_tensor_dtype``,
+``context.set_input_shape``, ``context.get_tensor_shape``, ``context.set_tensor_address`` and
+``context.execute_async_v3(stream)``. Multi-task engines take the per-sample task index as a named feed,
+``runner.infer(batch, task_id=ids)`` (int64, which TensorRT 10 and later accept as engine I/O).
 """
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 
-from atexport.errors import BadInputError, MissingDependencyError
+from atexport.errors import AtexportError, BadInputError
 from atexport.runtime.base import Runner
+
+# TensorRT DataType member name -> numpy dtype (the types an atexport engine's I/O can have).
+TRT_TO_NUMPY = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+}
+
+
+def numpy_dtype(trt_dtype) -> np.dtype:
+    """The numpy dtype of a ``tensorrt.DataType`` (by member name, so no TensorRT import is needed).
+
+    Raises:
+        BadInputError: a type numpy has no equivalent of (BF16, FP8, INT4, FP4).
+    """
+    name = getattr(trt_dtype, "name", None) or str(trt_dtype).rsplit(".", 1)[-1]
+    if name not in TRT_TO_NUMPY:
+        raise BadInputError(
+            f"the engine has an input or output of TensorRT type {name}, which numpy cannot hold; rebuild it with "
+            "'atexport trt' from an atexport ONNX model (float32 image and logits, int64 task_id)."
+        )
+    return np.dtype(TRT_TO_NUMPY[name])
+
+
+def image_input(inputs: Mapping[str, np.dtype], name: str | None = None, where: str = "the engine") -> str:
+    """The image input among an engine's inputs: ``name`` (from the metadata) if present, else the only float one."""
+    if name in inputs:
+        return str(name)
+    floats = [n for n, dt in inputs.items() if np.issubdtype(dt, np.floating)]
+    if len(floats) != 1:
+        raise BadInputError(f"{where}: cannot tell its image input among {sorted(inputs)} (the metadata says {name!r}).")
+    return floats[0]
+
+
+def host_inputs(inputs: Mapping[str, np.dtype], image: str, batch: np.ndarray, feeds: Mapping,
+                where: str = "the engine") -> dict[str, np.ndarray]:
+    """The host arrays to copy into an engine's inputs, each C-contiguous, in the engine's dtype.
+
+    ``batch`` goes to the ``image`` input; every other input (a multi-task engine's ``task_id``) comes from
+    ``feeds`` by name, one value per sample.
+
+    Raises:
+        BadInputError: an unknown or missing input, a batch mismatch, floats for an integer input, or
+            integers outside the range of the engine's integer type.
+    """
+    unknown = sorted(set(feeds) - set(inputs))
+    if image in feeds:
+        raise BadInputError(f"{where}: give the image batch as the first argument, not as {image}=.")
+    if unknown:
+        raise BadInputError(f"{where} has no inputs {unknown}; its inputs are {sorted(inputs)}.")
+    missing = sorted(set(inputs) - set(feeds) - {image})
+    if missing:
+        hint = " (one int64 task index per sample, e.g. task_id=np.zeros(len(batch), np.int64))" if "task_id" in missing else ""
+        raise BadInputError(f"{where} also takes the inputs {missing}; pass them by name{hint}.")
+    batch = np.asarray(batch)
+    out = {image: np.ascontiguousarray(batch, dtype=inputs[image])}
+    n = len(batch)
+    for name, value in feeds.items():
+        want = inputs[name]
+        a = np.asarray(value)
+        if a.ndim == 0:
+            a = np.full((n,), a.item(), dtype=a.dtype)
+        if a.shape[:1] != (n,):
+            raise BadInputError(f"{where}: {name} has shape {list(a.shape)}; it needs one value per sample ({n}).")
+        if np.issubdtype(want, np.integer):
+            if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+                raise BadInputError(f"{where}: {name} must hold integers (got {a.dtype}).")
+            info = np.iinfo(want)
+            if a.size and (int(a.min()) < info.min or int(a.max()) > info.max):
+                raise BadInputError(f"{where}: {name} holds values outside {want}'s range.")
+        out[name] = np.ascontiguousarray(a, dtype=want)
+    return out
 
 
 class TensorRTRunner(Runner):
@@ -22,67 +106,87 @@ class TensorRTRunner(Runner):
         engine: path of an engine written by ``atexport trt`` (its ``.json`` sidecar beside it).
         device: CUDA device index.
         name: label used in reports.
+        log: optional callable receiving warnings (e.g. built on another GPU model of the same architecture).
     """
 
     def __init__(self, engine, device: int = 0, name: str = "tensorrt", log=None):
         super().__init__()
         self.engine_path, self.device, self.name, self.log = engine, int(device), name, log
-        self.engine = self.context = self.sidecar = None
+        self.engine = self.context = self.runtime = self.sidecar = self.cuda = None
+        self.inputs: dict[str, np.dtype] = {}
+        self.outputs: dict[str, np.dtype] = {}
+        self.stream = 0
+        self._buffers: dict = {}
 
     def _activate(self):
-        from atexport.export.tensorrt import load_engine
+        from atexport.export.tensorrt import _trt, load_engine
+        from atexport.runtime.cuda import DeviceBuffer, cuda_runtime
 
-        try:
-            import torch
-        except ImportError:
-            raise MissingDependencyError(
-                "torch is not installed; the TensorRT runner uses it for GPU memory. Install it with: "
-                "pip install 'atexport[torch]'."
-            ) from None
-        self._torch = torch
+        _trt()  # without TensorRT: its one sentence, before anything touches CUDA
+        self.cuda = cuda_runtime()
+        self.cuda.set_device(self.device)  # the engine is deserialized onto the current device
         self.trt, self.runtime, self.engine, self.sidecar = load_engine(self.engine_path, log=self.log)
-        trt = self.trt
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(self.inputs) != 1 or not self.outputs:
-            raise BadInputError(f"{self.engine_path}: expected one image input, got inputs {self.inputs}.")
-        self.stream = torch.cuda.Stream(device=self.device)
+        where = f"engine {self.engine_path}"
+        eng = self.engine
+        self.context = eng.create_execution_context()
+        if self.context is None:
+            raise AtexportError(f"{where}: TensorRT could not create an execution context (out of GPU memory?).")
+        names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
+        is_input = {n: eng.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT for n in names}
+        self.inputs = {n: numpy_dtype(eng.get_tensor_dtype(n)) for n in names if is_input[n]}
+        self.outputs = {n: numpy_dtype(eng.get_tensor_dtype(n)) for n in names if not is_input[n]}
+        if not self.outputs:
+            raise BadInputError(f"{where} has no outputs.")
+        md = self.sidecar.get("metadata") or {}
+        self.image = image_input(self.inputs, (md.get("input") or {}).get("name"), where)
+        out_name = (md.get("output") or {}).get("name")
+        self.output = out_name if out_name in self.outputs else next(iter(self.outputs))
+        self.stream = self.cuda.stream_create()
+        self._buffers = {n: DeviceBuffer(self.cuda) for n in names}
 
     def _deactivate(self):
-        self.context = self.engine = self.runtime = None
+        try:
+            if self.cuda is not None and self.stream:
+                self.cuda.stream_synchronize(self.stream)
+        finally:
+            self.context = self.engine = self.runtime = None  # TensorRT objects first, then their memory
+            for buf in self._buffers.values():
+                buf.free()
+            self._buffers = {}
+            if self.cuda is not None and self.stream:
+                self.cuda.stream_destroy(self.stream)
+            self.stream = 0
 
-    def _torch_dtype(self, name):
-        np_dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
-        return {np.dtype(np.float32): self._torch.float32, np.dtype(np.float16): self._torch.float16,
-                np.dtype(np.int32): self._torch.int32, np.dtype(np.int64): self._torch.int64}[np_dtype]
+    def _profile_hint(self, name: str) -> str:
+        for p in (self.sidecar or {}).get("profiles") or []:
+            if p.get("input") == name:
+                return f"min {p.get('min')}, max {p.get('max')}"
+        return "see the engine's sidecar"
 
     def _infer(self, batch, **feeds):
-        if feeds:
-            raise BadInputError(
-                f"the TensorRT engine takes only the image batch (got extra inputs {sorted(feeds)}); swap tasks "
-                "with 'atexport swap --engine' (refit) instead."
-            )
-        torch = self._torch
-        name = self.inputs[0]
-        dev = torch.device("cuda", self.device)
-        x = torch.from_numpy(batch).to(dev, dtype=self._torch_dtype(name)).contiguous()
-        if not self.context.set_input_shape(name, tuple(x.shape)):
-            prof = (self.sidecar.get("profiles") or [{}])[0]
-            raise BadInputError(
-                f"{self.engine_path}: input shape {tuple(x.shape)} is outside the engine's profile "
-                f"(min {prof.get('min')}, max {prof.get('max')}); rebuild with a wider --batch range."
-            )
-        self.context.set_tensor_address(name, x.data_ptr())
+        where = f"engine {self.engine_path}"
+        host = host_inputs(self.inputs, self.image, batch, feeds, where)
+        ctx, cuda = self.context, self.cuda
+        for name, a in host.items():
+            if not ctx.set_input_shape(name, tuple(int(d) for d in a.shape)):
+                raise BadInputError(
+                    f"{where}: {name} of shape {list(a.shape)} is outside the engine's profile "
+                    f"({self._profile_hint(name)}); rebuild with a wider --batch range."
+                )
         outs = {}
-        for o in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(o))
-            outs[o] = torch.empty(shape, dtype=self._torch_dtype(o), device=dev)
-            self.context.set_tensor_address(o, outs[o].data_ptr())
-        with torch.cuda.stream(self.stream):
-            torch.cuda.current_stream(dev).wait_stream(torch.cuda.default_stream(dev))
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise BadInputError(f"{self.engine_path}: TensorRT execution failed.")
-        self.stream.synchronize()
-        return outs[self.outputs[0]].float().cpu().numpy().astype(np.float32)
+        for name, dt in self.outputs.items():
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise AtexportError(f"{where}: TensorRT could not infer the shape of output {name} ({list(shape)}).")
+            outs[name] = np.empty(shape, dtype=dt)
+        for name, a in {**host, **outs}.items():
+            ptr = self._buffers[name].ensure(a.nbytes)
+            ctx.set_tensor_address(name, ptr)
+        for name, a in host.items():
+            cuda.copy_to_device(self._buffers[name].ptr, a, self.stream)
+        if not ctx.execute_async_v3(self.stream):
+            raise AtexportError(f"{where}: TensorRT execution failed (see the TensorRT messages above).")
+        for name, a in outs.items():
+            cuda.copy_to_host(a, self._buffers[name].ptr, self.stream)
+        cuda.stream_synchronize(self.stream)  # the host arrays stay referenced until here
+        return np.asarray(outs[self.output], dtype=np.float32)
