@@ -147,9 +147,14 @@ def create_backbone(spec: ModelSpec, weights: str | Path | None = None):
                     "Offline? Download them once, or pass --backbone-weights FILE, or --no-pretrained."
                 ) from None
         elif kind in ("random", "file"):
-            model = timm.create_model(
-                spec.backbone, pretrained=False, num_classes=spec.num_classes, **spec.model_args
-            )
+            # Headless first, so the random backbone does not depend on the class count (tasks with
+            # different heads then share one backbone and can be served by one multi-task model).
+            model = timm.create_model(spec.backbone, pretrained=False, num_classes=0, **spec.model_args)
+            model.reset_classifier(spec.num_classes)
+            head = model.get_classifier()
+            if isinstance(head, torch.nn.Linear):  # timm's ViT head init: trunc normal std 0.02, zero bias
+                torch.nn.init.trunc_normal_(head.weight, std=0.02)
+                torch.nn.init.zeros_(head.bias)
         else:
             raise IncompatibleCheckpointError(f"unknown backbone source {source!r}.")
     if kind == "file":

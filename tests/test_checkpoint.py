@@ -163,3 +163,16 @@ def test_backbone_weights_of_another_shape_are_refused(tmp_path):
     torch.save(backbone_tensors(wide), tmp_path / "wide.pt")
     with pytest.raises(IncompatibleCheckpointError, match="does not fit"):
         create_backbone(tiny_spec(), weights=tmp_path / "wide.pt")
+
+
+def test_random_backbone_does_not_depend_on_class_count():
+    """Tasks with different heads on one random backbone share its fingerprint (multi-task serving)."""
+    from _helpers import tiny_spec
+
+    from atexport.models import backbone_fingerprint, create_backbone
+
+    a, b = create_backbone(tiny_spec(num_classes=5)), create_backbone(tiny_spec(num_classes=9))
+    assert backbone_fingerprint(a) == backbone_fingerprint(b)
+    assert a.get_classifier().out_features == 5 and b.get_classifier().out_features == 9
+    c = create_backbone(tiny_spec(num_classes=5, seed=1))
+    assert backbone_fingerprint(c) != backbone_fingerprint(a)
