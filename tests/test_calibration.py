@@ -65,6 +65,25 @@ def test_folder_and_warning_below_min_images(tmp_path):
         assert len(cs.batch(pre)) == 4
 
 
+def test_set_name_shadowed_by_a_folder_is_refused(tmp_path, monkeypatch):
+    """--calib digits in a folder that holds a digits/ folder (e.g. the quickstart's output): ambiguous."""
+    (tmp_path / "digits").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInputError, match="both a calibration set"):
+        load_calibration_set("digits")
+    assert load_calibration_set("./digits").source == "folder"
+
+
+def test_digits_calibration_never_uses_the_test_split():
+    """The digits set follows atexport.data's split: its train images are the training pool's."""
+    from atexport.data import dataset_entry
+
+    entry, _ = dataset_entry("digits")
+    test = {np.asarray(entry.build("test", None, False)[i][0]).tobytes() for i in range(40)}
+    train = [np.asarray(im).tobytes() for im in load_calibration_set("digits", count=64).images()]
+    assert not test & set(train)
+
+
 def test_bad_sets_are_refused(tmp_path):
     with pytest.raises(BadInputError, match="no calibration config named 'nope'"):
         load_calibration_set("nope")
@@ -88,18 +107,18 @@ def test_cache_reused_then_not_for_a_changed_model(calib_fp32, tmp_path):
     from atexport.export.precision import quantize_int8
 
     cache = tmp_path / "tiny.calib.json"
-    first = quantize_int8(calib_fp32, tmp_path / "a.int8.onnx", {"name": "digits", "source": "digits", "count": 32, "min_images": 16}, cache=cache, verify=False)
+    first = quantize_int8(calib_fp32, tmp_path / "a.int8.onnx", {"name": "digits", "source": "digits", "count": 32, "min_images": 16}, cache=cache, verify=False, keep_float="none")
     assert first.calibration["cache_status"].startswith("computed") and cache.is_file()
     doc = json.loads(cache.read_text())
     assert doc["model_sha256"] == model_hash(onnx.load(str(calib_fp32)))
 
-    second = quantize_int8(calib_fp32, tmp_path / "b.int8.onnx", {"name": "digits", "source": "digits", "count": 32, "min_images": 16}, cache=cache, verify=False)
+    second = quantize_int8(calib_fp32, tmp_path / "b.int8.onnx", {"name": "digits", "source": "digits", "count": 32, "min_images": 16}, cache=cache, verify=False, keep_float="none")
     assert second.calibration["cache_status"] == "reused"
     assert onnx.load(str(tmp_path / "a.int8.onnx")).graph == onnx.load(str(tmp_path / "b.int8.onnx")).graph
 
     # other images: recomputed
     other = quantize_int8(calib_fp32, tmp_path / "c.int8.onnx", {"name": "d", "source": "digits", "count": 32, "seed": 7, "min_images": 16},
-                          cache=cache, verify=False)
+                          cache=cache, verify=False, keep_float="none")
     assert "other calibration images" in other.calibration["cache_status"]
 
     # a changed model (one weight changed): never reuses another model's ranges
@@ -110,6 +129,45 @@ def test_cache_reused_then_not_for_a_changed_model(calib_fp32, tmp_path):
     changed = tmp_path / "changed.onnx"
     onnx.save(m, str(changed))
     res = quantize_int8(changed, tmp_path / "d.int8.onnx", {"name": "d", "source": "digits", "count": 32, "seed": 7, "min_images": 16},
-                        cache=cache, verify=False)
+                        cache=cache, verify=False, keep_float="none")
     assert "another model" in res.calibration["cache_status"]
     assert json.loads(cache.read_text())["model_sha256"] == model_hash(m)
+
+
+def test_sensitivity_is_cached_with_the_calibration(calib_fp32, tmp_path):
+    """keep_float=auto measures per-layer sensitivity once; the next run on the same model, images and
+    settings reuses it (and chooses the same layers); other sensitivity settings measure again."""
+    from atexport.export.precision import quantize_int8
+
+    cache = tmp_path / "tiny.calib.json"
+    calib = {"name": "digits", "source": "digits", "count": 32, "min_images": 16}
+    first = quantize_int8(calib_fp32, tmp_path / "a.int8.onnx", calib, cache=cache, verify=False, keep_float="auto")
+    kf1 = first.metadata.extra["precision"]["keep_float"]
+    assert kf1["sensitivity"]["cache_status"].startswith("computed") and "saved" in kf1["sensitivity"]["cache_status"]
+    assert json.loads(cache.read_text())["sensitivity"]["result"]["scores"]
+    second = quantize_int8(calib_fp32, tmp_path / "b.int8.onnx", calib, cache=cache, verify=False, keep_float="auto")
+    kf2 = second.metadata.extra["precision"]["keep_float"]
+    assert kf2["sensitivity"]["cache_status"] == "reused" and kf2["layers"] == kf1["layers"]
+    from atexport.export.precision import load_precision_config
+
+    cfg = load_precision_config()
+    cfg["int8"]["keep_float"] = {**cfg["int8"]["keep_float"], "images": 16}
+    third = quantize_int8(calib_fp32, tmp_path / "c.int8.onnx", calib, cache=cache, verify=False, keep_float="auto", config=cfg)
+    assert "other settings" in third.metadata.extra["precision"]["keep_float"]["sensitivity"]["cache_status"]
+
+
+def test_histogram_calibration_is_collected_in_steps(calib_fp32, tmp_path):
+    """percentile: images go to ONNX Runtime's calibrator a few at a time (its memory grows with every
+    intermediate output of a step) and the merged histograms still give sane, recorded ranges."""
+    from atexport.export.precision import check_int8_graph, quantize_int8
+
+    calib = {"name": "digits", "source": "digits", "count": 48, "min_images": 16}
+    res = quantize_int8(calib_fp32, tmp_path / "p.int8.onnx", calib, method="percentile", cache=tmp_path / "p.calib.json",
+                        verify=False, keep_float="none")
+    settings = res.metadata.extra["precision"]["calibration_settings"]
+    assert settings["method"] == "percentile" and settings["collect_images"] == 32 and settings["num_bins"] == 2048
+    m = onnx.load(str(res.path))
+    assert check_int8_graph(m) == []
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    scales = [inits[n.input[1]] for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(scales) > 10 and all(np.isfinite(x).all() and (x > 0).all() for x in scales)

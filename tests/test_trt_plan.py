@@ -144,6 +144,13 @@ def test_trt_without_tensorrt_writes_precision_onnx_then_stops(tmp_path, tiny_ck
     assert f"atexport trt --onnx {tmp_path / 'm.int8.onnx'} --precision int8" in r.output
     meta_props = {p.key for p in onnx.load(str(tmp_path / "m.int8.onnx")).metadata_props}
     assert "atexport" in meta_props
+    # --build auto: the same stop, with the same sentence, but a success (pipelines go on to verify)
+    r = CliRunner().invoke(cli, ["trt", "--onnx", str(fp32), "--precision", "fp16", "--build", "auto"])
+    assert r.exit_code == 0, r.output
+    assert "TensorRT is not installed here" in r.output and (tmp_path / "m.fp16.onnx").is_file()
+    r = CliRunner().invoke(cli, ["trt", "--onnx", str(fp32), "--precision", "fp16", "--build", "no",
+                                 "--onnx-out", str(tmp_path / "n.fp16.onnx")])
+    assert r.exit_code == 0 and "--build no" in r.output and (tmp_path / "n.fp16.onnx").is_file()
     # no calibration set: refused before any work
     r = CliRunner().invoke(cli, ["trt", "--onnx", str(fp32), "--precision", "int8"])
     assert r.exit_code == BadInputError.exit_code and "--calib" in r.output

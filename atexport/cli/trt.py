@@ -34,6 +34,10 @@ def echo_refit(result) -> None:
 @click.option("--calib-cache", type=click.Path(dir_okay=False), default=None,
               help="Calibration cache file [default: <int8 model stem>.calib.json].")
 @click.option("--no-calib-cache", is_flag=True, help="Neither read nor write a calibration cache.")
+@click.option("--int8-keep-float", "int8_keep_float", default=None, metavar="auto|none|N|LAYERS",
+              help="INT8: Linear layers left in float: auto (the most sensitive ones, measured on the calibration "
+                   "images, within a latency budget), none, N (the N most sensitive), or comma-separated layer names "
+                   "or globs (head,*.adapter.*) [default: from export_configs/precision.yaml].")
 @click.option("--target", type=click.Choice(["tensorrt", "cpu"]), default="tensorrt", show_default=True,
               help="INT8 flavour: symmetric S8S8 for TensorRT, or U8S8 for ONNX Runtime on CPU (no engine).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
@@ -52,22 +56,30 @@ def echo_refit(result) -> None:
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
               help="Local backbone weights for --ckpt.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity checks (not recommended).")
-def trt_cmd(onnx_path, ckpt, precision, calib, calib_count, calib_method, calib_cache, no_calib_cache, target, output,
+@click.option("--build", type=click.Choice(["yes", "auto", "no"]), default="yes", show_default=True,
+              help="Build the engine: yes (TensorRT and a GPU required), auto (where they exist, else stop after "
+                   "the precision ONNX), no (precision ONNX only).")
+def trt_cmd(onnx_path, ckpt, precision, calib, calib_count, calib_method, calib_cache, no_calib_cache, int8_keep_float,
+            target, output,
             onnx_out, batch, workspace, timing_cache, refit, version_compatible, hardware_compatible, opt_level,
-            images, backbone_weights, no_verify):
+            images, backbone_weights, no_verify, build):
     """Make an FP16 or INT8 ONNX model, verify it, and build a TensorRT engine from exactly that model.
 
     The precision ONNX model is written (and checked against the FP32 reference with ONNX Runtime)
     before TensorRT is needed, so on a machine without TensorRT or a GPU the command still produces
-    it, then stops with the command to run on the GPU machine.
+    it, then stops with the command to run on the GPU machine (exit 4; with --build auto it stops there
+    successfully, and --build no never builds).
 
     \b
     Examples:
       atexport trt --onnx model.onnx --precision fp16
       atexport trt --onnx model.onnx --precision int8 --calib digits
+      atexport trt --onnx model.onnx --precision int8 --calib digits --int8-keep-float 'head,*.adapter.*'
       atexport trt --ckpt run.pt --precision int8 --calib data/pets/train --refit
       atexport trt --onnx model.fp16.onnx --precision fp16 --batch 1,4,16 --workspace 4
     """
+    if int8_keep_float is not None and precision != "int8":
+        raise click.UsageError(f"--int8-keep-float applies to --precision int8, not {precision}.")
     from atexport.export.tensorrt import export_tensorrt
     from atexport.export.trt_plan import describe_plan
     from atexport.verify.compare import format_table
@@ -75,10 +87,10 @@ def trt_cmd(onnx_path, ckpt, precision, calib, calib_count, calib_method, calib_
     result = export_tensorrt(
         onnx_path, ckpt, precision=precision, output=output, precision_output=onnx_out, calib=calib,
         calib_count=calib_count, calib_method=calib_method,
-        calib_cache=False if no_calib_cache else calib_cache, target=target, batch=batch, workspace_gb=workspace,
+        calib_cache=False if no_calib_cache else calib_cache, int8_keep_float=int8_keep_float, target=target, batch=batch, workspace_gb=workspace,
         refit=refit, version_compatible=version_compatible, hardware_compatible=hardware_compatible,
         timing_cache=timing_cache, optimization_level=opt_level, verify=not no_verify, images=images,
-        backbone_weights=backbone_weights, log=lambda line: click.echo(line, err=True),
+        backbone_weights=backbone_weights, build=build, log=lambda line: click.echo(line, err=True),
     )
     # The precision model's summary and parity went to stderr as it was made (before TensorRT was needed).
     click.echo(f"precision model: {result.precision_onnx}")

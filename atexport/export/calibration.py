@@ -1,8 +1,9 @@
 """Calibration sets for INT8 quantization, and the cache of their results.
 
 A calibration set is data (``calibration/<name>.yaml``): where the images come from (``source``:
-``digits`` — scikit-learn's bundled 8x8 digits, upscaled to RGB, offline; ``photos`` — the photographs
-scikit-image ships; ``folder`` — image files under ``path``, class subfolders allowed, as in an
+``digits`` — scikit-learn's bundled 8x8 digits, upscaled to RGB, offline, split as
+:mod:`atexport.data` splits them for training, so a digits model is never calibrated on its test
+images; ``photos`` — the photographs scikit-image ships; ``folder`` — image files under ``path``, class subfolders allowed, as in an
 ImageFolder/ImageNet layout; ``dataset`` — ``atexport.data.load_dataset``), which ``split``, how many
 images (``count``) and the ``seed`` of the selection. ``--calib`` also takes a YAML path or a folder of
 images directly. Images always go through the *model's own* preprocessing (the ``preprocess`` block of
@@ -12,6 +13,8 @@ The result of a calibration run (the activation ranges ONNX Runtime's calibrator
 a JSON file keyed by the FP32 model's content hash, the hash of the preprocessed calibration batch and
 the calibration settings. A later run with the same model and the same images reuses it; a cache made
 for another model, other images or other settings is never reused (it is recomputed and replaced).
+The per-layer quantization sensitivity that INT8 mixed precision measures (it depends on those ranges)
+is stored in the same file under its own settings (:func:`read_sensitivity`, :func:`write_sensitivity`).
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ SOURCES = ("digits", "photos", "folder", "dataset")
 CACHE_FORMAT = "atexport.calibration-cache"
 CACHE_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-# Share of scikit-learn's 1797 digits that make up the "train" split (the rest is "test").
-_DIGITS_TRAIN = 1437
 
 
 class CalibrationWarning(UserWarning):
@@ -118,29 +119,17 @@ def _select(n_total: int, count: int, seed: int) -> list[int]:
 
 
 def _digits(cs: CalibrationSet) -> list:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise MissingDependencyError(
-            "scikit-learn is not installed; it ships the 'digits' calibration images. Install it with: "
-            "pip install 'atexport[torch]', or calibrate on a folder of images (--calib DIR)."
-        ) from None
-    from PIL import Image
-
-    data = load_digits()
-    images, n = data.images, len(data.images)
-    if cs.split == "train":
-        pool = list(range(_DIGITS_TRAIN))
-    elif cs.split == "test":
-        pool = list(range(_DIGITS_TRAIN, n))
-    else:
+    """scikit-learn's digits with *the training data's split* (:mod:`atexport.data`): ``train`` is the pool
+    ``atexport train --dataset digits`` trains and validates on, ``test`` its fixed test split, so the
+    calibration images of a digits model are never the images it is scored on."""
+    if cs.split not in ("train", "test"):
         raise BadInputError(f"calibration set {cs.name!r}: digits has splits 'train' and 'test', not {cs.split!r}.")
-    out = []
-    for i in _select(len(pool), cs.count, cs.seed):
-        a = np.clip(images[pool[i]] * (255.0 / 16.0), 0, 255).astype(np.uint8)
-        # 8x8 -> 64x64 so the model's own resize sees an image, not a few pixels.
-        out.append(Image.fromarray(a, "L").resize((64, 64), Image.BICUBIC).convert("RGB"))
-    return out
+    from atexport.data import dataset_entry
+
+    entry, _ = dataset_entry("digits")
+    # 8x8 -> 64x64 (as training does) so the model's own resize sees an image, not a few pixels.
+    ds = entry.build(cs.split, Path("."), False, size=int(cs.extra.get("size", 64)))
+    return [ds[i][0] for i in _select(len(ds), cs.count, cs.seed)]
 
 
 def _photos(cs: CalibrationSet) -> list:
@@ -215,6 +204,12 @@ def load_calibration_set(
         cs = _from_dict(d, None)
     else:
         p = Path(os.path.expanduser(str(spec)))
+        bare = isinstance(spec, str) and os.sep not in spec and "/" not in spec and not spec.endswith((".yaml", ".yml"))
+        if p.is_dir() and bare and spec in available_sets():
+            raise BadInputError(
+                f"--calib {spec} is both a calibration set in calibration/ and a folder here; say which: "
+                f"--calib ./{spec} for the folder, or --calib {configs.config_dir('calibration') / (spec + '.yaml')} for the set."
+            )
         if p.is_dir():
             cs = CalibrationSet(name=p.name or str(p), source="folder", path=str(p.resolve()))
         else:
@@ -332,6 +327,44 @@ def write_cache(path: str | os.PathLike, key: CacheKey, ranges: dict, calibratio
         "ranges": ranges,
     }
     return atomic_write_json(path, doc)
+
+
+def read_sensitivity(path: str | os.PathLike, key: CacheKey, settings: dict) -> tuple[dict | None, str]:
+    """The per-layer sensitivity stored in a calibration cache made under ``key`` with these sensitivity
+    ``settings``; else ``None`` and why. (Sensitivity depends on the ranges, so it lives beside them.)"""
+    path = Path(path)
+    if not path.is_file():
+        return None, "no cache yet"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"unreadable cache ({e})"
+    ok, why = key.matches(doc)
+    if not ok:
+        return None, why
+    sens = doc.get("sensitivity")
+    if not isinstance(sens, dict):
+        return None, "no sensitivity in the cache yet"
+    if _canon(sens.get("settings")) != _canon(settings):
+        return None, "sensitivity measured with other settings"
+    return sens.get("result"), "same model, images and settings"
+
+
+def write_sensitivity(path: str | os.PathLike, key: CacheKey, settings: dict, result: dict) -> bool:
+    """Store a sensitivity result in the calibration cache made under ``key`` (atomically); ``False`` when
+    there is no such cache to add it to."""
+    from atexport.utils.io import atomic_write_json
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not key.matches(doc)[0]:
+        return False
+    doc["sensitivity"] = {"settings": settings, "result": as_jsonable(result)}
+    atomic_write_json(path, doc)
+    return True
 
 
 def default_cache_path(output: str | os.PathLike) -> Path:

@@ -15,6 +15,11 @@ metadata carried over (``precision`` updated, the recipe and parity results in `
   float. ``target="tensorrt"`` uses symmetric INT8 activations (zero points 0, what TensorRT accepts);
   ``target="cpu"`` uses unsigned asymmetric activations (U8S8), what ONNX Runtime's x86 kernels favour.
   Calibration results are cached (:mod:`atexport.export.calibration`).
+* Mixed INT8 (``keep_float``): the Linear layers whose quantization moves the logits most stay float
+  MatMul/Gemm in the file (:func:`layer_sensitivity` scores each layer by the relative logit error on
+  calibration images, :func:`choose_keep_float` picks how many within a share of the Linear
+  multiply-adds); or the user names them (:func:`layer_names`: ``blocks.3.block.mlp.fc2``, ``head``).
+  The ranking is cached beside the calibration ranges and the choice is recorded in the metadata.
 
 Separable models (swappable adapter and head tensors, listed in the metadata ``manifest``): the
 swappable tensors stay FP32 overridable initializers in both conversions (FP16 casts them inside the
@@ -28,6 +33,7 @@ the policy was applied.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -41,6 +47,7 @@ import numpy as np
 
 from atexport import configs
 from atexport.errors import AtexportError, BadInputError, ParityError, require
+from atexport.export.multitask import task_input
 
 PRECISIONS = ("fp32", "fp16", "int8")
 TARGETS = ("tensorrt", "cpu")
@@ -97,6 +104,11 @@ class PrecisionResult:
                     f"calibrated: {c.get('name')} ({c.get('images')} images, {c.get('method')}), "
                     f"cache {c.get('cache_status')} [{c.get('cache')}]"
                 )
+            kf = g.get("kept_float")
+            if kf:
+                shown = ", ".join(kf["layers"][:8]) + (f" and {len(kf['layers']) - 8} more" if len(kf["layers"]) > 8 else "")
+                lines.append(f"float:      {len(kf['layers'])} Linear layers ({kf['requested']}; "
+                             f"{kf['float_share']:.1%} of Linear MACs){': ' + shown if shown else ''}")
         if g.get("swappable"):
             lines.append(f"swappable:  {g['swappable']}")
         lines.append("time:       " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
@@ -386,12 +398,19 @@ def _verify(data: bytes, src_model, meta, precision: str, reference, images, par
     sizes = [int(batch)] if isinstance(batch, int) else [int(b) for b in par.get("batch_sizes", [1, 4])]
     say(f"checking {precision} parity against {ref_label} on {len(photos)} photos ...")
     with reference as ref, OnnxRuntimeRunner(data, name=f"onnx-{precision}", optimization=par.get("optimization", "all")) as cand:
-        rows = check_parity(
-            ref, cand, photos, precision,
-            random_inputs=_per_precision(par.get("random_inputs", 0), precision),
-            input_shape=in_shape, seed=int(par.get("seed", 0)), batch_sizes=sizes,
-            tolerances=par.get("tolerances", "tolerances"), label=precision,
-        )
+        pairs = [("", ref, cand)]
+        if task_input(meta):  # multi-task model: every task on its own (its task_id fed, its logits only)
+            from atexport.export.multitask import task_runners
+
+            pairs = [(f" {t['name']}", r, c) for (t, r), (_, c) in zip(task_runners(meta, ref), task_runners(meta, cand))]
+        rows = []
+        for suffix, r, c in pairs:
+            rows += check_parity(
+                r, c, photos, precision,
+                random_inputs=_per_precision(par.get("random_inputs", 0), precision),
+                input_shape=in_shape, seed=int(par.get("seed", 0)), batch_sizes=sizes,
+                tolerances=par.get("tolerances", "tolerances"), label=precision + suffix,
+            )
     return rows, ref_label
 
 
@@ -607,13 +626,16 @@ def _ort_method(name: str):
 class _BatchReader:
     """An ONNX Runtime CalibrationDataReader over a preprocessed batch, in chunks the model accepts."""
 
-    def __init__(self, batch: np.ndarray, input_name: str, chunk: int, fixed: bool):
+    def __init__(self, batch: np.ndarray, input_name: str, chunk: int, fixed: bool, tasks: tuple | None = None):
         self.items = []
         for i in range(0, len(batch), chunk):
             x = batch[i : i + chunk]
             if fixed and len(x) < chunk:  # a fixed-batch model: pad by repeating the last image
                 x = np.concatenate([x, np.repeat(x[-1:], chunk - len(x), axis=0)])
-            self.items.append({input_name: np.ascontiguousarray(x, dtype=np.float32)})
+            item = {input_name: np.ascontiguousarray(x, dtype=np.float32)}
+            if tasks:  # multi-task model (task input name, K): tasks round-robin, every task's adapters calibrated
+                item[tasks[0]] = ((np.arange(len(x)) + i) % tasks[1]).astype(np.int64)
+            self.items.append(item)
         self.i = 0
 
     def get_next(self):
@@ -628,14 +650,35 @@ class _BatchReader:
     def rewind(self):
         self.i = 0
 
+    def done(self) -> bool:
+        return self.i >= len(self.items)
+
+
+class _Slice:
+    """At most ``n`` more items of a reader: ONNX Runtime's calibrators hold every intermediate output of
+    one ``collect_data`` call in memory (and the histogram ones copy them again), so atexport feeds them
+    a slice at a time; the collected ranges and histograms merge across calls."""
+
+    def __init__(self, reader: _BatchReader, n: int):
+        self.reader, self.left = reader, n
+
+    def get_next(self):
+        if self.left <= 0:
+            return None
+        self.left -= 1
+        return self.reader.get_next()
+
 
 def calibrate(model_path: str, batch: np.ndarray, *, op_types: Sequence[str] | None, method: str,
               symmetric: bool, percentile: float, num_bins: int, num_quantized_bins: int,
-              input_name: str, fixed_batch: int | None) -> dict:
+              input_name: str, fixed_batch: int | None, tasks: tuple | None = None,
+              collect_images: int = 32) -> dict:
     """Run ONNX Runtime's calibrator and return its tensor ranges as a JSON-able document.
 
     The histogram methods get ``num_bins`` explicitly: ``quantize_static`` cannot pass it, and with the
-    default 128 bins (= ``num_quantized_bins``) Entropy silently degenerates to MinMax.
+    default 128 bins (= ``num_quantized_bins``) Entropy silently degenerates to MinMax. Images are fed
+    ``collect_images`` at a time (see :class:`_Slice`): in one call, percentile calibration of vit_small
+    at 224 px on 256 images held over 22 GB and was killed for memory on a 24 GB machine.
     """
     import json
 
@@ -654,9 +697,15 @@ def calibrate(model_path: str, batch: np.ndarray, *, op_types: Sequence[str] | N
             calibrate_method=_ort_method(method),
             extra_options=extra,
         )
-        reader = _BatchReader(batch, input_name, fixed_batch or 8, fixed_batch is not None)
-        calibrator.collect_data(reader)
-        ranges = calibrator.compute_data()
+        chunk = fixed_batch or 8
+        reader = _BatchReader(batch, input_name, chunk, fixed_batch is not None, tasks)
+        per_call = max(1, int(collect_images) // chunk)
+        # The histogram calibrators print progress ("Collecting tensor data ...") to stdout; keep the
+        # command's stdout for its results.
+        with contextlib.redirect_stdout(io.StringIO()):
+            while not reader.done():
+                calibrator.collect_data(_Slice(reader, per_call))
+            ranges = calibrator.compute_data()
         del calibrator
     return json.loads(json.dumps(ranges.to_dict(), cls=CalibrationCacheEncoder))
 
@@ -683,11 +732,17 @@ def _unshare_float_consumers(model, quantized: set[str]) -> int:
                 continue  # a quantized weight (initializer -> DQ): leave it
             n.input[k] = q.input[0]
             rewired += 1
-    graph_outputs = {o.name for o in model.graph.output}
     for o in list(model.graph.output):
         dq = prod.get(o.name)
         if dq is not None and dq.op_type == "DequantizeLinear":
             raise AtexportError(f"graph output {o.name} is dequantized; the quantizer changed an output (a bug).")
+    _prune_qdq(model)
+    return rewired
+
+
+def _prune_qdq(model) -> None:
+    """Remove Q/DQ nodes nobody reads any more, then initializers nobody reads (graph inputs stay)."""
+    graph_outputs = {o.name for o in model.graph.output}
     changed = True
     while changed:  # drop Q/DQ nodes nobody reads any more
         changed = False
@@ -701,7 +756,387 @@ def _unshare_float_consumers(model, quantized: set[str]) -> int:
     keep_init = [i for i in model.graph.initializer if i.name in used or i.name in {x.name for x in model.graph.input}]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep_init)
+
+
+# --------------------------------------------------------------------------------------------------
+# INT8 mixed precision: the Linear layers whose quantization costs the most stay float
+# --------------------------------------------------------------------------------------------------
+
+SENSITIVITY_MODES = ("leave_one_out", "only")
+_ACTIVATION_PASSTHROUGH = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast",
+                           "QuantizeLinear", "DequantizeLinear")
+_GELU_OPS = ("Gelu", "FastGelu", "BiasGelu", "Mul")
+
+
+def _weight_kn(node, prod: dict, inits: dict) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a Linear node, from its weight initializer's shape."""
+    name, transposed = node.input[1], False
+    for _ in range(8):
+        if name in inits:
+            break
+        p = prod.get(name)
+        if p is None or p.op_type not in _WEIGHT_PASSTHROUGH:
+            return None
+        transposed ^= p.op_type == "Transpose"
+        name = p.input[0]
+    else:
+        return None
+    dims = [int(d) for d in inits[name].dims]
+    if len(dims) != 2:
+        return None
+    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+        transposed = not transposed
+    return (dims[1], dims[0]) if transposed else (dims[0], dims[1])
+
+
+def _activation_source(name: str, prod: dict) -> str | None:
+    """The op type that made a Linear layer's input, looking through reshapes, casts and Q/DQ."""
+    for _ in range(8):
+        p = prod.get(name)
+        if p is None:
+            return None
+        if p.op_type not in _ACTIVATION_PASSTHROUGH:
+            return p.op_type
+        name = p.input[0]
+    return None
+
+
+def _feeds_output(node, cons: dict, outputs: set) -> bool:
+    """Whether a node's output is a graph output, directly or through a bias Add / reshape."""
+    frontier = list(node.output)
+    for _ in range(3):
+        if any(t in outputs for t in frontier):
+            return True
+        frontier = [o for t in frontier for c in cons.get(t, ()) if c.op_type in ("Add", "Reshape", "Identity", "Flatten")
+                    for o in c.output]
+    return any(t in outputs for t in frontier)
+
+
+def layer_names(model) -> dict[str, str]:
+    """Linear node name -> its PyTorch module name (``blocks.3.block.mlp.fc2``, ``blocks.3.adapter.up``, ``head``).
+
+    The exporter names nodes ``node_MatMul_73`` and folds weight transposes into unnamed constants, so the
+    names are read off the graph's structure, in graph order: a block starts at the Linear that a
+    LayerNormalization feeds and that is 3x wider than its input (``attn.qkv``); then ``attn.proj``
+    (square), ``mlp.fc1`` (fed by LayerNormalization, wider), ``mlp.fc2`` (fed by GELU, narrower),
+    ``adapter.down`` (narrower, not fed by GELU) and ``adapter.up`` (fed by GELU, wider); the Linear that
+    makes the graph output is ``head``. A layer the rules do not place, or whose name would repeat, keeps
+    its node name. Names are for people (reports, ``--int8-keep-float``); node names always work too.
+    """
+    g = model.graph
+    prod, cons = _producers(model), _consumers(model)
+    inits = {i.name: i for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    placed, block = [], -1
+    for n in g.node:
+        if n.op_type not in LINEAR_OPS or len(n.input) < 2:
+            continue
+        kn = _weight_kn(n, prod, inits)
+        if kn is None:
+            continue  # activation x activation (attention): not a Linear layer
+        k, m = kn
+        src = _activation_source(n.input[0], prod)
+        role = None
+        if _feeds_output(n, cons, outputs):
+            role = "head"
+        elif src == "LayerNormalization" and m == 3 * k:
+            block, role = block + 1, "attn.qkv"
+        elif src == "LayerNormalization" and m > k:
+            role = "mlp.fc1"
+        elif src in _GELU_OPS and k > m:
+            role = "mlp.fc2"
+        elif src in _GELU_OPS and k < m:
+            role = "adapter.up"
+        elif m < k:
+            role = "adapter.down"
+        elif m == k:
+            role = "attn.proj"
+        placed.append((n.name, block, role))
+    adapters = any(r and r.startswith("adapter.") for _, _, r in placed)
+    names = {}
+    for node, b, role in placed:
+        if role == "head":
+            names[node] = "head"
+        elif role is None or b < 0:
+            names[node] = node
+        else:
+            inner = "block." if adapters and not role.startswith("adapter.") else ""
+            names[node] = f"blocks.{b}.{inner}{role}"
+    counts = Counter(names.values())
+    return {node: (name if counts[name] == 1 else node) for node, name in names.items()}
+
+
+def parse_keep_float(value) -> tuple[str, Any]:
+    """Read a keep-float request: ``("none", None)``, ``("auto", None)``, ``("count", N)`` or ``("layers", [...])``.
+
+    Accepts ``none``/``0``/``False``, ``auto``, an integer N (the N most sensitive layers), or layer names and
+    globs as a list or a comma-separated string (``"head,*.mlp.fc2"``).
+    """
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+        return "none", None
+    if isinstance(value, bool):
+        raise BadInputError("keep-float: give none, auto, a number of layers or layer names, not true.")
+    if isinstance(value, int):
+        if value < 0:
+            raise BadInputError(f"--int8-keep-float {value}: a number of layers must be 0 or more.")
+        return ("none", None) if value == 0 else ("count", value)
+    if isinstance(value, str):
+        v = value.strip()
+        if v.lower() == "auto":
+            return "auto", None
+        if v.isdigit():
+            return parse_keep_float(int(v))
+        value = [p.strip() for p in v.split(",") if p.strip()]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+        return "layers", list(value)
+    raise BadInputError(f"keep-float {value!r}: expected none, auto, a number of layers, or layer names.")
+
+
+def select_layers(patterns: Sequence[str], names: Mapping[str, str]) -> list[str]:
+    """Node names (in graph order) of the layers that ``patterns`` name: module names
+    (``blocks.11.block.mlp.fc2``), globs over them (``*.mlp.fc2``, ``head``) or ONNX node names.
+
+    Args:
+        patterns: names or globs.
+        names: node name -> module name of the layers that can be kept float (:func:`layer_names`).
+    """
+    import fnmatch
+
+    out: list[str] = []
+    for pat in patterns:
+        hit = [node for node, name in names.items() if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(node, pat)]
+        if not hit:
+            examples = ", ".join(list(dict.fromkeys(names.values()))[:4])
+            raise BadInputError(
+                f"--int8-keep-float {pat}: no quantized Linear layer has that name; layers are named like {examples} "
+                "(globs such as '*.mlp.fc2' work, and so do ONNX node names)."
+            )
+        out.extend(h for h in hit if h not in out)
+    order = list(names)
+    return sorted(out, key=order.index)
+
+
+def keep_layers_float(qmodel, src, nodes: Sequence[str]) -> int:
+    """Take Linear layers of an INT8 model back to float, in place.
+
+    Each named layer reads its float activation and its FP32 weight (copied from ``src``, the FP32 model the
+    INT8 one was made from) again; Q/DQ nodes and quantized weights nobody reads any more are removed, so a
+    kept layer is an ordinary float MatMul/Gemm in the file TensorRT builds. Returns the inputs rewired.
+    """
+    nodes = set(nodes)
+    if not nodes:
+        return 0
+    prod = _producers(qmodel)
+    src_nodes = {n.name: n for n in src.graph.node}
+    src_inits = {i.name: i for i in src.graph.initializer}
+    have = ({i.name for i in qmodel.graph.initializer} | {i.name for i in qmodel.graph.input}
+            | {o for n in qmodel.graph.node for o in n.output})
+    rewired, found = 0, set()
+    for n in qmodel.graph.node:
+        if n.name not in nodes:
+            continue
+        found.add(n.name)
+        orig = src_nodes.get(n.name)
+        if orig is None or orig.op_type != n.op_type:
+            raise AtexportError(f"layer {n.name} is not in the FP32 model the INT8 model was made from (a bug).")
+        for k, name in enumerate(n.input):
+            dq = prod.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            float_name = orig.input[k]
+            if float_name not in have:
+                if float_name not in src_inits:
+                    raise AtexportError(f"the FP32 input {float_name} of layer {n.name} is missing (a bug).")
+                qmodel.graph.initializer.append(src_inits[float_name])
+                have.add(float_name)
+            n.input[k] = float_name
+            rewired += 1
+    missing = nodes - found
+    if missing:
+        raise AtexportError(f"layers {sorted(missing)[:3]} are not in the INT8 model (a bug).")
+    _prune_qdq(qmodel)
     return rewired
+
+
+def logit_error(reference: np.ndarray, logits: np.ndarray) -> dict:
+    """How far a model's logits are from the reference's: relative error and top-1 agreement.
+
+    ``rel_error`` is ``||d|| / ||r||`` with ``d`` and ``r`` the error and the reference centred per row (a
+    per-image constant shift changes no prediction), over all images and classes.
+    """
+    r = reference - reference.mean(1, keepdims=True)
+    d = logits - reference
+    d = d - d.mean(1, keepdims=True)
+    return {
+        "rel_error": float(np.linalg.norm(d) / max(float(np.linalg.norm(r)), 1e-12)),
+        "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
+    }
+
+
+def _infer_batch(model, x: np.ndarray, fixed: int | None, chunk: int = 16, tasks: tuple | None = None) -> np.ndarray:
+    """Logits of an ONNX model (proto or bytes) on ``x``, in chunks the model accepts (padded if fixed);
+    a multi-task model (``tasks``: task input name, K) gets its tasks round-robin, as in calibration."""
+    from atexport.runtime.onnxruntime import OnnxRuntimeRunner
+
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    size = fixed or chunk
+    out = []
+    with OnnxRuntimeRunner(data, name="int8-probe") as r:
+        for i in range(0, len(x), size):
+            c = x[i : i + size]
+            n = len(c)
+            if fixed and n < fixed:
+                c = np.concatenate([c, np.repeat(c[-1:], fixed - n, axis=0)])
+            feeds = {tasks[0]: ((np.arange(len(c)) + i) % tasks[1]).astype(np.int64)} if tasks else {}
+            out.append(r.infer(np.ascontiguousarray(c, dtype=np.float32), **feeds)[:n])
+    return np.concatenate(out)
+
+
+def _variant(qmodel, src, keep: Sequence[str]):
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(qmodel)
+    keep_layers_float(m, src, keep)
+    return m
+
+
+def layer_sensitivity(qmodel, src, nodes: Sequence[str], x: np.ndarray, reference: np.ndarray, *,
+                      mode: str = "leave_one_out", fixed: int | None = None, tasks: tuple | None = None,
+                      say=None) -> dict:
+    """Quantization sensitivity of each Linear layer, scored by the logit error on images ``x``.
+
+    ``leave_one_out``: the INT8 model with that one layer in float; the score is how much the relative logit
+    error drops (positive: keeping it float helps). ``only``: the FP32 model with only that layer quantized;
+    the score is its relative logit error. Either way, higher is more sensitive.
+
+    Returns:
+        ``{"mode", "images", "base": logit_error of the full INT8 model, "scores": {node: score}}``.
+    """
+    if mode not in SENSITIVITY_MODES:
+        raise BadInputError(f"sensitivity mode {mode!r}: expected one of {SENSITIVITY_MODES}.")
+    say = say or (lambda *_: None)
+    base = logit_error(reference, _infer_batch(qmodel, x, fixed, tasks=tasks))
+    scores = {}
+    t0 = time.perf_counter()
+    for i, node in enumerate(nodes):
+        keep = [node] if mode == "leave_one_out" else [n for n in nodes if n != node]
+        err = logit_error(reference, _infer_batch(_variant(qmodel, src, keep), x, fixed, tasks=tasks))["rel_error"]
+        scores[node] = base["rel_error"] - err if mode == "leave_one_out" else err
+        if i == 0 or (i + 1) % 16 == 0:
+            say(f"  sensitivity {i + 1}/{len(nodes)} layers ({time.perf_counter() - t0:.0f}s)")
+    return {"mode": mode, "images": int(len(x)), "base": base, "scores": scores}
+
+
+def _linear_costs(model, nodes: Sequence[str]) -> dict[str, int]:
+    """Multiply-adds per token of each Linear layer (its weight's element count)."""
+    prod = _producers(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    out = {}
+    for node in nodes:
+        kn = _weight_kn(by_name[node], prod, inits)
+        out[node] = int(kn[0] * kn[1]) if kn else 0
+    return out
+
+
+RANK_BY = ("sensitivity", "per_cost")
+
+
+def rank_layers(sensitivity: dict, costs: Mapping[str, int], rank_by: str = "sensitivity") -> list[str]:
+    """Layers with a positive score, best candidates for float first: by score (``sensitivity``) or by
+    score per multiply-add (``per_cost``: the error a layer removes for the latency it costs)."""
+    if rank_by not in RANK_BY:
+        raise BadInputError(f"int8.keep_float.rank_by {rank_by!r}: expected one of {RANK_BY}.")
+    scores = sensitivity["scores"]
+    key = (lambda n: -scores[n]) if rank_by == "sensitivity" else (lambda n: -scores[n] / max(costs.get(n, 1), 1))
+    return sorted((n for n, s in scores.items() if s > 0), key=key)
+
+
+def choose_keep_float(qmodel, src, sensitivity: dict, costs: Mapping[str, int], x: np.ndarray, reference: np.ndarray, *,
+                      max_share: float, slack: float, rank_by: str = "sensitivity", fixed: int | None = None,
+                      tasks: tuple | None = None) -> tuple[list[str], list[dict]]:
+    """``auto``: which layers to keep float, by measured logit error.
+
+    Candidates are the layers with a positive score in :func:`rank_layers` order, as long as the float
+    layers' share of the Linear multiply-adds stays within ``max_share`` (the latency budget). The INT8
+    model with the first k of them in float is scored for k = 0, 1, 2, 3, 4, 6, 8, 12, 16, ...; the choice
+    is the smallest k that removes all but ``slack`` (a fraction) of the largest error reduction measured:
+    ``err(k) <= best + slack * (err(0) - best)``, so layers that buy almost nothing stay INT8.
+
+    Returns:
+        the chosen node names and the trace (``k``, ``rel_error``, ``top1_agreement``, ``float_share``).
+    """
+    total = max(sum(costs.values()), 1)
+    ranked = rank_layers(sensitivity, costs, rank_by)
+    order, used = [], 0
+    for n in ranked:
+        if used + costs.get(n, 0) <= max_share * total:
+            order.append(n)
+            used += costs.get(n, 0)
+    ks = [k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96) if k < len(order)] + ([len(order)] if order else [])
+    trace = [{"k": 0, **sensitivity["base"], "float_share": 0.0}]
+    for k in ks:
+        err = logit_error(reference, _infer_batch(_variant(qmodel, src, order[:k]), x, fixed, tasks=tasks))
+        trace.append({"k": k, **err, "float_share": sum(costs.get(n, 0) for n in order[:k]) / total})
+    best = min(t["rel_error"] for t in trace)
+    bar = best + slack * (trace[0]["rel_error"] - best)
+    pick = next(t for t in trace if t["rel_error"] <= bar)
+    return order[: pick["k"]], trace
+
+
+def _keep_float_layers(model, src, plain: Sequence[str], kind: str, value, kf: Mapping, batch: np.ndarray, *,
+                       fixed: int | None, tasks: tuple | None, cache_path, cache_key, quant_settings: dict, say) -> dict:
+    """Apply a keep-float request to the INT8 ``model`` in place; returns what goes into the metadata."""
+    from atexport.export import calibration as calib
+
+    names = layer_names(src)
+    names = {n: names.get(n, n) for n in plain}
+    costs = _linear_costs(src, plain)
+    total = max(sum(costs.values()), 1)
+    info: dict[str, Any] = {"requested": ",".join(value) if kind == "layers" else str(value) if kind == "count" else kind}
+    if kind == "layers":
+        keep = select_layers(value, names)
+    else:
+        mode = str(kf.get("sensitivity", "only"))
+        n_img = int(kf.get("images", 32))
+        x = batch[: max(1, n_img)]
+        sens_settings = {"mode": mode, "images": int(len(x)), "quantizer": quant_settings, "metric": "rel_error"}
+        sens, status = None, "disabled"
+        if cache_path is not None:
+            sens, status = calib.read_sensitivity(cache_path, cache_key, sens_settings)
+        reference = _infer_batch(src, x, fixed, tasks=tasks)
+        if sens is None:
+            say(f"measuring the quantization sensitivity of {len(plain)} Linear layers ({mode}, {len(x)} images) ...")
+            sens = layer_sensitivity(model, src, plain, x, reference, mode=mode, fixed=fixed, tasks=tasks, say=say)
+            if cache_path is not None and calib.write_sensitivity(cache_path, cache_key, sens_settings, sens):
+                status = f"computed ({status}), saved"
+            else:
+                status = f"computed ({status})"
+        else:
+            status = "reused"
+        ranked = sorted(plain, key=lambda n: -float(sens["scores"].get(n, 0.0)))
+        rank_by = str(kf.get("rank_by", "sensitivity"))
+        info["sensitivity"] = {
+            "mode": mode, "images": int(len(x)), "metric": "relative logit error", "cache_status": status,
+            "int8_rel_error": sens["base"]["rel_error"], "int8_top1_agreement": sens["base"]["top1_agreement"],
+            "ranking": [{"layer": names[n], "score": round(float(sens["scores"].get(n, 0.0)), 6)} for n in ranked],
+        }
+        if kind == "count":
+            keep = ranked[:value]  # the N most sensitive, whatever they cost
+        else:
+            keep, trace = choose_keep_float(
+                model, src, sens, costs, x, reference, max_share=float(kf.get("max_share", 0.1)),
+                slack=float(kf.get("slack", 0.1)), rank_by=rank_by, fixed=fixed, tasks=tasks)
+            info["auto"] = {"max_share": float(kf.get("max_share", 0.1)), "slack": float(kf.get("slack", 0.1)),
+                            "rank_by": rank_by,
+                            "trace": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in t.items()} for t in trace]}
+        keep = [n for n in plain if n in set(keep)]  # graph order
+    keep_layers_float(model, src, keep)
+    info["layers"] = [names[n] for n in keep]
+    info["nodes"] = list(keep)
+    info["float_share"] = round(sum(costs[n] for n in keep) / total, 6)
+    return info
 
 
 def int8_settings(target: str, int8: dict) -> dict:
@@ -728,6 +1163,7 @@ def quantize_int8(
     target: str = "tensorrt",
     method: str | None = None,
     op_policy: str = "linear",
+    keep_float=None,
     count: int | None = None,
     cache: str | os.PathLike | bool | None = None,
     verify: bool = True,
@@ -748,6 +1184,12 @@ def quantize_int8(
         method: calibration method ``minmax``, ``percentile`` or ``entropy`` (default from the preset).
         op_policy: ``linear`` (default: MatMul/Gemm with constant weights only) or ``all`` (every op ONNX
             Runtime can quantize; exists to show why ``linear`` is the default — it is measurably worse).
+        keep_float: Linear layers left in float (no Q/DQ): ``"none"``, ``"auto"`` (the most sensitive layers
+            while the logit error keeps dropping, within a share of the Linear multiply-adds), an integer N
+            (the N most sensitive layers), or layer names/globs (``["head", "*.adapter.*"]``, see
+            :func:`layer_names`). Sensitivity is each layer's effect on the logit error on calibration
+            images (:func:`layer_sensitivity`), cached with the calibration. Default from the preset
+            (``int8.keep_float``).
         count: override the calibration set's image count.
         cache: calibration cache file; default ``<output stem>.calib.json``; ``False`` disables it.
         verify, reference, images, config, log: as in :func:`to_fp16`.
@@ -772,6 +1214,16 @@ def quantize_int8(
     if op_policy not in OP_POLICIES:
         raise BadInputError(f"op_policy {op_policy!r}: expected one of {OP_POLICIES}.")
     settings = int8_settings(target, i8)
+    kf_cfg = dict(i8.get("keep_float") or {})
+    kf_kind, kf_value = parse_keep_float(kf_cfg.get("layers", "none") if keep_float is None else keep_float)
+    if op_policy != "linear" and kf_kind != "none":
+        if keep_float is not None:
+            raise BadInputError("keep-float layers apply to the Linear-only policy; op_policy 'all' quantizes every op.")
+        kf_kind, kf_value = "none", None  # the preset's default is for the Linear-only policy
+    if str(kf_cfg.get("sensitivity", "only")) not in SENSITIVITY_MODES:
+        raise BadInputError(f"int8.keep_float.sensitivity {kf_cfg.get('sensitivity')!r}: expected one of {SENSITIVITY_MODES}.")
+    if str(kf_cfg.get("rank_by", "sensitivity")) not in RANK_BY:
+        raise BadInputError(f"int8.keep_float.rank_by {kf_cfg.get('rank_by')!r}: expected one of {RANK_BY}.")
     t_start = time.perf_counter()
     src, where = _read(onnx_in)
     meta = _metadata(src, where)
@@ -809,6 +1261,7 @@ def quantize_int8(
         "percentile": float(ccfg.get("percentile", 99.99)) if method == "percentile" else None,
         "num_bins": int(ccfg.get("num_bins", 2048)) if method != "minmax" else None,
         "num_quantized_bins": int(ccfg.get("num_quantized_bins", 128)) if method == "entropy" else None,
+        "collect_images": int(ccfg.get("collect_images", 32)) if method != "minmax" else None,
         "onnxruntime": onnxruntime.__version__,
     }
     mhash = calib.model_hash(src)
@@ -829,7 +1282,8 @@ def quantize_int8(
                     symmetric=settings["activation_symmetric"],
                     percentile=float(ccfg.get("percentile", 99.99)), num_bins=int(ccfg.get("num_bins", 2048)),
                     num_quantized_bins=int(ccfg.get("num_quantized_bins", 128)),
-                    input_name=meta.input.get("name", "input"), fixed_batch=fixed,
+                    input_name=meta.input.get("name", "input"), fixed_batch=fixed, tasks=task_input(meta),
+                    collect_images=int(ccfg.get("collect_images", 32)),
                 )
             status = "computed"
             seconds["calibrate"] = time.perf_counter() - t0
@@ -874,6 +1328,13 @@ def quantize_int8(
         model = onnx.load(str(qpath))
     rewired = _unshare_float_consumers(model, set(plain)) if op_policy == "linear" else 0
     seconds["quantize"] = time.perf_counter() - t0
+    kf_info = None
+    if kf_kind != "none":
+        t0 = time.perf_counter()
+        kf_info = _keep_float_layers(
+            model, src, plain, kf_kind, kf_value, kf_cfg, batch, fixed=fixed, tasks=task_input(meta),
+            cache_path=cache_path, cache_key=key, quant_settings=settings, say=say)
+        seconds["keep_float"] = time.perf_counter() - t0
     try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as e:
@@ -896,6 +1357,9 @@ def quantize_int8(
         "linear_layers": len(plain),
         "rewired_float_consumers": rewired,
     }
+    if kf_info is not None:
+        report["kept_float"] = {"layers": kf_info["layers"], "float_share": kf_info["float_share"],
+                                "requested": kf_info["requested"]}
     if swap_linear:
         report["swappable"] = f"{len(swap_linear)} layers using swappable tensors kept float (tensors FP32)"
     calibration_info = dict(cs_desc)
@@ -913,6 +1377,7 @@ def quantize_int8(
         "calibration_settings": calib_settings,
         "model_sha256": mhash,
         "swappable": "layers using them kept float; tensors FP32" if swap_linear else None,
+        "keep_float": kf_info,
         "graph": report,
         "config_source": cfg.get("_source"),
     }

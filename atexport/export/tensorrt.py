@@ -71,32 +71,21 @@ def tensorrt_version() -> str | None:
 def cuda_device(index: int = 0) -> dict:
     """``{"name", "compute_capability": [major, minor], "index"}`` of a CUDA GPU.
 
-    Uses torch when it is installed, else cuda-python (``cuda.bindings``).
+    Asks the CUDA runtime through :mod:`atexport.runtime.cuda` (cuda-python or ``libcudart``), never torch,
+    so loading an engine in an app does not import it.
 
     Raises:
-        MissingDependencyError: no CUDA GPU is visible.
+        MissingDependencyError: no CUDA runtime, or no usable CUDA GPU.
     """
-    try:
-        import torch
+    from atexport.runtime.cuda import NoCudaDevice, cuda_runtime
 
-        if torch.cuda.is_available() and index < torch.cuda.device_count():
-            cc = torch.cuda.get_device_capability(index)
-            return {"name": torch.cuda.get_device_name(index), "compute_capability": [int(cc[0]), int(cc[1])], "index": index}
-    except ImportError:
-        pass
     try:
-        from cuda.bindings import runtime as cudart
-
-        err, props = cudart.cudaGetDeviceProperties(index)
-        if int(err) == 0:
-            name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
-            return {"name": name, "compute_capability": [int(props.major), int(props.minor)], "index": index}
-    except ImportError:
-        pass
-    raise MissingDependencyError(
-        "no CUDA GPU is visible on this machine; building and running TensorRT engines needs one. Build the "
-        "engine on the target GPU (or Jetson) from the precision ONNX model with 'atexport trt --onnx MODEL.onnx'."
-    )
+        return cuda_runtime().device_info(index)
+    except NoCudaDevice as e:
+        raise MissingDependencyError(
+            f"{e} Build the engine on the target GPU (or Jetson) from the precision ONNX model with "
+            "'atexport trt --onnx MODEL.onnx'."
+        ) from None
 
 
 def require_tensorrt() -> tuple[Any, dict]:
@@ -290,12 +279,21 @@ def refit_engine(engine_path: str | os.PathLike, ckpt, output: str | os.PathLike
     The checkpoint is checked against the engine's metadata exactly like ``atexport swap`` checks an ONNX
     model (backbone fingerprint, adapter rank and placement, class count); misfits are refused.
 
+    A multi-task engine (built with ``--refit`` from a multi-task model) gets one task's slice of every bank
+    tensor replaced (:func:`atexport.export.multitask.refit_banks`): the task must be in the model and its
+    head within ``max_classes``. The other tasks' current weights come from
+    :func:`atexport.export.trt_plan.bank_source`; the new bank is written beside the output
+    (``<output>.bank.npz``) for the next refit.
+
+    Every check on the sidecar and the checkpoint runs before TensorRT is needed.
+
     Args:
-        engine_path: an engine built with ``atexport trt --refit`` from a separable model.
+        engine_path: an engine built with ``atexport trt --refit`` from a separable or multi-task model.
         ckpt: the other task's checkpoint (path or loaded).
-        output: engine to write (default: ``<checkpoint stem>.engine`` beside the engine); the sidecar is
-            written beside it with the new task's metadata.
-        task_name: task name in the metadata (default: the checkpoint's file stem).
+        output: engine to write (default: ``<checkpoint stem>.engine`` beside the engine; a multi-task engine
+            is refitted in place); the sidecar is written beside it with the new task's metadata.
+        task_name: task name in the metadata (default: the checkpoint's file stem); for a multi-task engine,
+            the task to replace.
         log: optional callable receiving progress lines.
     """
     from atexport.export.swap import load_task_weights
@@ -316,7 +314,16 @@ def refit_engine(engine_path: str | os.PathLike, ckpt, output: str | os.PathLike
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
     where = f"engine {engine_path}"
-    weights = load_task_weights(ckpt, meta, where)  # refuses misfits exactly like the ONNX swap
+    if meta.tasks:  # multi-task: replace one task's slice of each bank tensor
+        from atexport.export.multitask import default_task_name, read_banks, refit_banks
+        from atexport.export.trt_plan import bank_path, bank_source
+
+        task_name = str(task_name or default_task_name(ckpt))
+        weights, tasks = refit_banks(meta, read_banks(bank_source(sidecar, engine_path), meta, where), ckpt,
+                                     task_name, where)
+        output = engine_path if output is None else output
+    else:
+        weights = load_task_weights(ckpt, meta, where)  # refuses misfits exactly like the ONNX swap
     if output is None:
         if ckpt.path is None:
             raise BadInputError("give an output path (-o): the checkpoint was not loaded from a file.")
@@ -341,16 +348,29 @@ def refit_engine(engine_path: str | os.PathLike, ckpt, output: str | os.PathLike
     if not refitter.refit_cuda_engine():
         raise AtexportError(f"{where}: TensorRT refit failed ({'; '.join(logger.errors[-2:])}).")
     data = bytes(engine.serialize())
-    atomic_write_bytes(output, data)
     from hashlib import sha256
 
+    from atexport.utils.io import sha256_file
+
     new = json.loads(json.dumps(sidecar))
+    if meta.tasks:  # the bank now in the engine, for the next refit (TensorRT does not hand it back)
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **weights)
+        bank = atomic_write_bytes(bank_path(output), buf.getvalue())
+        new["bank"] = {"path": bank.name, "sha256": sha256_file(bank)}
+    atomic_write_bytes(output, data)
     new["engine"] = {"path": Path(output).name, "sha256": sha256(data).hexdigest(), "bytes": len(data)}
     md = new["metadata"]
-    md["task"] = task_name or ckpt.name
-    md["class_names"] = list(ckpt.model.class_names) if ckpt.model.class_names else md.get("class_names")
-    md["num_classes"] = int(ckpt.model.num_classes)
+    if meta.tasks:
+        md["tasks"] = json.loads(json.dumps(tasks))
+    else:
+        md["task"] = task_name or ckpt.name
+        md["class_names"] = list(ckpt.model.class_names) if ckpt.model.class_names else md.get("class_names")
+        md["num_classes"] = int(ckpt.model.num_classes)
     md.setdefault("extra", {})["refit"] = {"from_engine": Path(engine_path).name, "from_task": sidecar["metadata"].get("task"),
+                                           "task": task_name or ckpt.name,
                                            "checkpoint": Path(ckpt.path).name if ckpt.path else None}
     new["parity"] = []
     atomic_write_json(sidecar_path(output), new)
@@ -393,6 +413,7 @@ def export_tensorrt(
     calib_count: int | None = None,
     calib_method: str | None = None,
     calib_cache: str | os.PathLike | bool | None = None,
+    int8_keep_float=None,
     target: str = "tensorrt",
     batch: str | None = None,
     workspace_gb: float | None = None,
@@ -404,6 +425,7 @@ def export_tensorrt(
     verify: bool = True,
     images=None,
     backbone_weights=None,
+    build: str = "yes",
     log=None,
 ) -> TrtExportResult:
     """The ``atexport trt`` stage as one function.
@@ -420,7 +442,8 @@ def export_tensorrt(
         precision: ``fp32``, ``fp16`` or ``int8``.
         output: engine path (default ``<precision model stem>.engine``).
         precision_output: precision ONNX path (default ``<stem>.fp16.onnx`` / ``<stem>.int8.onnx``).
-        calib, calib_count, calib_method, calib_cache, target: INT8 calibration (see
+        calib, calib_count, calib_method, calib_cache, int8_keep_float, target: INT8 calibration and the
+            Linear layers kept in float (see
             :func:`~atexport.export.precision.quantize_int8`); ``target="cpu"`` makes an ONNX Runtime model
             and builds no engine.
         batch, workspace_gb, refit, version_compatible, hardware_compatible, timing_cache,
@@ -428,6 +451,9 @@ def export_tensorrt(
         verify: check parity of the precision model and of the engine.
         images: extra real images for parity.
         backbone_weights: local backbone weights for ``ckpt``.
+        build: ``yes`` builds the engine (no TensorRT or GPU is an error), ``auto`` builds it where
+            TensorRT and a GPU exist and otherwise stops after the precision ONNX with a note, ``no``
+            stops after the precision ONNX.
         log: optional callable receiving progress lines.
     """
     from atexport.export.precision import PRECISIONS, convert_precision
@@ -436,6 +462,8 @@ def export_tensorrt(
     from atexport.metadata import read_onnx_metadata
 
     say = log or (lambda *_: None)
+    if build not in ("yes", "auto", "no"):
+        raise BadInputError(f"--build {build}: expected yes, auto or no.")
     if precision not in PRECISIONS:
         raise BadInputError(f"--precision {precision}: expected one of {PRECISIONS}.")
     if onnx is None and ckpt is None:
@@ -475,7 +503,8 @@ def export_tensorrt(
     elif src_meta.precision == "fp32":
         kwargs = {"verify": verify, "reference": reference, "images": images, "log": log}
         if precision == "int8":
-            kwargs.update(target=target, method=calib_method, count=calib_count, cache=calib_cache)
+            kwargs.update(target=target, method=calib_method, count=calib_count, cache=calib_cache,
+                          keep_float=int8_keep_float)
         result.precision = convert_precision(onnx, precision, precision_output, calibration=calib, **kwargs)
         result.precision_onnx = result.precision.path
         say(result.precision.summary())
@@ -497,14 +526,25 @@ def export_tensorrt(
     if precision == "int8" and (meta.extra or {}).get("precision", {}).get("target") == "cpu":
         result.note = f"INT8 target 'cpu' makes an ONNX Runtime model (U8S8); no TensorRT engine is built from it: {path}"
         return result
+    if build == "no":
+        result.note = f"no engine requested (--build no); the {precision} ONNX model is {path}"
+        return result
     version = tensorrt_version()
-    if version is None:
-        raise MissingDependencyError(_no_engine_message(
-            "TensorRT is not installed here (pip install 'atexport[tensorrt]' on a GPU machine)", path, precision, flags))
     try:
-        device = cuda_device()
-    except MissingDependencyError:
-        raise MissingDependencyError(_no_engine_message("no CUDA GPU is visible here", path, precision, flags)) from None
+        if version is None:
+            raise MissingDependencyError(_no_engine_message(
+                "TensorRT is not installed here (pip install 'atexport[tensorrt]' on a GPU machine)", path, precision,
+                flags))
+        try:
+            device = cuda_device()
+        except MissingDependencyError:
+            raise MissingDependencyError(
+                _no_engine_message("no CUDA GPU is visible here", path, precision, flags)) from None
+    except MissingDependencyError as e:
+        if build == "auto":
+            result.note = str(e)
+            return result
+        raise
     if output is None:
         output = path.with_suffix(".engine")
     cc = tuple(device["compute_capability"])
@@ -546,7 +586,7 @@ def verify_engine(engine_path, reference, fp32_onnx, meta, precision: str, *, im
     from atexport.verify.parity import check_parity, photo_batch
 
     par = load_precision_config()["parity"]
-    if reference is None:
+    if reference is None or meta.tasks:  # a multi-task engine is checked against its own ONNX model, task by task
         reference = OnnxRuntimeRunner(str(fp32_onnx), name="onnx-fp32")
     photos = photo_batch(meta.preprocess, extra=images, max_images=par.get("max_images"))
     b = meta.input["shape"][0]
@@ -557,6 +597,14 @@ def verify_engine(engine_path, reference, fp32_onnx, meta, precision: str, *, im
     ri = int(ri.get(precision, 0) if isinstance(ri, dict) else ri)
     (log or (lambda *_: None))(f"checking the engine's parity against {getattr(reference, 'name', 'reference')} ...")
     with reference as ref, TensorRTRunner(engine_path, log=log) as cand:
-        return check_parity(ref, cand, photos, precision, random_inputs=ri,
-                            input_shape=[int(v) for v in meta.preprocess["input_size"]],
-                            batch_sizes=sizes, label=f"trt {precision}")
+        pairs = [("", ref, cand)]
+        if meta.tasks:  # multi-task engine: every task on its own (its task_id fed, its logits only)
+            from atexport.export.multitask import task_runners
+
+            pairs = [(f" {t['name']}", r, c) for (t, r), (_, c) in zip(task_runners(meta, ref), task_runners(meta, cand))]
+        rows = []
+        for suffix, r, c in pairs:
+            rows += check_parity(r, c, photos, precision, random_inputs=ri,
+                                 input_shape=[int(v) for v in meta.preprocess["input_size"]],
+                                 batch_sizes=sizes, label=f"trt {precision}{suffix}")
+        return rows
