@@ -24,12 +24,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,22 +36,13 @@ import numpy as np
 
 
 def machine() -> dict:
-    cpu = "?"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    except OSError:
-        pass
-    import onnx
-    import onnxruntime
-    import timm
-    import torch
+    """The machine and library versions, flat (atexport.benchmark.describe_machine underneath)."""
+    from atexport.benchmark import describe_machine, library_versions
 
-    return {
-        "cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-        "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-    }
+    m = describe_machine()
+    libs = library_versions(("torch", "timm", "onnx", "onnxruntime", "onnxslim", "onnxsim"))
+    return {"cpu": m["cpu"], "nproc": m["cores"], "python": m["python"], "date": m["date"],
+            **{k: libs.get(k, "?") for k in ("torch", "timm", "onnx", "onnxruntime", "onnxslim", "onnxsim")}}
 
 
 def make_ckpts(backbone: str, folder: Path, k: int, classes: list[int], rank: int) -> list[Path]:

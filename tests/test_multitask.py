@@ -246,7 +246,7 @@ def test_precision_models_mixed_batch_against_single_task(precision, precision_m
 def test_refuses_checkpoints_that_cannot_share_a_model(mt_dir, backbone, ckpts):
     from atexport.export.multitask import export_multitask
 
-    other_backbone = make_checkpoint(mt_dir / "other_backbone.pt", num_classes=5)
+    other_backbone = make_checkpoint(mt_dir / "other_backbone.pt", num_classes=5, seed=7)
     rank8 = _task_ckpt(mt_dir / "rank8.pt", backbone, 5, 1, rank=8)
     every2 = _task_ckpt(mt_dir / "every2.pt", backbone, 5, 1, every=2)
     alpha2 = _task_ckpt(mt_dir / "alpha2.pt", backbone, 5, 1, alpha=2.0)

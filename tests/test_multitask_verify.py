@@ -177,7 +177,7 @@ def test_a_subset_of_tasks_on_their_own_data_sets(vm_ckpts, vm_model, folders):
     assert res.mixed[0].parity.samples == 6 and res.mixed[0].parity.max_abs <= 1e-6
 
 
-def test_verify_refuses_what_it_cannot_check(vm_ckpts, vm_model, vm_dir, folders, tiny_ckpt):
+def test_verify_refuses_what_it_cannot_check(vm_ckpts, vm_model, vm_dir, folders):
     from atexport.export.onnx import export_onnx
     from atexport.verify import verify
 
@@ -191,8 +191,10 @@ def test_verify_refuses_what_it_cannot_check(vm_ckpts, vm_model, vm_dir, folders
         verify([cks[0], stranger], onnx=vm_model, limit=2)
     with pytest.raises(IncompatibleCheckpointError, match="task 't3' was made from other weights.*--replace"):
         verify(retrained, onnx=vm_model, dataset=folders["t3"], limit=2)
+    from _helpers import make_checkpoint
+
     with pytest.raises(IncompatibleCheckpointError, match="another backbone"):
-        verify(tiny_ckpt, onnx=vm_model, limit=2)
+        verify(make_checkpoint(vm_dir / "other_backbone.pt", seed=7), onnx=vm_model, limit=2)
     with pytest.raises(IncompatibleCheckpointError, match="both task 't3'"):
         verify([cks[1], cks[1]], onnx=vm_model, limit=2)
     with pytest.raises(BadInputError, match="2 data sets .* for 3 checkpoints"):

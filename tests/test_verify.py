@@ -134,7 +134,7 @@ def test_tolerance_overrides_decide(ckpt10, fp16_10):
     assert not res.passed and res.failures()[0].startswith("onnxruntime fp16")
 
 
-def test_verify_refuses_bad_inputs_clearly(ckpt10, onnx10, fp16_10, tiny_ckpt, vdir):
+def test_verify_refuses_bad_inputs_clearly(ckpt10, onnx10, fp16_10, vdir):
     from click.testing import CliRunner
 
     from atexport.cli import cli
@@ -145,8 +145,9 @@ def test_verify_refuses_bad_inputs_clearly(ckpt10, onnx10, fp16_10, tiny_ckpt, v
         verify(ckpt10)
     with pytest.raises(BadInputError, match="--onnx-int8 .*precision fp16.*--onnx-fp16"):
         verify(ckpt10, onnx_int8=fp16_10)
-    with pytest.raises(IncompatibleCheckpointError, match="another backbone than --ckpt .*tiny_a.pt"):
-        verify(tiny_ckpt, onnx=onnx10)
+    other = make_checkpoint(vdir / "other_backbone.pt", num_classes=10, seed=7)
+    with pytest.raises(IncompatibleCheckpointError, match="another backbone than --ckpt .*other_backbone.pt"):
+        verify(other, onnx=onnx10)
     with pytest.raises(BadInputError, match="--tol int8.bogus"):
         resolve_tolerances("tolerances", {"int8.bogus": 1})
     with pytest.raises(BadInputError, match="KEY=VALUE"):

@@ -41,6 +41,7 @@ import numpy as np
 
 from atexport import __version__
 from atexport.errors import AtexportError, BadInputError, IncompatibleCheckpointError, ParityError, require
+from atexport.export.onnx import ExportResult
 from atexport.runtime.base import Runner
 
 PAD_LOGIT = -1.0e4
@@ -57,32 +58,11 @@ REGIMES = ("adapter", "head")
 
 
 @dataclass
-class MultiTaskResult:
-    """What :func:`export_multitask` produced.
-
-    Attributes:
-        path: where the model was written (``None`` if parity failed).
-        metadata: the metadata written into it (``metadata.tasks`` lists the tasks).
-        parity: one row per (task, input set, batch size), each task against its own PyTorch model.
-        nodes: ``{"exported": n, "simplified": m}``.
-        simplifier: the tool used, or ``None``.
-        seconds: wall time per step.
-        size_bytes: size of the serialized model.
-        failed_path: where a model that failed parity was kept.
+class MultiTaskResult(ExportResult):
+    """What :func:`export_multitask` produced: an :class:`~atexport.export.onnx.ExportResult` whose
+    ``metadata.tasks`` lists the tasks and whose ``parity`` has one row per (task, input set, batch size),
+    each task against its own PyTorch model.
     """
-
-    path: Path | None
-    metadata: Any
-    parity: list = field(default_factory=list)
-    nodes: dict = field(default_factory=dict)
-    simplifier: str | None = None
-    seconds: dict = field(default_factory=dict)
-    size_bytes: int = 0
-    failed_path: Path | None = None
-
-    @property
-    def passed(self) -> bool:
-        return all(r.passed for r in self.parity)
 
     def summary(self) -> str:
         """A few human-readable lines (the CLI prints them)."""
