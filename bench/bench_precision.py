@@ -1,25 +1,37 @@
-"""Benchmark of the precision stage on CPU (not a test): accuracy and ONNX Runtime latency of INT8.
+"""Benchmark of the precision stage on CPU (not a test): top-1 accuracy and ONNX Runtime latency of INT8.
 
-vit_small_patch16_224 with a random-init backbone and rank-16 adapters (no hub weights offline), whose
-head is *trained* (logistic regression on the adapted model's features) on scikit-learn's digits, so
-top-1 accuracy means something. Measured, side by side in one process:
+Two kinds of model, side by side in one process, all scored on the digits *test* split of
+``atexport.data`` (359 images the models never trained or calibrated on; calibration uses the training
+pool, ``calibration/digits.yaml``):
 
-* accuracy on the digits test split and top-1 agreement with FP32: PyTorch FP32, ORT FP32, ORT FP16,
-  ORT INT8 (TensorRT-targeted S8S8 Q/DQ, Linear-only), ORT INT8 (CPU-targeted U8S8), ORT INT8 all-ops
-  (the policy's counter-example) and ORT dynamic INT8 (MatMulInteger, no calibration) for reference;
-* parity against PyTorch on the real photos (max abs, min cosine, top-1 agreement);
-* median latency at batch 1 and 8: PyTorch eager FP32 and each ONNX Runtime model (CPU, ORT_ENABLE_ALL,
-  default threads), and the optimised graph's fused op counts (what ORT turned Q/DQ into).
+* **proxy**: vit_small_patch16_224 at 224 px with a random-init backbone (no hub weights offline) and
+  random rank-16 adapters, whose head is a logistic regression fitted on the adapted features of
+  ``--train`` training images. Its class margins are tiny, so it magnifies any quantization noise.
+* **trained** (``--ckpt run.pt``, repeatable): checkpoints from ``atexport train`` whose adapters and head
+  were trained by atexport's trainer, e.g. the offline quickstart and a vit_small (see bench/RESULTS.md
+  for the commands).
+
+Per model: PyTorch eager FP32, ORT FP32, and ORT INT8 variants: Linear-only Q/DQ for TensorRT (S8S8,
+per-channel weights) with each ``--methods`` calibration, all Linear layers quantized (``keep_float
+none``) and with the sensitivity-based mixed precision (``keep_float auto``, the preset), plus
+(``--extras``) FP16, the U8S8 CPU target, the all-ops counter-example and dynamic INT8 on the proxy.
+Columns: top-1, its change against ORT FP32 in points with the images that flipped (FP32 right -> INT8
+wrong / wrong -> right), top-1 agreement and relative logit error against FP32, the float layers' share
+of Linear multiply-adds, median latency at batch 1 and 8 (ORT CPU, ORT_ENABLE_ALL, default threads;
+PyTorch eager default threads; all variants measured in rotating blocks of consecutive calls, so load
+from other processes on a shared machine hits them alike) and batch-1 latency over PyTorch eager.
 
 Usage::
 
-    python bench/bench_precision.py [--runs 30] [--train 600] [--test 360] [--json out.json]
+    python bench/bench_precision.py [--ckpt run.pt ...] [--no-proxy] [--runs 30] [--methods minmax,percentile]
+        [--workdir DIR] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,28 +41,46 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_export import machine  # noqa: E402
-
 BACKBONE = "vit_small_patch16_224"
 
 
-def digits_images(split: str, n: int):
-    from atexport.export.calibration import load_calibration_set
+def machine() -> dict:
+    import os
+    import platform
+    import subprocess
 
-    cs = load_calibration_set({"name": f"digits-{split}", "source": "digits", "split": split, "count": n, "seed": 0})
-    from sklearn.datasets import load_digits
+    import onnx
+    import onnxruntime
+    import timm
+    import torch
 
-    from atexport.export.calibration import _DIGITS_TRAIN, _select
+    cpu = "?"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
+    except OSError:
+        pass
+    return {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": os.getloadavg()}
 
-    labels = load_digits().target
-    pool = list(range(_DIGITS_TRAIN)) if split == "train" else list(range(_DIGITS_TRAIN, len(labels)))
-    y = np.array([labels[pool[i]] for i in _select(len(pool), n, 0)])
-    return cs, y
+
+def say(*a):
+    print(*a, file=sys.stderr, flush=True)
 
 
-def make_checkpoint(folder: Path, x_train, y_train):
-    """Adapters (random, non-zero) + a head trained by logistic regression on the adapted features."""
+def digits(split: str, n: int | None = None, seed: int = 0):
+    """PIL images and labels of atexport.data's digits split (a seeded subset of n when given)."""
+    from atexport.data import load_dataset
+
+    ds = load_dataset("digits", split, size=64, val_fraction=0.0) if split == "train" else load_dataset("digits", split, size=64)
+    idx = range(len(ds)) if n is None or n >= len(ds) else sorted(np.random.default_rng(seed).permutation(len(ds))[:n])
+    pairs = [ds[i] for i in idx]
+    return [p[0] for p in pairs], np.array([p[1] for p in pairs])
+
+
+def make_proxy_checkpoint(folder: Path, x_train, y_train):
+    """Adapters (random, non-zero) + a head fitted by logistic regression on the adapted features."""
     import torch
     from sklearn.linear_model import LogisticRegression
 
@@ -85,30 +115,38 @@ def make_checkpoint(folder: Path, x_train, y_train):
         model.head.bias.copy_(torch.from_numpy(b).float())
     ck = Checkpoint(model=spec, adapter=cfg, regime="adapter", fingerprint=fp,
                     state_dict=trainable_state(model, "adapter"), preprocess=preprocess_config(model))
-    return save_checkpoint(ck, folder / "vit_small_digits.pt"), model
+    return save_checkpoint(ck, folder / "proxy.pt")
 
 
 def run_all(infer, x, bs=8):
     return np.concatenate([infer(x[i:i + bs]) for i in range(0, len(x), bs)])
 
 
-def latency(fn, x, runs):
-    for _ in range(3):
-        fn(x)
-    t = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn(x)
-        t.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(t)
+def interleaved_latency(runners: dict, x, runs: int, block: int = 10, warm: int = 2) -> dict:
+    """Median ms per call of every runner on ``x``, measured in rotating blocks: each round runs every
+    runner for ``warm`` + ``block`` consecutive calls (the warm ones discarded), until ``runs`` timed calls
+    each. Load from other processes on a shared machine then hits every variant alike, and the previous
+    runner's spinning worker threads (ORT's and PyTorch's OpenMP pools both spin after a call: measured
+    here, eager right after an ORT call ran 3x slower) are out of the timed calls."""
+    names = list(runners)
+    times = {n: [] for n in names}
+    k = 0
+    while min(len(t) for t in times.values()) < runs:
+        for n in names[k % len(names):] + names[:k % len(names)]:
+            for i in range(warm + block):
+                t0 = time.perf_counter()
+                runners[n].infer(x)
+                if i >= warm:
+                    times[n].append((time.perf_counter() - t0) * 1000)
+        k += 1
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def fused_ops(path) -> dict:
     import onnx
+    import onnxruntime as ort
 
     from atexport.runtime.onnxruntime import session_options
-
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options()
@@ -120,102 +158,163 @@ def fused_ops(path) -> dict:
     return {k: c[k] for k in keep if c.get(k)}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--train", type=int, default=600)
-    ap.add_argument("--test", type=int, default=360)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-
-    import torch
+def variants(fp32: Path, folder: Path, methods, extras: bool) -> dict:
+    """The precision models of one FP32 model: name -> (path, keep-float metadata or None, seconds)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from atexport.export.onnx import export_onnx
     from atexport.export.precision import linear_nodes, quantize_int8, to_fp16
     from atexport.metadata import read_onnx_metadata
-    from atexport.models import preprocess_config
-    from atexport.runtime.onnxruntime import OnnxRuntimeRunner
-    from atexport.runtime.torch import TorchRunner
-    from atexport.verify.compare import Tolerance, compare
-    from atexport.verify.parity import photo_batch
 
-    mach = machine()
-    folder = Path(tempfile.mkdtemp(prefix="bench-precision-"))
-    t0 = time.perf_counter()
-    cs_tr, y_tr = digits_images("train", args.train)
-    cs_te, y_te = digits_images("test", args.test)
-    import timm
+    out = {}
 
-    pre = preprocess_config(timm.create_model(BACKBONE, pretrained=False))
-    x_tr, x_te = cs_tr.batch(pre), cs_te.batch(pre)
-    ckpt, model = make_checkpoint(folder, x_tr, y_tr)
-    print(f"trained head in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    def q(name, **kw):
+        t0 = time.perf_counter()
+        path = folder / f"{fp32.stem}.{name.replace(' ', '_').replace(',', '').replace('(', '').replace(')', '')}.onnx"
+        if path.exists():  # --workdir: made by an earlier run (calibration and sensitivity are cached anyway)
+            path.unlink()
+        r = quantize_int8(fp32, path, "digits", verify=False, **kw)
+        kf = read_onnx_metadata(onnx.load(str(r.path))).extra["precision"].get("keep_float")
+        out[name] = (r.path, kf, time.perf_counter() - t0)
+        say(f"  {name}: {time.perf_counter() - t0:.0f}s" + (f", float {kf['layers']}" if kf else ""))
 
-    fp32 = export_onnx(ckpt, folder / "m.onnx").path
-    fp16 = to_fp16(fp32, folder / "m.fp16.onnx", verify=False).path  # parity is measured below, vs PyTorch
-    int8 = quantize_int8(fp32, folder / "m.int8.onnx", "digits", verify=False).path  # calibrated on digits-train
-    int8_cpu = quantize_int8(fp32, folder / "m.int8-cpu.onnx", "digits", target="cpu", verify=False).path
-    int8_all = quantize_int8(fp32, folder / "m.int8-all.onnx", "digits", op_policy="all", verify=False, cache=False).path
+    for m in methods:
+        q(f"int8 {m}, all Linear", method=m, keep_float="none", cache=folder / f"{fp32.stem}.{m}.calib.json")
+    q("int8 minmax, keep-float auto", method="minmax", keep_float="auto", cache=folder / f"{fp32.stem}.minmax.calib.json")
+    q("int8 minmax, keep-float head+adapters", method="minmax", keep_float="head,*.adapter.*",
+      cache=folder / f"{fp32.stem}.minmax.calib.json")
+    if extras:
+        out["fp16"] = (to_fp16(fp32, folder / f"{fp32.stem}.fp16.onnx", verify=False).path, None, 0.0)
+        q("int8 minmax, all Linear, cpu target (U8S8)", method="minmax", keep_float="none", target="cpu",
+          cache=folder / f"{fp32.stem}.cpu.calib.json")
+        q("int8 all ops (counter-example)", method="minmax", op_policy="all", cache=False)
+        plain, _ = linear_nodes(onnx.load(str(fp32)))
+        dyn = folder / f"{fp32.stem}.dyn.onnx"
+        quantize_dynamic(str(fp32), str(dyn), weight_type=QuantType.QInt8, nodes_to_quantize=plain,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+        out["int8 dynamic (MatMulInteger)"] = (dyn, None, 0.0)
+    return out
+
+
+def bench_model(label: str, ckpt: Path, folder: Path, imgs, y, args, extras: bool) -> dict:
+    """Every variant of one checkpoint: accuracy on the digits test split and latency."""
     import onnx
 
-    plain, _ = linear_nodes(onnx.load(str(fp32)))
-    dyn = folder / "m.dyn.onnx"
-    quantize_dynamic(str(fp32), str(dyn), weight_type=QuantType.QInt8, nodes_to_quantize=plain,
-                     op_types_to_quantize=["MatMul", "Gemm"])
-    meta = read_onnx_metadata(onnx.load(str(fp32)))
-    photos = photo_batch(meta.preprocess)
+    from atexport.checkpoint import build_model, load_checkpoint
+    from atexport.export.onnx import export_onnx
+    from atexport.export.precision import logit_error
+    from atexport.metadata import read_onnx_metadata
+    from atexport.runtime.onnxruntime import OnnxRuntimeRunner
+    from atexport.runtime.preprocess import Preprocessor
+    from atexport.runtime.torch import TorchRunner
 
-    runners = {
-        "pytorch fp32 (eager)": TorchRunner(model),
-        "ort fp32": OnnxRuntimeRunner(str(fp32)),
-        "ort fp16": OnnxRuntimeRunner(str(fp16)),
-        "ort int8 Q/DQ (tensorrt target, S8S8)": OnnxRuntimeRunner(str(int8)),
-        "ort int8 Q/DQ (cpu target, U8S8)": OnnxRuntimeRunner(str(int8_cpu)),
-        "ort int8 Q/DQ all ops (counter-example)": OnnxRuntimeRunner(str(int8_all)),
-        "ort int8 dynamic (MatMulInteger)": OnnxRuntimeRunner(str(dyn)),
-    }
-    paths = {"ort fp32": fp32, "ort fp16": fp16, "ort int8 Q/DQ (tensorrt target, S8S8)": int8,
-             "ort int8 Q/DQ (cpu target, U8S8)": int8_cpu, "ort int8 Q/DQ all ops (counter-example)": int8_all,
-             "ort int8 dynamic (MatMulInteger)": dyn}
-    rows = []
-    ref_te = ref_ph = None
-    for name, r in runners.items():
-        with r:
-            lt = run_all(r.infer, x_te)
-            lp = run_all(r.infer, photos)
-            xb1, xb8 = x_te[:1], x_te[:8]
-            b1 = latency(r.infer, xb1, args.runs)
-            b8 = latency(r.infer, xb8, max(5, args.runs // 3))
-        if ref_te is None:
-            ref_te, ref_ph = lt, lp
-        ph = compare(ref_ph, lp, Tolerance(), name)
-        rows.append({
-            "variant": name, "acc": float((lt.argmax(1) == y_te).mean()),
-            "agree": float((lt.argmax(1) == ref_te.argmax(1)).mean()),
-            "photos_max_abs": ph.max_abs, "photos_min_cos": ph.min_cosine, "photos_top1": ph.top1_agreement,
-            "b1_ms": b1, "b8_ms": b8, "fused": fused_ops(paths[name]) if name in paths else {},
-        })
-        print(rows[-1], file=sys.stderr, flush=True)
+    say(f"[{label}] exporting {ckpt} ...")
+    stem = "".join(c if c.isalnum() else "_" for c in label.split(":")[0] + "_" + Path(ckpt).parent.name)
+    fp32 = folder / f"{stem}.onnx"
+    if not fp32.exists():
+        fp32 = export_onnx(ckpt, fp32).path
+    meta = read_onnx_metadata(onnx.load(str(fp32)))
+    x = Preprocessor(meta.preprocess)(imgs)
+    models = variants(fp32, folder, args.methods, extras)
+    runners = {"pytorch fp32 (eager)": (TorchRunner(build_model(load_checkpoint(ckpt))), None, None),
+               "ort fp32": (OnnxRuntimeRunner(str(fp32)), fp32, None)}
+    for name, (path, kf, _) in models.items():
+        runners[f"ort {name}"] = (OnnxRuntimeRunner(str(path)), path, kf)
+    rows, ref = [], None
+    for name, (runner, path, kf) in runners.items():
+        runner.activate()
+        logits = run_all(runner.infer, x)
+        if name == "ort fp32":
+            ref = logits
+        rows.append({"variant": name, "logits": logits,
+                     "float_layers": (kf or {}).get("layers"), "float_share": (kf or {}).get("float_share", 0.0),
+                     "fused": fused_ops(path) if path is not None and name != "ort fp32" else {}})
+        say(f"  {name}: top-1 {(logits.argmax(1) == y).mean():.2%}")
+    live = {name: r for name, (r, _, _) in runners.items()}
+    say(f"  latency: {args.runs} calls at batch 1 and {max(10, args.runs // 3)} at batch 8, rotating blocks ...")
+    b1 = interleaved_latency(live, x[:1], args.runs)
+    b8 = interleaved_latency(live, x[:8], max(10, args.runs // 3), block=5, warm=1)
+    for r in live.values():
+        r.deactivate()
+    for row in rows:
+        row.update(b1_ms=b1[row["variant"]], b8_ms=b8[row["variant"]])
     eager = rows[0]["b1_ms"]
-    out = {"machine": mach, "rows": rows, "train": args.train, "test": args.test, "runs": args.runs}
+    ok_ref = ref.argmax(1) == y
+    for row in rows:
+        lg = row.pop("logits")
+        ok = lg.argmax(1) == y
+        err = logit_error(ref, lg)
+        row.update(acc=float(ok.mean()), delta_pt=float(100 * (ok.mean() - ok_ref.mean())),
+                   lost=int((ok_ref & ~ok).sum()), gained=int((~ok_ref & ok).sum()),
+                   agree=err["top1_agreement"], rel_error=err["rel_error"], ratio=row["b1_ms"] / eager)
+    return {"label": label, "ckpt": str(ckpt), "backbone": meta.backbone if hasattr(meta, "backbone") else None,
+            "input": meta.input.get("shape"), "test_images": int(len(y)), "rows": rows}
+
+
+def table(res: dict) -> str:
+    lines = [f"### {res['label']} (input {res['input']}, {res['test_images']} digits-test images)\n",
+             "| variant | top-1 | vs fp32 | flips (lost/gained) | top-1 agr. | rel. logit err. | float MACs | b1 ms | b8 ms | b1 / eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['variant']} | {r['acc']:.2%} | {r['delta_pt']:+.2f} pt | {r['lost']}/{r['gained']} | "
+                     f"{r['agree']:.2%} | {r['rel_error']:.4f} | {r['float_share']:.1%} | {r['b1_ms']:.1f} | "
+                     f"{r['b8_ms']:.1f} | {r['ratio']:.2f}x |")
+    kept = [r for r in res["rows"] if r.get("float_layers")]
+    for r in kept:
+        lines.append(f"\n- {r['variant']}: float layers {', '.join(r['float_layers'])}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", action="append", default=[], help="a trained run.pt (repeatable)")
+    ap.add_argument("--no-proxy", action="store_true", help="skip the random-backbone proxy")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--train", type=int, default=600, help="training images of the proxy's fitted head")
+    ap.add_argument("--methods", default="minmax,percentile", help="calibration methods of the all-Linear rows")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--workdir", default=None, help="keep models, calibration and sensitivity caches here and "
+                    "reuse them on the next run (default: a new temporary folder)")
+    args = ap.parse_args()
+    args.methods = [m for m in args.methods.split(",") if m]
+
+    mach = machine()
+    folder = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-precision-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    imgs, y = digits("test")
+    results = []
+    if not args.no_proxy:
+        import timm
+
+        from atexport.models import preprocess_config
+        from atexport.runtime.preprocess import Preprocessor
+
+        t0 = time.perf_counter()
+        ckpt = folder / "proxy.pt"
+        if not ckpt.exists():
+            tr_imgs, y_tr = digits("train", args.train)
+            pre = preprocess_config(timm.create_model(BACKBONE, pretrained=False))
+            ckpt = make_proxy_checkpoint(folder, Preprocessor(pre)(tr_imgs), y_tr)
+            say(f"proxy head fitted in {time.perf_counter() - t0:.0f}s")
+        results.append(bench_model("proxy: vit_small 224, random backbone, fitted head", ckpt, folder, imgs, y, args,
+                                   extras=True))
+    for i, c in enumerate(args.ckpt):
+        results.append(bench_model(f"trained: {Path(c).parent.name}/{Path(c).name}", Path(c), folder, imgs, y, args,
+                                   extras=False))
+    out = {"machine": mach, "results": results, "runs": args.runs, "methods": args.methods}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    print(f"## Precision ONNX and INT8 on CPU (issue #4) — {mach['date']}\n")
-    print(f"Machine: {mach['cpu']}, {mach['nproc']} cores, no GPU. Python {mach['python']}, torch {mach['torch']}, "
-          f"timm {mach['timm']}, onnx {mach['onnx']}, onnxruntime {mach['onnxruntime']}.\n")
-    print(f"Command: `python bench/bench_precision.py --runs {args.runs}` ({BACKBONE}, random-init backbone, "
-          f"rank-16 adapters, head trained on {args.train} digits-train images; accuracy on {args.test} digits-test "
-          "images; INT8 calibrated on 256 digits-train images (minmax); latency median, ORT CPU ORT_ENABLE_ALL, "
-          "default threads, PyTorch eager default threads).\n")
-    print("| variant | digits acc | top-1 agr. vs fp32 | photos max abs | photos min cos | b1 ms | b8 ms | b1 / eager |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['acc']:.1%} | {r['agree']:.1%} | {r['photos_max_abs']:.3g} | "
-              f"{r['photos_min_cos']:.4f} | {r['b1_ms']:.1f} | {r['b8_ms']:.1f} | {r['b1_ms'] / eager:.2f}x |")
-    print("\nORT's optimised graphs (fused op counts):\n")
-    for r in rows[1:]:
-        print(f"- {r['variant']}: {r['fused']}")
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"Machine: {mach['cpu']}, {mach['nproc']} cores, no GPU; {mach['date']}. Python {mach['python']}, "
+          f"torch {mach['torch']}, timm {mach['timm']}, onnx {mach['onnx']}, onnxruntime {mach['onnxruntime']}. "
+          f"Load average at start {', '.join(f'{v:.1f}' for v in mach['load_avg'])}, at end {load}.\n")
+    for res in results:
+        print(table(res) + "\n")
+    proxy = [r for r in results if r["label"].startswith("proxy")]
+    if proxy:
+        print("ORT's optimised graphs (fused op counts), proxy:\n")
+        for r in proxy[0]["rows"][2:]:
+            print(f"- {r['variant']}: {r['fused']}")
 
 
 if __name__ == "__main__":
