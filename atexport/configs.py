@@ -45,7 +45,7 @@ def available(kind: str) -> list[str]:
 def resolve(kind: str, name_or_path: str | os.PathLike) -> Path:
     """Find a config by name in its folder, or take an explicit YAML path."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():  # a folder named like a recipe (runs' output) is not one
         if not p.is_file():
             raise BadInputError(f"{kind} config {p}: no such file.")
         return p

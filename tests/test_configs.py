@@ -38,3 +38,9 @@ def test_malformed_yaml_names_the_file(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(BadInputError, match="bad.yaml: not valid YAML"):
         configs.load("training", bad)
+
+
+def test_a_folder_named_like_a_config_does_not_shadow_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    assert configs.resolve("training", "digits").name == "digits.yaml"
