@@ -41,7 +41,7 @@ import numpy as np
 
 from atexport import __version__
 from atexport.errors import AtexportError, BadInputError, IncompatibleCheckpointError, ParityError, require
-from atexport.export.onnx import ExportResult
+from atexport.export.onnx import ExportResult, export_record
 from atexport.runtime.base import Runner
 
 PAD_LOGIT = -1.0e4
@@ -716,18 +716,7 @@ def export_multitask(
     check_manifest(proto, manifest, "exported multi-task model")
     _set_task_axis(proto, bank)
     extra = {
-        "export": {
-            "exporter": "torch.onnx.export(dynamo=True)",
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "opset": opset,
-            "batch": batch,
-            "trace_batch": trace_batch,
-            "simplify": do_simplify,
-            "simplifier": simplifier if do_simplify else None,
-            "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
-            "config_source": cfg.get("_source"),
-        },
+        "export": export_record(cfg, opset, batch, trace_batch, do_simplify, simplifier),
         "nodes": nodes,
         "ops": {k: v for k, v in op_counts(proto).items()
                 if k in ("LayerNormalization", "Gelu", "Erf", "Gemm", "MatMul", "Gather")},

@@ -420,6 +420,25 @@ def _metadata(ckpt, *, input_name, output_name, batch, separable, manifest, task
     )
 
 
+def export_record(cfg: Mapping, opset: int, batch, trace_batch: int, do_simplify: bool, simplifier) -> dict:
+    """What made an exported model (exporter, versions, settings, resolved config), for its metadata."""
+    import onnx
+    import torch
+
+    return {
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "opset": opset,
+        "batch": batch,
+        "trace_batch": trace_batch,
+        "simplify": do_simplify,
+        "simplifier": simplifier if do_simplify else None,
+        "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
+        "config_source": cfg.get("_source"),
+    }
+
+
 def export_onnx(
     ckpt,
     output: str | Path | None = None,
@@ -531,18 +550,7 @@ def export_onnx(
         check_manifest(proto, manifest, "exported model")
 
     extra = {
-        "export": {
-            "exporter": "torch.onnx.export(dynamo=True)",
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "opset": opset,
-            "batch": batch,
-            "trace_batch": trace_batch,
-            "simplify": do_simplify,
-            "simplifier": simplifier if do_simplify else None,
-            "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
-            "config_source": cfg.get("_source"),
-        },
+        "export": export_record(cfg, opset, batch, trace_batch, do_simplify, simplifier),
         "nodes": nodes,
         "ops": {k: v for k, v in op_counts(proto).items() if k in ("LayerNormalization", "Gelu", "Erf", "Gemm", "MatMul")},
         "checkpoint": {"file": Path(ckpt.path).name if ckpt.path else None, "metrics": ckpt.metrics},
