@@ -194,7 +194,10 @@ def test_resume_after_an_interruption_reaches_the_same_state(tmp_path, workers):
     for x, y in zip(strip(whole.history), strip(resumed.history)):
         assert x.keys() == y.keys()
         for k in x:
-            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6)
+            if isinstance(x[k], (int, float)) and not isinstance(x[k], bool):
+                assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), k
+            else:  # strings such as the history's "event": pytest >= 9.2 refuses approx on them
+                assert x[k] == y[k], k
     assert resumed.metrics["test_top1"] == pytest.approx(whole.metrics["test_top1"])
     # Resuming a finished run only reports it.
     again = train(tiny(tmp_path / "cut", resume=True, **kw), log=lines.append)
