@@ -9,128 +9,33 @@ The input is already preprocessed (what trtexec and Polygraphy time); decoding a
 included. Multi-task models are timed on one task (``task``) against that task's PyTorch model, or on
 mixed-task batches (``mixed``) against every task's PyTorch model run on its share, one after another.
 TensorRT timings include the host-device copies of the input and logits, as an app sees them.
+
+On the CPU every ONNX artifact is also timed in OpenVINO when it is installed (:func:`openvino_artifacts`):
+FP32 and, where the CPU has AMX or AVX512-BF16, BF16 for a float file; INT8 and INT8 with BF16 float ops for
+a Q/DQ file; and PyTorch eager runs once more under BF16 autocast where the CPU has AMX. Every row names the
+precision that ran, all in one run and one table (issue #13).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from atexport.errors import AtexportError, BadInputError
+from atexport.utils.machine import describe_machine
 from atexport.runtime.base import Runner
+from atexport.runtime.tasks import TaskRunner
 
 BENCH_FORMAT = "atexport.bench"
 BENCH_VERSION = 1
-_LIBRARIES = ("atexport", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu", "torch", "timm", "tensorrt")
 
 
 # --------------------------------------------------------------------------------------------------
 # The machine
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=5).stdout.strip() or platform.processor()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return platform.processor() or platform.machine()
-
-
-def _memory_gb() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
-    return None
-
-
-def _gpus() -> list[dict]:
-    """GPUs from nvidia-smi (no CUDA library is loaded); Jetson boards report through /proc/device-tree."""
-    out = []
-    try:
-        res = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10,
-        )
-        for line in res.stdout.strip().splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 3:
-                out.append({"name": parts[0], "memory_mb": parts[1], "driver": parts[2]})
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if not out and Path("/proc/device-tree/model").is_file():
-        model = Path("/proc/device-tree/model").read_text(errors="replace").strip("\x00 \n")
-        if "jetson" in model.lower() or "nvidia" in model.lower():
-            out.append({"name": model})
-    return out
-
-
-def library_versions(names: Sequence[str] = _LIBRARIES) -> dict[str, str]:
-    """Installed versions (from package metadata: nothing is imported)."""
-    import importlib.metadata as md
-
-    out = {}
-    for name in names:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    for dist in ("tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu13", "tensorrt_cu12"):
-        if "tensorrt" not in out:
-            try:
-                out["tensorrt"] = md.version(dist)
-            except md.PackageNotFoundError:
-                continue
-    return out
-
-
-def describe_machine() -> dict:
-    """CPU model, cores, memory, GPUs, OS, Python and library versions, date: what a figure needs beside it."""
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = os.cpu_count()
-    return {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "cores_usable": affinity,
-        "memory_gb": _memory_gb(),
-        "gpus": _gpus(),
-        "os": f"{platform.system()} {platform.release()}",
-        "arch": platform.machine(),
-        "python": platform.python_version(),
-        "libraries": library_versions(),
-        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-    }
-
-
-def machine_line(m: Mapping) -> str:
-    """One line for terminals and reports."""
-    gpus = ", ".join(g.get("name", "?") for g in m.get("gpus") or []) or "no GPU"
-    libs = ", ".join(f"{k} {v}" for k, v in (m.get("libraries") or {}).items())
-    mem = f", {m['memory_gb']} GB" if m.get("memory_gb") else ""
-    return f"{m.get('cpu')} ({m.get('cores_usable')} of {m.get('cores')} cores{mem}), {gpus}; Python {m.get('python')}; {libs}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,21 +140,6 @@ def _ort_device(providers) -> str:
     return "cuda" if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in providers or []) else "cpu"
 
 
-class _FeedTasks(Runner):
-    """Runs a multi-task model with the same per-sample task ids (one batch size) on every call."""
-
-    def __init__(self, runner, input_name: str, ids: np.ndarray):
-        super().__init__()
-        self.runner, self.input_name, self.ids = runner, input_name, np.ascontiguousarray(ids, dtype=np.int64)
-        self.name = getattr(runner, "name", "runner")
-
-    def _activate(self):
-        self.runner.activate()
-
-    def _infer(self, batch, **feeds):
-        return self.runner.infer(batch, **{self.input_name: self.ids}, **feeds)
-
-
 class _TasksOneByOne(Runner):
     """The PyTorch baseline of a mixed-task batch: each task's own model on its share of the batch, in turn."""
 
@@ -292,7 +182,7 @@ class TaskPlan:
 
     def ids(self, batch: int) -> np.ndarray:
         """Task positions (0..K-1) of the samples of a batch: round-robin, consecutive samples differ."""
-        from atexport.export.multitask import mixed_task_ids
+        from atexport.artifact.bank import mixed_task_ids
 
         return mixed_task_ids(batch, len(self.positions))
 
@@ -320,12 +210,13 @@ def task_plan(loaded, ckpts, task: str | None = None, mixed: bool = False) -> Ta
             a task without its checkpoint, ``mixed`` with one checkpoint.
         IncompatibleCheckpointError: a checkpoint that is not a task of a model.
     """
-    from atexport.export.multitask import TASK_INPUT
-    from atexport.verify.multitask import match_tasks
+    from atexport.artifact.bank import TASK_INPUT
+    from atexport.artifact.fit import match_tasks
 
     if task is not None and mixed:
         raise BadInputError("--task and --mixed: choose one (a task's own batches, or batches mixing the tasks).")
-    entries = {id(i): match_tasks(i, ckpts) for i in loaded}
+    tasks = [ck.task_weights() for ck in ckpts]
+    entries = {id(i): match_tasks(i.meta, tasks, f"{i.artifact.flag} {i.artifact.path}") for i in loaded}
     first = loaded[0]
     names = [e["name"] for e in entries[id(first)]]
     where = f"{first.artifact.flag} {first.artifact.path}"
@@ -365,6 +256,50 @@ def _many(v) -> list:
     return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs BF16 natively (AMX or AVX512-BF16): where OpenVINO's BF16 rows are timed."""
+    from atexport.utils.machine import cpu_flags, has_amx
+
+    return has_amx() or "avx512_bf16" in cpu_flags()
+
+
+def openvino_artifacts(loaded, threads=None, want: bool | None = None, notes: list | None = None) -> list:
+    """The OpenVINO rows of every ONNX artifact timed in ONNX Runtime: one loaded artifact per precision.
+
+    A float file runs in ``fp32`` and, on a CPU with BF16 (:func:`cpu_has_bf16`), ``bf16``; a Q/DQ (INT8)
+    file in ``int8`` and ``int8+bf16``. Each runner is compiled here (at its precision) and labelled with
+    what it runs.
+
+    Args:
+        loaded: the artifacts (:class:`~atexport.runtime.artifacts.LoadedArtifact`) already read.
+        threads: OpenVINO inference threads.
+        want: ``None``: when openvino is installed; ``True``: required (MissingDependencyError without it);
+            ``False``: none.
+        notes: a list that receives a line saying why rows were left out.
+    """
+    import importlib.util
+
+    from atexport.runtime.artifacts import Artifact, read_artifact
+
+    notes = notes if notes is not None else []
+    onnx = [i for i in loaded if i.backend == "onnxruntime"]
+    if want is False or not onnx:
+        return []
+    if want is None and importlib.util.find_spec("openvino") is None:
+        notes.append("OpenVINO rows left out: openvino is not installed (pip install 'atexport[openvino]').")
+        return []
+    bf16 = cpu_has_bf16()
+    if not bf16:
+        notes.append("OpenVINO BF16 rows left out: this CPU has neither AMX nor AVX512-BF16.")
+    out = []
+    for i in onnx:
+        wanted = ["int8", "int8+bf16"] if i.meta.precision == "int8" else ["fp32", "bf16"]
+        for precision in wanted if bf16 else wanted[:1]:
+            a = Artifact(i.artifact.path, "onnx", i.artifact.flag, precision, "openvino")
+            out.append(read_artifact(a, threads))
+    return out
+
+
 def benchmark(
     ckpt,
     *,
@@ -372,6 +307,7 @@ def benchmark(
     onnx_fp16=None,
     onnx_int8=None,
     engine=None,
+    openvino: bool | None = None,
     batches: Sequence[int] | str = (1, 8),
     runs: int = 50,
     warmup: int = 10,
@@ -396,7 +332,10 @@ def benchmark(
     Args:
         ckpt: the checkpoint the artifacts were made from (its PyTorch model is the baseline); for
             multi-task models, a list: the checkpoints of the tasks to time.
-        onnx, onnx_fp16, onnx_int8, engine: artifacts (paths or lists of paths).
+        onnx, onnx_fp16, onnx_int8, engine: artifacts (paths or lists of paths); an OpenVINO ``.xml`` IR
+            given as ``onnx`` runs in OpenVINO at its own precision.
+        openvino: also time every ONNX artifact in OpenVINO (:func:`openvino_artifacts`): ``None`` when
+            openvino is installed, ``True`` required, ``False`` never.
         batches: batch sizes (``"1,8"`` or a list); fixed-batch artifacts run at their own only, engines
             within their optimisation profile.
         runs: timed calls per row.
@@ -415,7 +354,8 @@ def benchmark(
         log: optional callable receiving progress lines.
     """
     from atexport.checkpoint import Checkpoint, build_model, load_checkpoint
-    from atexport.verify.verify import artifacts, check_single_task, read_artifact
+    from atexport.artifact.fit import check_exported_from
+    from atexport.runtime.artifacts import artifacts, read_artifact
 
     say = log or (lambda *_: None)
     sizes = parse_batches(batches)
@@ -431,6 +371,8 @@ def benchmark(
     if not ckpts:
         raise BadInputError("give the checkpoint the artifacts were made from (--ckpt).")
     loaded = [read_artifact(a, threads, providers) for a in artifacts(onnx, onnx_fp16, onnx_int8, engine)]
+    ov_notes: list[str] = []
+    loaded += openvino_artifacts(loaded, threads, openvino, ov_notes)
     multi = [i for i in loaded if i.meta.tasks]
     plan = None
     if multi:
@@ -448,7 +390,7 @@ def benchmark(
             raise BadInputError(f"{len(ckpts)} checkpoints (--ckpt): several are for multi-task models (one per task); "
                                 "time a single-task model with the one checkpoint it was made from.")
         for i in loaded:
-            check_single_task(i, ckpts[0])
+            check_exported_from(i.meta, ckpts[0].task_weights(), f"{i.artifact.flag} {i.artifact.path}")
     import torch
 
     devices = [torch_device] if torch_device else ["cpu"]
@@ -464,25 +406,29 @@ def benchmark(
         torch.set_num_threads(int(threads))  # same thread count for every backend; restored below
     try:
         return _run_benchmark(models, baseline, loaded, devices, sizes, runs, warmup, torch_compile, threads,
-                              providers, seed, output_json, say, plan)
+                              providers, seed, output_json, say, plan, ov_notes)
     finally:
         torch.set_num_threads(prev_threads)
 
 
 def _run_benchmark(models, ckpts, loaded, devices, sizes, runs, warmup, torch_compile, threads, providers, seed,
-                   output_json, say, plan=None) -> BenchResult:
+                   output_json, say, plan=None, notes=None) -> BenchResult:
     import torch
 
-    from atexport.export.multitask import PAD_LOGIT
+    from atexport.artifact.bank import PAD_LOGIT
     from atexport.runtime.torch import TorchRunner
 
     ckpt = ckpts[0]
     shape = [int(v) for v in ckpt.preprocess["input_size"]]
     rng = np.random.default_rng(seed)
-    notes, rows = [], []
+    notes, rows = list(notes or []), []
+    from atexport.utils.machine import has_amx
+
+    autocast = has_amx()  # PyTorch's BF16 autocast is fast only with AMX: the reference row for OpenVINO's BF16
     config = {"checkpoint": str(ckpt.path), "backbone": ckpt.model.backbone, "input": shape, "batches": sizes,
               "runs": int(runs), "warmup": int(warmup), "threads": threads, "providers": list(providers or ["CPUExecutionProvider"]),
               "torch_threads": torch.get_num_threads(), "torch_compile": bool(torch_compile),
+              "openvino": sorted({i.precision for i in loaded if i.backend == "openvino"}), "torch_bf16_autocast": autocast,
               "input_kind": "seeded standard-normal, already preprocessed"}
     if plan is not None:
         config["checkpoint"] = [str(ck.path) for ck in ckpts]
@@ -501,16 +447,17 @@ def _run_benchmark(models, ckpts, loaded, devices, sizes, runs, warmup, torch_co
         rows.append(BenchRow(name, backend, precision, device, b, int(runs), int(warmup), st,
                              b / (st["mean"] / 1000.0), path, task=row_task))
 
-    def torch_rows(mods, device, name, backend, sync):
-        runners = [TorchRunner(m, device=device, name=backend) for m in mods]
+    def torch_rows(mods, device, name, backend, sync, dtype=None):
+        runners = [TorchRunner(m, device=device, dtype=dtype, name=backend) for m in mods]
+        precision = "fp32" if dtype is None else "bf16"
         for b in sizes:
             r = runners[0] if len(runners) == 1 else _TasksOneByOne(runners, plan.ids(b), PAD_LOGIT)
             with r:
                 if backend != "pytorch-compile":
-                    add(name + label, backend, "fp32", device.split(":")[0], r, b, sync=sync)
+                    add(name + label, backend, precision, device.split(":")[0], r, b, sync=sync)
                     continue
                 try:
-                    add(name + label, backend, "fp32", device.split(":")[0], r, b, sync=sync)
+                    add(name + label, backend, precision, device.split(":")[0], r, b, sync=sync)
                 except Exception as e:
                     raise AtexportError(
                         f"torch.compile could not compile the model on {device} (batch {b}): "
@@ -522,6 +469,8 @@ def _run_benchmark(models, ckpts, loaded, devices, sizes, runs, warmup, torch_co
         sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else None
         dev_models = [m.to(device) for m in models]
         torch_rows(dev_models, device, "pytorch eager fp32", "pytorch", sync)
+        if autocast and device == "cpu":
+            torch_rows(dev_models, device, "pytorch eager bf16 autocast", "pytorch-bf16", sync, torch.bfloat16)
         if torch_compile:
             try:
                 compiled = [torch.compile(m) for m in dev_models]
@@ -535,21 +484,22 @@ def _run_benchmark(models, ckpts, loaded, devices, sizes, runs, warmup, torch_co
         if plan is None:
             return r
         ids = np.asarray(plan.indices[id(i)], dtype=np.int64)[plan.ids(b)]
-        return _FeedTasks(r, plan.input_names[id(i)], ids)
+        return TaskRunner(r, ids, input_name=plan.input_names[id(i)], name=getattr(r, "name", "runner"))
 
-    for i in loaded:
-        device = "cuda" if i.backend == "tensorrt" else _ort_device(providers)
-        name = f"{i.backend} {i.precision}{label}"
+    names = [f"{i.backend} {i.precision}" for i in loaded]
+    for k, i in enumerate(loaded):
+        device = "cuda" if i.backend == "tensorrt" else "cpu" if i.backend == "openvino" else _ort_device(providers)
+        name = names[k] + (f" ({i.artifact.path.name})" if names.count(names[k]) > 1 else "") + label
         with i.runner as r:
             for b in sizes:
-                if i.batch and i.backend == "onnxruntime" and b != i.batch:
+                if i.pads and b != i.batch:
                     notes.append(f"{i.artifact.path}: fixed batch {i.batch}; batch {b} skipped.")
                     continue
                 if i.batch and i.backend == "tensorrt" and b > i.batch:
                     notes.append(f"{i.artifact.path}: batch {b} is above the engine profile's maximum {i.batch}; skipped.")
                     continue
                 add(name, i.backend, i.precision, device, feed(i, r, b), b, str(i.artifact.path))
-            for b in sorted({i.batch} - set(sizes)) if i.batch and i.backend == "onnxruntime" else []:
+            for b in sorted({i.batch} - set(sizes)) if i.pads else []:
                 inputs.setdefault(b, rng.standard_normal((b, *shape)).astype(np.float32))
                 add(name, i.backend, i.precision, device, feed(i, r, b), b, str(i.artifact.path))
     eager = {(r.device, r.batch): r.latency_ms["mean"] for r in rows if r.backend == "pytorch"}

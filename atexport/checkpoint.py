@@ -10,12 +10,20 @@ adapter checkpoint is about 1-2 MB. Files are written atomically.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from atexport import __version__
-from atexport.adapter import AdapterConfig, inject_adapters, infer_adapter_config
+from atexport.adapter import infer_adapter_config
+from atexport.adapters import (
+    adapter_config_from_dict,
+    export_model,
+    export_view,
+    inject_adapters,
+    is_adapter_tensor,
+)
+from atexport.artifact.tasks import TaskWeights, as_numpy, default_task_name
 from atexport.errors import BadInputError, IncompatibleCheckpointError
 from atexport.models import (
     HEAD_PREFIXES,
@@ -24,7 +32,7 @@ from atexport.models import (
     create_backbone,
     preprocess_config,
 )
-from atexport.utils.io import atomic_write_bytes, require_file
+from atexport.utils.io import atomic_write_bytes, load_torch_file, require_file
 
 FORMAT = "atexport.checkpoint"
 FORMAT_VERSION = 1
@@ -36,7 +44,7 @@ class Checkpoint:
     """In-memory form of ``run.pt``."""
 
     model: ModelSpec
-    adapter: AdapterConfig | None
+    adapter: Any  # the family config (AdapterConfig, AdaRingConfig, ...) or None
     regime: str
     fingerprint: str
     state_dict: dict
@@ -53,7 +61,38 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return self.path.stem if self.path else "model"
+        """The task's default name, the same in every command (``runs/cars/run.pt`` -> ``cars``)."""
+        return default_task_name(self)
+
+    def task_info(self) -> dict[str, Any]:
+        """What the task was trained for: the record every task-fits-model check reads."""
+        return {
+            "backbone": {"name": self.model.backbone, "fingerprint": self.fingerprint,
+                         "model_args": self.model.model_args},
+            "adapter": self.adapter.to_dict() if self.adapter else None,
+            "regime": self.regime,
+            "num_classes": int(self.model.num_classes),
+            "class_names": list(self.model.class_names) if self.model.class_names else None,
+            "preprocess": self.preprocess,
+        }
+
+    def task_weights(self, name: str | None = None) -> TaskWeights:
+        """This checkpoint's task as torch-free :class:`~atexport.artifact.tasks.TaskWeights` (float32 numpy
+        adapter and head tensors plus :meth:`task_info`): what swap, tasks, the runtime and verify take."""
+        arrays = {k: as_numpy(v) for k, v in self.state_dict.items() if is_task_tensor(k)}
+        return TaskWeights(name=name or self.name, arrays=arrays, info=self.task_info(),
+                           source=str(self.path) if self.path else None)
+
+    def for_export(self) -> Checkpoint:
+        """This checkpoint in its adapter family's export layout (itself when that is the trained layout).
+
+        AdaRing's ring cores become AdapterTune's per-layer FP32 matrices (the config records
+        ``materialised_from``), so every export stage reads one layout; idempotent.
+        """
+        cfg, state = export_view(self.adapter, self.state_dict)
+        if cfg is self.adapter:
+            return self
+        return replace(self, adapter=cfg, state_dict=state, resume=None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +111,42 @@ class Checkpoint:
         }
 
 
+def is_task_tensor(name: str) -> bool:
+    """Whether a checkpoint tensor belongs to the task (adapters and head), not to the frozen backbone."""
+    return is_adapter_tensor(name) or name.startswith("head.")
+
+
+def export_task_weights(ckpt, output: str | Path | None = None, *, name: str | None = None) -> Path:
+    """Write a checkpoint's task (adapter and head tensors plus its record) to a torch-free ``.npz``, atomically.
+
+    Args:
+        ckpt: a ``run.pt`` path or a loaded :class:`Checkpoint`.
+        output: the ``.npz`` to write; default ``<checkpoint stem>.npz`` beside the checkpoint.
+        name: the task's name (default: :func:`~atexport.artifact.tasks.default_task_name`).
+
+    Returns:
+        The path written.
+    """
+    from atexport.artifact.tasks import task_npz_bytes
+    from atexport.utils.io import check_writable
+
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = load_checkpoint(ckpt)
+    if ckpt.regime == "full":
+        raise IncompatibleCheckpointError(
+            f"checkpoint {ckpt.path}: a full fine-tune changes the backbone itself; only adapter or head "
+            "checkpoints can be put into a separable model."
+        )
+    if output is None:
+        if ckpt.path is None:
+            raise BadInputError("give an output path (-o): the checkpoint was not loaded from a file.")
+        output = Path(ckpt.path).with_suffix(".npz")
+    output = check_writable(output, "-o")
+    if Path(output).suffix != ".npz":
+        raise BadInputError(f"-o {output}: task weights are written as NumPy .npz; give a path ending in .npz.")
+    return atomic_write_bytes(output, task_npz_bytes(ckpt.task_weights(name)))
+
+
 def trainable_state(model, regime: str) -> dict:
     """The tensors a checkpoint stores for ``regime`` (detached CPU copies)."""
     sd = model.state_dict()
@@ -80,7 +155,7 @@ def trainable_state(model, regime: str) -> dict:
     elif regime == "head":
         keep = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIXES)}
     else:
-        keep = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIXES) or ".adapter." in k}
+        keep = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIXES) or is_adapter_tensor(k)}
     return {k: v.detach().cpu().clone() for k, v in keep.items()}
 
 
@@ -93,34 +168,38 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | Path, flag: str = "--ckpt") -> Checkpoint:
-    """Load and validate an atexport checkpoint; never unpickles code."""
-    import torch
+def load_checkpoint(path: str | Path, flag: str = "--ckpt", layout: str = "export") -> Checkpoint:
+    """Load and validate an atexport checkpoint; never unpickles code.
 
+    ``layout="export"`` (default) gives the adapter family's export layout (:meth:`Checkpoint.for_export`:
+    AdaRing as materialised AdapterTune tensors), what every export, swap, task and verify stage reads;
+    ``layout="trained"`` gives the tensors as trained (resuming a run).
+    """
     path = require_file(path, flag, "checkpoint")
     try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # torch's own message advises weights_only=False, i.e. running the file's pickled code: never here.
-        reason = str(e).splitlines()[0].split(" In PyTorch 2.6")[0][:200]
+        # never torch's advice to re-run with weights_only=False (running the file's pickled code)
+        d = load_torch_file(path, flag, "atexport checkpoint")
+    except BadInputError as e:
         raise BadInputError(
-            f"{flag} {path}: not a readable atexport checkpoint ({reason}). "
-            "It must be a run.pt written by 'atexport train' (or converted with 'atexport import-official')."
+            f"{e} It must be a run.pt written by 'atexport train' (or converted with 'atexport import-official')."
         ) from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         hint = ""
         if isinstance(d, dict) and isinstance(d.get("model"), dict):
             hint = " It looks like an official AdapterTune checkpoint: convert it with 'atexport import-official'."
         raise BadInputError(f"{flag} {path}: not an atexport checkpoint (no '{FORMAT}' format tag).{hint}")
-    if int(d.get("format_version", 0)) > FORMAT_VERSION:
+    _check_record(d, f"{flag} {path}")
+    if d.get("format_version", 0) > FORMAT_VERSION:
         raise IncompatibleCheckpointError(
             f"{flag} {path}: checkpoint format v{d.get('format_version')} is newer than this atexport "
             f"({__version__}, reads v{FORMAT_VERSION}); upgrade atexport."
         )
+    if layout not in ("export", "trained"):
+        raise ValueError(f"layout must be 'export' or 'trained', got {layout!r}")
     try:
-        return Checkpoint(
+        ckpt = Checkpoint(
             model=ModelSpec.from_dict(d["model"]),
-            adapter=AdapterConfig.from_dict(d["adapter"]) if d.get("adapter") else None,
+            adapter=adapter_config_from_dict(d.get("adapter"), f"{flag} {path}"),
             regime=d["regime"],
             fingerprint=d["backbone"]["fingerprint"],
             state_dict=d["state_dict"],
@@ -131,8 +210,52 @@ def load_checkpoint(path: str | Path, flag: str = "--ckpt") -> Checkpoint:
             atexport_version=d.get("atexport_version", "?"),
             path=Path(path),
         )
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise BadInputError(f"{flag} {path}: damaged atexport checkpoint (missing field {e}).") from None
+    return ckpt.for_export() if layout == "export" else ckpt
+
+
+def _check_record(d: dict, where: str) -> None:
+    """The shape of every field of a ``run.pt`` dict the stages rely on; one BadInputError naming the field."""
+    import torch
+
+    from atexport.artifact.metadata import check_preprocess
+
+    def bad(what: str) -> BadInputError:
+        return BadInputError(f"{where}: damaged atexport checkpoint ({what}); retrain, or restore the file.")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(d.get("format_version", 0)):
+        raise bad("format_version must be an integer")
+    m = d.get("model")
+    if not isinstance(m, dict) or not isinstance(m.get("backbone"), str):
+        raise bad("model must be an object with a backbone name")
+    n = m.get("num_classes")
+    if not is_int(n) or n < 1:
+        raise bad("model.num_classes must be a positive integer")
+    for key in ("model_args", "source"):
+        if m.get(key) is not None and not isinstance(m[key], dict):
+            raise bad(f"model.{key} must be an object")
+    names = m.get("class_names")
+    if names is not None and not (isinstance(names, list) and len(names) == n and all(isinstance(x, str) for x in names)):
+        raise bad(f"model.class_names must be {n} strings")
+    if not isinstance(d.get("backbone"), dict) or not isinstance(d["backbone"].get("fingerprint"), str):
+        raise bad("backbone.fingerprint must be a string")
+    if not isinstance(d.get("regime"), str):
+        raise bad("regime must be a string")
+    check_preprocess(d.get("preprocess"), where)
+    sd = d.get("state_dict")
+    if not isinstance(sd, dict) or not sd:
+        raise bad("state_dict must hold tensors")
+    odd = [str(k) for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+           or not v.is_floating_point()]
+    if odd:
+        raise bad(f"state_dict entries {odd[:3]} are not floating-point tensors")
+    for key in ("metrics", "config", "resume", "adapter"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise bad(f"{key} must be an object")
 
 
 def check_fingerprint(expected: str, model, what: str) -> None:
@@ -150,6 +273,7 @@ def build_model(ckpt: Checkpoint, backbone_weights: str | Path | None = None):
 
     Refuses a backbone whose fingerprint differs from the one recorded at training time.
     """
+    ckpt = ckpt.for_export()
     model = create_backbone(ckpt.model, weights=backbone_weights)
     check_fingerprint(ckpt.fingerprint, model, f"checkpoint {ckpt.path or ''}".strip())
     if ckpt.adapter is not None:
@@ -164,7 +288,7 @@ def build_model(ckpt: Checkpoint, backbone_weights: str | Path | None = None):
     lacking = sorted(expected - set(ckpt.state_dict))
     if lacking:
         raise IncompatibleCheckpointError(f"checkpoint {ckpt.path}: tensors missing: {lacking[:5]}.")
-    return model.eval()
+    return export_model(ckpt.adapter, model).eval()
 
 
 def import_official(
@@ -182,13 +306,8 @@ def import_official(
     Rank and placement are read off the tensors; the frozen backbone tensors in the file are checked
     against the given backbone so the fingerprint recorded is the one the adapters were trained on.
     """
-    import torch
-
     path = require_file(path, "--ckpt", "checkpoint")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInputError(f"--ckpt {path}: cannot read it as a weights-only checkpoint ({e}).") from None
+    d = load_torch_file(path, "--ckpt", "weights-only AdapterTune checkpoint")
     sd = d.get("model", d) if isinstance(d, dict) else None
     if not isinstance(sd, dict) or "head.weight" not in sd:
         raise BadInputError(f"--ckpt {path}: no AdapterTune state dict (expected 'model' with head.* tensors).")

@@ -42,15 +42,23 @@ def available(kind: str) -> list[str]:
     return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
 
 
+def is_file(p: Path) -> bool:
+    """``Path.is_file`` that says no (instead of raising) for impossible names."""
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL byte
+        return False
+
+
 def resolve(kind: str, name_or_path: str | os.PathLike) -> Path:
     """Find a config by name in its folder, or take an explicit YAML path."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.is_file():  # a folder named like a recipe (runs' output) is not one
-        if not p.is_file():
+    if p.suffix in (".yaml", ".yml") or is_file(p):  # a folder named like a recipe (runs' output) is not one
+        if not is_file(p):
             raise BadInputError(f"{kind} config {p}: no such file.")
         return p
     candidate = config_dir(kind) / f"{name_or_path}.yaml"
-    if candidate.is_file():
+    if is_file(candidate):
         return candidate
     names = ", ".join(available(kind)) or "(none found)"
     raise BadInputError(
@@ -65,9 +73,13 @@ def load(kind: str, name_or_path: str | os.PathLike) -> dict[str, Any]:
 
     path = resolve(kind, name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise BadInputError(f"{path}: not valid YAML ({e}).") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}).") from None
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read it ({e.strerror}).") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        raise BadInputError(f"{path}: not valid YAML ({str(e)[:300]}).") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from atexport.errors import BadInputError, IncompatibleCheckpointError, require
+from atexport.utils.io import error_reason, load_torch_file
 
 HEAD_PREFIXES = ("head.",)
 # timm ViT-family names atexport knows to work (the adapter needs ``model.blocks`` and ``embed_dim``).
@@ -81,17 +82,17 @@ def load_weights_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"--backbone-weights {path}: no such file.")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             from safetensors.torch import load_file
 
             sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with code, ...
-        raise BadInputError(
-            f"--backbone-weights {path}: cannot read it as safetensors or a weights-only state dict ({e})."
-        ) from None
+        except Exception as e:  # corrupt file
+            raise BadInputError(
+                f"--backbone-weights {path}: not a readable safetensors file ({error_reason(e)})."
+            ) from None
+    else:  # corrupt file, pickle with code, ...: one sentence, never torch's advice to disable weights_only
+        sd = load_torch_file(path, "--backbone-weights", "safetensors file or weights-only state dict")
     if isinstance(sd, dict) and sd.get("format") == "atexport.checkpoint":
         if sd.get("regime") != "full":
             raise BadInputError(
@@ -115,6 +116,22 @@ def canonical_name(name: str) -> str:
     if len(parts) > 2 and parts[0] == "blocks" and parts[2] == "block":
         del parts[2]
     return ".".join(parts)
+
+
+def _model_args_error(spec: ModelSpec, e: Exception) -> BadInputError:
+    """timm's TypeError/AssertionError for a bad architecture argument, as one sentence naming the key."""
+    import re
+
+    m = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+    if m:
+        key = m.group(1)
+        return BadInputError(
+            f"model_args.{key}: {spec.backbone} takes no argument {key!r} (given with --set model_args.{key}=..., "
+            "--model-args or the recipe); remove it or use one of the model class's arguments."
+        )
+    return BadInputError(
+        f"model_args {spec.model_args}: timm cannot build {spec.backbone} with them ({error_reason(e) or type(e).__name__})."
+    )
 
 
 def create_backbone(spec: ModelSpec, weights: str | Path | None = None):
@@ -141,6 +158,8 @@ def create_backbone(spec: ModelSpec, weights: str | Path | None = None):
                 model = timm.create_model(
                     spec.backbone, pretrained=True, num_classes=spec.num_classes, **spec.model_args
                 )
+            except (TypeError, AssertionError, ValueError, ZeroDivisionError) as e:
+                raise _model_args_error(spec, e) from None
             except Exception as e:
                 raise BadInputError(
                     f"cannot load pretrained weights for {spec.backbone} from the timm hub ({e}). "
@@ -149,7 +168,10 @@ def create_backbone(spec: ModelSpec, weights: str | Path | None = None):
         elif kind in ("random", "file"):
             # Headless first, so the random backbone does not depend on the class count (tasks with
             # different heads then share one backbone and can be served by one multi-task model).
-            model = timm.create_model(spec.backbone, pretrained=False, num_classes=0, **spec.model_args)
+            try:
+                model = timm.create_model(spec.backbone, pretrained=False, num_classes=0, **spec.model_args)
+            except (TypeError, AssertionError, ValueError, ZeroDivisionError, RuntimeError) as e:
+                raise _model_args_error(spec, e) from None
             model.reset_classifier(spec.num_classes)
             head = model.get_classifier()
             if isinstance(head, torch.nn.Linear):  # timm's ViT head init: trunc normal std 0.02, zero bias
@@ -208,8 +230,46 @@ def backbone_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def preprocess_config(model) -> dict:
-    """The backbone's own eval preprocessing (timm data config), as plain JSON-able values."""
+# The official AdapterTune code (``src/datasets/torchvision_datasets.py``) feeds every backbone
+# ImageNet statistics, RandomResizedCrop + flip for training and Resize(256) + CenterCrop(224) for
+# evaluation, with torchvision's default bilinear interpolation: crop_pct 224/256 = 0.875.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESS_MODES = ("timm", "official")
+
+
+def official_preprocess(input_size) -> dict:
+    """The official AdapterTune transform for ``input_size`` ``[3, H, W]``, as a preprocess dict.
+
+    For 224 px this is exactly ``Resize(256) + CenterCrop(224) + Normalize(ImageNet)`` (bilinear).
+    """
+    c, h, w = (int(v) for v in input_size)
+    return {
+        "input_size": [c, h, w],
+        "interpolation": "bilinear",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
+
+
+def preprocess_config(model, mode: str = "timm") -> dict:
+    """The preprocessing recorded with a model, as plain JSON-able values.
+
+    Args:
+        model: the timm backbone.
+        mode: ``timm`` (the backbone's own data config: what its pretrained weights expect) or
+            ``official`` (the official AdapterTune code's ImageNet transform, see :func:`official_preprocess`).
+    """
+    if mode not in PREPROCESS_MODES:
+        raise BadInputError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {mode!r}.")
+    timm_cfg = _timm_preprocess(model)
+    return official_preprocess(timm_cfg["input_size"]) if mode == "official" else timm_cfg
+
+
+def _timm_preprocess(model) -> dict:
+    """The backbone's own eval preprocessing (timm data config)."""
     timm = _timm()
     cfg = timm.data.resolve_data_config({}, model=model)
     input_size = [int(v) for v in cfg["input_size"]]

@@ -32,7 +32,7 @@ MODELS = ("vit_small_patch16_224", "deit_tiny_patch16_224")
 
 def machine() -> dict:
     """The machine and library versions, flat (atexport.benchmark.describe_machine underneath)."""
-    from atexport.benchmark import describe_machine, library_versions
+    from atexport.utils.machine import describe_machine, library_versions
 
     m = describe_machine()
     libs = library_versions(("torch", "timm", "onnx", "onnxruntime", "onnxslim", "onnxsim"))
@@ -92,7 +92,7 @@ def latency(model_path, batch: int, runs: int, feeds=None, threads=None) -> floa
 def bench_model(backbone: str, folder: Path, args) -> dict:
     from atexport.checkpoint import load_checkpoint
     from atexport.export.onnx import export_onnx
-    from atexport.export.swap import AdapterSession, load_task_weights, swap_onnx
+    from atexport.runtime.session import AdapterSession, load_task_weights, swap_onnx
 
     ck = make_ckpts(backbone, folder, args.classes, args.rank)
     res = {"backbone": backbone, "exports": [], "latency_ms": {}, "swap_ms": {}}

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ import numpy as np
 
 def machine() -> dict:
     """The machine and library versions, flat (atexport.benchmark.describe_machine underneath)."""
-    from atexport.benchmark import describe_machine, library_versions
+    from atexport.utils.machine import describe_machine, library_versions
 
     m = describe_machine()
     libs = library_versions(("torch", "timm", "onnx", "onnxruntime", "onnxslim", "onnxsim"))

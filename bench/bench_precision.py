@@ -164,7 +164,7 @@ def variants(fp32: Path, folder: Path, methods, extras: bool) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from atexport.export.precision import linear_nodes, quantize_int8, to_fp16
-    from atexport.metadata import read_onnx_metadata
+    from atexport.artifact.metadata import read_onnx_metadata
 
     out = {}
 
@@ -203,7 +203,7 @@ def bench_model(label: str, ckpt: Path, folder: Path, imgs, y, args, extras: boo
     from atexport.checkpoint import build_model, load_checkpoint
     from atexport.export.onnx import export_onnx
     from atexport.export.precision import logit_error
-    from atexport.metadata import read_onnx_metadata
+    from atexport.artifact.metadata import read_onnx_metadata
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
     from atexport.runtime.preprocess import Preprocessor
     from atexport.runtime.torch import TorchRunner

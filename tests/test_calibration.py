@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from atexport.errors import BadInputError
-from atexport.export.calibration import (
+from atexport.export.precision.calibration import (
     CalibrationWarning,
     available_sets,
     load_calibration_set,

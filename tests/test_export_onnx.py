@@ -254,7 +254,7 @@ def test_metadata_round_trips_and_is_enough_to_feed_the_model(fused_export, sepa
     import onnxruntime as ort
 
     from atexport.checkpoint import load_checkpoint
-    from atexport.metadata import read_onnx_metadata
+    from atexport.artifact.metadata import read_onnx_metadata
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
     from atexport.runtime.preprocess import Preprocessor
 
@@ -285,7 +285,7 @@ def test_metadata_round_trips_and_is_enough_to_feed_the_model(fused_export, sepa
 
 
 def test_sample_images_are_real_photos_of_several_modes():
-    from atexport.verify.parity import photo_batch, sample_images
+    from atexport.parity import photo_batch, sample_images
 
     imgs = sample_images()
     assert len(imgs) >= 10
@@ -298,7 +298,7 @@ def test_sample_images_are_real_photos_of_several_modes():
 
 
 def test_load_images_errors(tmp_path):
-    from atexport.verify.parity import load_images
+    from atexport.parity.images import load_images
 
     with pytest.raises(BadInputError, match="no such folder"):
         load_images(tmp_path / "none")
@@ -311,7 +311,7 @@ def test_load_images_errors(tmp_path):
 
 def test_run_batched_pads_fixed_batches():
     from atexport.runtime.base import Runner
-    from atexport.verify.parity import run_batched
+    from atexport.runtime.batching import run_batched
 
     class Fixed(Runner):
         def _infer(self, batch, **feeds):
@@ -415,8 +415,8 @@ def test_cli_export_and_parity_failure(tmp_path, tiny_ckpt):
     assert "task 'birds'" in res.output
     import onnx
 
-    from atexport.metadata import read_onnx_metadata
-    from atexport.verify.parity import sample_images
+    from atexport.artifact.metadata import read_onnx_metadata
+    from atexport.parity import sample_images
 
     meta = read_onnx_metadata(onnx.load(str(out)))
     assert meta.task == "birds" and meta.extra["parity"][0]["samples"] == len(sample_images()) + 1

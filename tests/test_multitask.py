@@ -18,7 +18,7 @@ import pytest
 from _helpers import TINY_ARGS, TINY_BACKBONE, make_checkpoint, random_inputs, real_photos
 
 from atexport.errors import BadInputError, IncompatibleCheckpointError
-from atexport.export.multitask import PAD_LOGIT, TASK_AXIS, TASK_INPUT
+from atexport.artifact.bank import PAD_LOGIT, TASK_AXIS, TASK_INPUT
 
 CLASSES = (5, 3, 7)
 
@@ -127,11 +127,11 @@ def single_logits(singles, inputs):
 
 
 def _mixed(model, x, ids, batch):
-    from atexport.export.multitask import run_mixed
+    from atexport.runtime.batching import run_batched
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
 
     with OnnxRuntimeRunner(model) as r:
-        return run_mixed(r, x, ids, batch)
+        return run_batched(r, x, batch, per_sample={TASK_INPUT: ids})
 
 
 def _rows(y, ids, task, classes):
@@ -159,9 +159,9 @@ def test_export_verified_each_task_against_pytorch(mt):
 
 def test_metadata_contract(mt, ckpts):
     from atexport.checkpoint import load_checkpoint
-    from atexport.export.multitask import task_fingerprint
-    from atexport.export.onnx import check_manifest
-    from atexport.metadata import read_onnx_metadata
+    from atexport.artifact.bank import task_fingerprint
+    from atexport.artifact.onnx import check_manifest
+    from atexport.artifact.metadata import read_onnx_metadata
 
     proto = onnx.load(str(mt.path))
     meta = read_onnx_metadata(proto)
@@ -193,7 +193,7 @@ def test_metadata_contract(mt, ckpts):
 
 
 def test_task_slice_is_torch_free_and_pads():
-    from atexport.export.multitask import bank_layout, bank_manifest, task_slice
+    from atexport.artifact.bank import bank_layout, bank_manifest, task_slice
 
     man = bank_manifest(bank_layout(dim=4, rank=2, placed=[0], max_classes=5), tasks=1)
     w = np.arange(12, dtype=np.float32).reshape(3, 4)  # head.weight of a 3-class task [C, D]
@@ -221,9 +221,9 @@ def precision_models(mt, mt_dir):
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_precision_models_mixed_batch_against_single_task(precision, precision_models, inputs, task_ids,
                                                           single_logits):
-    from atexport.export.onnx import check_manifest
-    from atexport.metadata import read_onnx_metadata
-    from atexport.verify.compare import compare, load_tolerances
+    from atexport.artifact.onnx import check_manifest
+    from atexport.artifact.metadata import read_onnx_metadata
+    from atexport.parity.compare import compare, load_tolerances
 
     res = precision_models[precision]
     assert res.passed and {r.name.split()[1] for r in res.parity} == {"task0", "task1", "task2"}  # per-task verify
@@ -254,8 +254,8 @@ def test_refuses_checkpoints_that_cannot_share_a_model(mt_dir, backbone, ckpts):
     cases = [
         (other_backbone, "other_backbone.pt: backbone fingerprint"),
         (rank8, r"rank8.pt: adapter rank 8 != task0.pt's 4"),
-        (every2, r"every2.pt: adapter placement \(every\) 2 != task0.pt's 1"),
-        (alpha2, "alpha2.pt: adapter scale alpha 2.0"),
+        (every2, r"every2.pt: adapter placement every=2 != task0.pt's 1"),
+        (alpha2, "alpha2.pt: adapter scale alpha=2.0 != task0.pt's 1.0"),
         (head, "head.pt: regime 'head' != task0.pt's 'adapter'"),
     ]
     for bad, msg in cases:
@@ -323,7 +323,7 @@ def test_add_replace_remove_round_trip(mt, mt_dir, inputs, task_ids, single_logi
     assert [(t["name"], t["index"]) for t in r.metadata.tasks] == [("task1", 0), ("task2", 1), ("new", 2)]
     proto = onnx.load(str(r.path))
     assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim][1:] == [3, 32, 32]
-    from atexport.export.onnx import check_manifest
+    from atexport.artifact.onnx import check_manifest
 
     check_manifest(proto, r.metadata.manifest)
     assert r.metadata.manifest["bank.head.weight"]["shape"] == [3, 64, 7]
@@ -363,6 +363,97 @@ def test_fp16_model_accepts_a_new_task(precision_models, mt_dir, extra_ckpts, in
     assert r.metadata.precision == "fp16" and len(r.metadata.tasks) == 4
     y = _mixed(r.path, inputs, np.full(len(inputs), 3, np.int64), 4)
     assert np.isfinite(y).all() and np.all(y[:, 4:] == np.float32(PAD_LOGIT))
+
+
+# ------------------------------------------------------------------------------- concurrent edits
+
+
+def test_an_edit_that_loses_a_race_fails_clearly(mt, mt_dir, extra_ckpts, monkeypatch):
+    """Another edit lands while this one runs: this one fails with exit 2's error, the other's task stays."""
+    from atexport.export.multitask import add_task, edit, list_tasks
+    from atexport.export.multitask.lock import lock_path
+
+    model = mt_dir / "race_inproc.onnx"
+    shutil.copy(mt.path, model)
+    real_probe, raced = edit._probe, []
+
+    def probe_after_another_edit(*args, **kwargs):
+        if not raced:  # the first probe of the outer edit: a real, complete edit of the same file lands now
+            raced.append("other")
+            add_task(model, extra_ckpts["task1_v2"], name="other")
+        return real_probe(*args, **kwargs)
+
+    monkeypatch.setattr(edit, "_probe", probe_after_another_edit)
+    with pytest.raises(BadInputError, match=r"race_inproc.onnx changed while this edit ran \(another 'atexport "
+                       r"tasks' edit\?\); run the command again"):
+        add_task(model, extra_ckpts["new"], name="new")
+    assert [t["name"] for t in list_tasks(model)] == ["task0", "task1", "task2", "other"]
+    assert not lock_path(model).exists()
+    # a separate output is no in-place edit: it is written even though the source changed meanwhile
+    raced.clear()
+    shutil.copy(mt.path, model)
+    r = add_task(model, extra_ckpts["new"], mt_dir / "race_out.onnx", name="new")
+    assert [t["name"] for t in r.metadata.tasks][-1] == "new"
+
+
+@pytest.mark.parametrize("age_s, wait_s, held", [(0, 0.3, True), (11 * 60, 0.3, False)])
+def test_lock_file_waits_for_a_live_edit_and_takes_over_a_stale_one(tmp_path, age_s, wait_s, held):
+    import os
+    import time
+
+    from atexport.export.multitask.lock import exclusive_lock, lock_path
+
+    target = tmp_path / "m.onnx"
+    lock = lock_path(target)
+    assert lock.name == "m.onnx.lock"
+    lock.write_text(json.dumps({"pid": 123, "host": "elsewhere", "time": "then"}))
+    os.utime(lock, (time.time() - age_s, time.time() - age_s))
+    if held:
+        t0 = time.monotonic()
+        with pytest.raises(BadInputError, match=r"m.onnx.lock is held by pid 123 on elsewhere .*delete"):
+            with exclusive_lock(target, "--model m.onnx", wait_s=wait_s):
+                pass
+        assert time.monotonic() - t0 >= wait_s and lock.exists()  # someone else's lock is left alone
+    else:
+        with exclusive_lock(target, "--model m.onnx", wait_s=wait_s):
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert not lock.exists()
+
+
+def test_two_cli_edits_at_once_never_lose_a_task(mt, mt_dir, backbone):
+    """Two real 'atexport tasks add' processes on one model: both tasks end up in it, or the loser exits 2."""
+    import subprocess
+    import sys
+
+    from atexport.export.multitask import list_tasks
+    from atexport.export.multitask.lock import lock_path
+
+    model = mt_dir / "race_cli.onnx"
+    shutil.copy(mt.path, model)
+    runs = {}
+    for name, seed in (("cars", 30), ("birds", 31)):
+        (mt_dir / "runs" / name).mkdir(parents=True, exist_ok=True)
+        runs[name] = _task_ckpt(mt_dir / "runs" / name / "run.pt", backbone, 3, weight_seed=seed)
+
+    def add(name):
+        return subprocess.Popen([sys.executable, "-m", "atexport", "tasks", "add", "--model", str(model), "--ckpt",
+                                 str(runs[name])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = {name: add(name) for name in runs}  # default names from the run folders: cars, birds
+    done = {name: (p.wait(timeout=600), p.stdout.read() + p.stderr.read()) for name, p in procs.items()}
+    won = sorted(n for n, (rc, _) in done.items() if rc == 0)
+    for name, (rc, out) in done.items():
+        assert rc in (0, 2), out
+        if rc == 2:
+            assert "race_cli.onnx changed while this edit ran" in out and "run the command again" in out, out
+            assert "wrote" not in out and "Traceback" not in out
+    assert won, done  # one edit always wins
+    assert {t["name"] for t in list_tasks(model)} == {"task0", "task1", "task2", *won}
+    assert not lock_path(model).exists()
+    for name in sorted(set(runs) - set(won)):  # the loser runs again, as told
+        rc = add(name).wait(timeout=600)
+        assert rc == 0
+    assert [t["name"] for t in list_tasks(model)][3:] in (["cars", "birds"], ["birds", "cars"])
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -6,6 +6,8 @@ The FP32 models come from the real exporter (``export_onnx``), once per session;
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -19,7 +21,7 @@ from atexport.export.precision import (
     quantize_int8,
     to_fp16,
 )
-from atexport.metadata import read_onnx_metadata
+from atexport.artifact.metadata import read_onnx_metadata
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +57,7 @@ def tiny_int8(prec_dir, tiny_fp32):
 @pytest.fixture(scope="session")
 def digits_test_batch(tiny_fp32):
     """Digits test-split images (never calibration images) through the tiny model's preprocessing."""
-    from atexport.export.calibration import load_calibration_set
+    from atexport.export.precision.calibration import load_calibration_set
 
     meta = read_onnx_metadata(onnx.load(str(tiny_fp32)))
     return load_calibration_set({"name": "t", "source": "digits", "split": "test", "count": 64}).batch(meta.preprocess)
@@ -291,7 +293,7 @@ def test_keep_float_by_name(tiny_fp32, tiny_int8, digits_test_batch, tmp_path):
 def test_cli_int8_keep_float(tiny_fp32, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import atexport.export.tensorrt as trt_mod
+    import atexport.export.tensorrt.stage as trt_mod
     from atexport.cli import cli
     from atexport.errors import MissingDependencyError
 
@@ -306,16 +308,43 @@ def test_cli_int8_keep_float(tiny_fp32, tmp_path, monkeypatch):
     assert r.exit_code != 0 and "applies to --precision int8" in r.output
 
 
+@pytest.mark.parametrize("precision, options, flag", [
+    ("fp16", {"calibration": "digits"}, "--calib applies to --precision int8, not fp16"),
+    ("fp16", {"count": 32}, "--calib-count applies to --precision int8"),
+    ("fp16", {"method": "entropy"}, "--calib-method applies to --precision int8"),
+    ("fp16", {"cache": False}, "--no-calib-cache applies to --precision int8"),
+    ("fp16", {"keep_float": "auto"}, "--int8-keep-float applies to --precision int8, not fp16"),
+    ("fp16", {"target": "cpu"}, "--target applies to --precision int8"),
+    ("fp16", {"op_policy": "all"}, "op_policy applies to --precision int8"),
+    ("int8", {"calibration": "digits", "block_ops": ["Softmax"]}, "block_ops applies to --precision fp16, not int8"),
+    ("int8", {"calibration": "digits", "keep_io_types": False}, "keep_io_types applies to --precision fp16"),
+    ("int8", {}, "INT8 needs calibration images"),
+    ("fp32", {}, "expected fp16 or int8"),
+    ("fp32", {"calibration": "digits"}, "--calib applies to --precision int8, not fp32"),
+    ("bf16", {}, "--precision bf16: expected one of"),
+])
+def test_convert_precision_refuses_flags_that_do_not_apply(tiny_fp32, tmp_path, precision, options, flag):
+    """The library refuses a flag of another precision (exit 2, one sentence), before reading the model;
+    the command line only passes the flags on."""
+    from atexport.export.precision import convert_precision
+
+    with pytest.raises(BadInputError, match=re.escape(flag)) as e:
+        convert_precision(tiny_fp32, precision, tmp_path / "out.onnx", verify=False, **options)
+    assert e.value.exit_code == 2
+    assert not (tmp_path / "out.onnx").exists()
+
+
 # ---------------------------------------------------------------------------------- separable models
 
 
 def test_separable_precision_keeps_tensors_swappable(tiny_sep_fp32, tiny_ckpt_b, tmp_path):
     """Swappable tensors stay FP32 overridable initializers: swapping task B into the FP16/INT8 model
     gives what converting a model of task B would."""
-    from atexport.export.onnx import check_manifest
-    from atexport.export.swap import load_task_weights
+    from atexport.artifact.onnx import check_manifest
+    from atexport.artifact.fit import check_fits
+    from atexport.checkpoint import load_checkpoint
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
-    from atexport.verify.parity import photo_batch
+    from atexport.parity import photo_batch
 
     fp16 = to_fp16(tiny_sep_fp32, tmp_path / "sep.fp16.onnx")
     int8 = quantize_int8(tiny_sep_fp32, tmp_path / "sep.int8.onnx", "digits", count=64, keep_float="none")
@@ -332,7 +361,7 @@ def test_separable_precision_keeps_tensors_swappable(tiny_sep_fp32, tiny_ckpt_b,
 
     meta = read_onnx_metadata(onnx.load(str(tiny_sep_fp32)))
     x = photo_batch(meta.preprocess)
-    feeds_b = load_task_weights(tiny_ckpt_b, meta)
+    feeds_b = check_fits(meta, load_checkpoint(tiny_ckpt_b).task_weights())
     with OnnxRuntimeRunner(str(tiny_sep_fp32)) as a, OnnxRuntimeRunner(str(tiny_sep_fp32), feeds=feeds_b) as b:
         la, lb = a.infer(x), b.infer(x)
     assert np.abs(la - lb).max() > 1e-2  # task B really differs
@@ -340,3 +369,28 @@ def test_separable_precision_keeps_tensors_swappable(tiny_sep_fp32, tiny_ckpt_b,
         l16 = r16.infer(x)
     cos = (lb * l16).sum(1) / np.linalg.norm(lb, axis=1) / np.linalg.norm(l16, axis=1)
     assert cos.min() > 0.9999 and np.abs(lb - l16).max() < 5e-3
+
+
+def test_calibration_drops_only_the_expected_ort_warnings(tiny_sep_fp32, tmp_path, capfd):
+    """A separable model's swappable tensors are graph inputs on purpose: ONNX Runtime's 18 "Initializer ...
+    appears in graph inputs" warnings are dropped while INT8 calibrates, any other message still reaches
+    stderr, and ONNX Runtime's own logger is back afterwards."""
+    import onnxruntime as ort
+
+    from atexport.export.precision.calibrate import expected_ort_messages
+
+    def session():
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort.InferenceSession(str(tiny_sep_fp32), so, providers=["CPUExecutionProvider"])
+
+    capfd.readouterr()
+    quantize_int8(tiny_sep_fp32, tmp_path / "quiet.int8.onnx", "digits", count=32, keep_float="none", cache=False,
+                  verify=False)
+    assert "appears in graph inputs" not in capfd.readouterr().err
+    if hasattr(ort, "set_default_logger_callback"):  # older ONNX Runtime: the block's severity is raised instead
+        with expected_ort_messages(("a message ONNX Runtime never writes",)):
+            session()
+        assert capfd.readouterr().err.count("appears in graph inputs") == 18  # not expected: passed on
+    session()
+    assert capfd.readouterr().err.count("appears in graph inputs") == 18  # the platform logger is back

@@ -84,7 +84,7 @@ def build_multitask_onnx(path: Path) -> dict:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from atexport.metadata import ModelMetadata, write_onnx_metadata
+    from atexport.artifact.metadata import ModelMetadata, write_onnx_metadata
 
     rng = np.random.default_rng(3)
     w = rng.standard_normal((2, 3, 5)).astype(np.float32)
@@ -176,7 +176,7 @@ def test_predictions_equal_pytorch(sep_onnx, tiny_ckpt, photos):
 
 def test_runtime_never_imports_torch(sep_onnx, tiny_ckpt, tiny_ckpt_b, photo_files, runtime_dir, photos):
     """import atexport.runtime; load_model(...).predict(...), task switch from an .npz, multi-task: no torch."""
-    from atexport.runtime.tasks import export_task_weights
+    from atexport.checkpoint import export_task_weights
 
     npz = export_task_weights(tiny_ckpt_b, runtime_dir / "task_b.npz", name="task_b")
     mt = runtime_dir / "multitask.onnx"
@@ -217,7 +217,8 @@ def test_runtime_never_imports_torch(sep_onnx, tiny_ckpt, tiny_ckpt_b, photo_fil
 
 def test_separable_task_switching(sep_onnx, tiny_ckpt, tiny_ckpt_b, photos, runtime_dir):
     from atexport.runtime import load_model
-    from atexport.runtime.tasks import export_task_weights, load_task
+    from atexport.artifact.tasks import load_task
+    from atexport.checkpoint import export_task_weights
 
     npz = export_task_weights(tiny_ckpt_b, runtime_dir / "b.npz")
     task = load_task(npz)
@@ -233,8 +234,10 @@ def test_separable_task_switching(sep_onnx, tiny_ckpt, tiny_ckpt_b, photos, runt
         want = np.where(np.array([t == "tiny_b" for t in tasks])[:, None], ref_b, ref_a)
         np.testing.assert_allclose(mixed, want, atol=1e-4, rtol=1e-4)
         assert [p.task for p in model.predict(photos, task=tasks)] == tasks
-        # a checkpoint works too (torch is available here), under another name
-        model.add_task(tiny_ckpt, name="a_again")
+        # a loaded checkpoint works too (where torch is installed), under another name
+        from atexport.checkpoint import load_checkpoint
+
+        model.add_task(load_checkpoint(tiny_ckpt), name="a_again")
         np.testing.assert_allclose(model.logits(photos, task="a_again"), ref_a, atol=1e-4, rtol=1e-4)
         with pytest.raises(BadInputError, match="no task 'nope'"):
             model.predict(photos, task="nope")
@@ -244,7 +247,8 @@ def test_separable_task_switching(sep_onnx, tiny_ckpt, tiny_ckpt_b, photos, runt
 
 def test_task_that_does_not_fit_is_refused(sep_onnx, tiny_ckpt, tiny_ckpt_every2, runtime_dir):
     from atexport.runtime import load_model
-    from atexport.runtime.tasks import export_task_weights, load_task
+    from atexport.artifact.tasks import load_task
+    from atexport.checkpoint import export_task_weights
 
     npz = export_task_weights(tiny_ckpt_every2, runtime_dir / "every2.npz")
     with load_model(sep_onnx) as model:
@@ -267,9 +271,9 @@ def test_single_task_model_refuses_tasks(sep_onnx, runtime_dir, tiny_ckpt_b):
     """A model with fused weights (metadata: not separable) says how to serve other tasks."""
     import onnx
 
-    from atexport.metadata import read_onnx_metadata, write_onnx_metadata
+    from atexport.artifact.metadata import read_onnx_metadata, write_onnx_metadata
     from atexport.runtime import load_model
-    from atexport.runtime.tasks import export_task_weights
+    from atexport.checkpoint import export_task_weights
 
     proto = onnx.load(str(sep_onnx))
     meta = read_onnx_metadata(proto)
@@ -325,7 +329,7 @@ def test_engine_without_tensorrt_is_one_clear_error(sep_onnx, runtime_dir):
     from click.testing import CliRunner
 
     from atexport.cli import cli
-    from atexport.metadata import read_onnx_metadata
+    from atexport.artifact.metadata import read_onnx_metadata
     from atexport.runtime import load_model
     import onnx
     from dataclasses import asdict

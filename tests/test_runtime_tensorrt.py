@@ -86,7 +86,7 @@ def test_cuda_backend_without_a_gpu_says_so(backend):
 
 
 def test_cuda_device_without_gpu_names_the_rebuild(monkeypatch):
-    from atexport.export.tensorrt import cuda_device
+    from atexport.runtime.tensorrt import cuda_device
 
     class NoGpu(cuda_mod.CudaRuntime):
         kind = "fake"
@@ -224,8 +224,11 @@ class FakeContext:
     def get_tensor_shape(self, name):
         return (self.shapes["input"][0], 4) if name == "logits" else self.shapes[name]
 
+    refuse_address = False
+
     def set_tensor_address(self, name, ptr):
         self.addr[name] = ptr
+        return not self.refuse_address
 
     def execute_async_v3(self, stream):
         assert stream == 77
@@ -257,14 +260,15 @@ class FakeEngine:
 
 
 def test_runner_call_sequence_on_a_fake_engine(monkeypatch):
-    import atexport.export.tensorrt as trt_mod
+    import atexport.runtime.tensorrt as trt_mod
 
     gpu = FakeGpu()
     fake_trt = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"))
     sidecar = {"metadata": {"input": {"name": "input"}, "output": {"name": "logits"}},
                "profiles": [{"input": "input", "min": [1, 3, 4, 4], "max": [8, 3, 4, 4]}]}
-    monkeypatch.setattr(trt_mod, "_trt", lambda: fake_trt)
-    monkeypatch.setattr(trt_mod, "load_engine", lambda path, log=None: (fake_trt, object(), FakeEngine(gpu), sidecar))
+    monkeypatch.setattr(trt_mod, "import_tensorrt", lambda: fake_trt)
+    monkeypatch.setattr(trt_mod, "load_engine",
+                        lambda path, device=0, log=None: (fake_trt, object(), FakeEngine(gpu), sidecar))
     monkeypatch.setattr(cuda_mod, "cuda_runtime", lambda prefer=None: gpu)
     x = np.random.default_rng(1).standard_normal((5, 3, 4, 4)).astype(np.float32)
     ids = np.array([0, 1, 2, 1, 0])
@@ -276,6 +280,11 @@ def test_runner_call_sequence_on_a_fake_engine(monkeypatch):
             r.infer(np.zeros((9, 3, 4, 4), np.float32), task_id=np.zeros(9, np.int64))
         with pytest.raises(BadInputError, match="task_id"):
             r.infer(x)
+        r.context.refuse_address = True  # set_tensor_address returns False: a clear error, not garbage logits
+        from atexport.errors import AtexportError
+
+        with pytest.raises(AtexportError, match="refused the GPU address of input"):
+            r.infer(x, task_id=ids)
     want = x.reshape(5, -1).mean(1)[:, None] + 10 * ids[:, None] + np.arange(4)[None]
     np.testing.assert_allclose(y, want, rtol=1e-6)
     np.testing.assert_allclose(y2, want[:2], rtol=1e-6)
@@ -303,7 +312,7 @@ def test_engine_runtime_never_imports_torch(tmp_path):
         import atexport.runtime.cuda, atexport.runtime.tensorrt
         from atexport.errors import MissingDependencyError
         from atexport.runtime import load_model
-        from atexport.export.tensorrt import cuda_device
+        from atexport.runtime.tensorrt import cuda_device
         errors = []
         for step in (lambda: atexport.runtime.cuda.cuda_runtime().device_info(0), cuda_device,
                      lambda: atexport.runtime.tensorrt.TensorRTRunner({str(engine)!r}).activate(),
@@ -322,3 +331,100 @@ def test_engine_runtime_never_imports_torch(tmp_path):
 
     if importlib.util.find_spec("tensorrt") is None:  # runner and load_model stop at TensorRT, in one sentence
         assert [e for e in res["errors"] if "TensorRT's Python package is not installed" in e][-2:] == res["errors"][-2:]
+
+
+# ------------------------------------------------------------------------------------- backend choice, device, versions
+
+
+class _Backend(cuda_mod.CudaRuntime):
+    def __init__(self, kind, code=0, count=1):
+        self.kind, self.source, self.code, self.count = kind, f"fake-{kind}", code, count
+
+    def _call(self, name, *args):
+        if self.code:
+            self._fail(name, self.code)
+        return (self.count,) if name == "cudaGetDeviceCount" else ()
+
+    def error_string(self, code):
+        return "CUDA driver version is insufficient for CUDA runtime version"
+
+
+def test_cuda_python_without_driver_falls_back_to_ctypes(monkeypatch):
+    """cuda-bindings 13.x on a CUDA 12 driver says 'insufficient driver'; the ctypes libcudart then finds the GPU."""
+    from atexport.utils.machine import describe_machine, machine_line
+
+    monkeypatch.setattr(cuda_mod, "_RUNTIME", None)
+    monkeypatch.setattr(cuda_mod, "make_backend", lambda kind: _Backend(kind, code=35))
+    monkeypatch.setattr(cuda_mod, "_ctypes_runtimes", lambda: iter([_Backend("ctypes", code=35), _Backend("ctypes")]))
+    rt = cuda_mod.cuda_runtime()
+    assert rt.kind == "ctypes" and cuda_mod.cuda_runtime() is rt
+    info = cuda_mod.backend_info()
+    assert info["backend"] == "ctypes" and "insufficient" in info["skipped"][0] and info["skipped"][0].startswith("cuda-python")
+    m = describe_machine()
+    assert m["cuda_backend"]["backend"] == "ctypes" and "CUDA via ctypes" in machine_line(m)
+
+
+def test_no_backend_finds_a_gpu_names_each(monkeypatch):
+    monkeypatch.setattr(cuda_mod, "_RUNTIME", None)
+    monkeypatch.setattr(cuda_mod, "make_backend", lambda kind: _Backend(kind, code=35))
+    monkeypatch.setattr(cuda_mod, "_ctypes_runtimes", lambda: iter([_Backend("ctypes", count=0)]))
+    with pytest.raises(cuda_mod.NoCudaDevice) as e:
+        cuda_mod.cuda_runtime()
+    msg = str(e.value)
+    assert "cuda-python via fake-cuda-python: CUDA driver version is insufficient" in msg
+    assert "ctypes via fake-ctypes: 0 devices" in msg and "cuda-python<13" in msg
+    assert cuda_mod.backend_info() is None
+
+
+def _fake_load(monkeypatch, tmp_path, devices, trt_version="10.9.0"):
+    """A real sidecar (Orin, TensorRT 10.9.0) and a fake TensorRT whose runtime deserializes anything."""
+    import atexport.runtime.tensorrt as trt_mod
+    from test_runtime import fake_engine
+
+    meta = {"backbone": {"name": "toy"}, "input": {"name": "input", "shape": ["batch", 3, 32, 32]},
+            "output": {"name": "logits", "shape": ["batch", 5]},
+            "preprocess": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}
+    engine = fake_engine(tmp_path, meta)
+
+    class ILogger:
+        Severity = SimpleNamespace(ERROR=1, WARNING=2)
+
+        def __init__(self):
+            pass
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return "engine"
+
+    fake = SimpleNamespace(__version__=trt_version, ILogger=ILogger, Runtime=Runtime)
+    monkeypatch.setattr(trt_mod, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_mod, "cuda_device", lambda index=0: devices[index])
+    return engine
+
+
+def test_load_engine_checks_the_runners_device(monkeypatch, tmp_path):
+    from atexport.errors import IncompatibleCheckpointError
+    from atexport.runtime.tensorrt import load_engine
+
+    devices = [{"name": "NVIDIA H100", "compute_capability": [9, 0]},
+               {"name": "NVIDIA Jetson Orin", "compute_capability": [8, 7]}]
+    engine = _fake_load(monkeypatch, tmp_path, devices)
+    assert load_engine(engine, device=1)[2] == "engine"  # GPU 1 is the one it was built for
+    with pytest.raises(IncompatibleCheckpointError, match="compute capability 8.7"):
+        load_engine(engine, device=0)
+
+
+def test_version_mismatch_names_both_versions_and_the_pin(monkeypatch, tmp_path):
+    from atexport.errors import IncompatibleCheckpointError
+    from atexport.runtime.tensorrt import load_engine, version_pin_hint
+
+    engine = _fake_load(monkeypatch, tmp_path, [{"name": "NVIDIA Jetson Orin", "compute_capability": [8, 7]}],
+                        trt_version="11.1.0")
+    with pytest.raises(IncompatibleCheckpointError) as e:
+        load_engine(engine)
+    msg = str(e.value)
+    assert "TensorRT 10.9.0 (this machine has 11.1.0)" in msg and "pip install 'tensorrt-cu12==10.9.0'" in msg
+    assert version_pin_hint("10.9.0", "10.9.0") == ""

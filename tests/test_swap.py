@@ -37,7 +37,7 @@ def inputs(model_a):
 
 def _run(model, x, batch, optimization="all", **kw):
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
-    from atexport.verify.parity import run_batched
+    from atexport.runtime.batching import run_batched
 
     with OnnxRuntimeRunner(model, optimization=optimization, **kw) as r:
         return run_batched(r, x, batch)
@@ -58,9 +58,9 @@ def test_file_swap_equals_fresh_export(tmp_path, model_a, fresh_b, tiny_ckpt_b, 
 def test_swapped_metadata_and_manifest(tmp_path, model_a, tiny_ckpt_b):
     import onnx
 
-    from atexport.export.onnx import check_manifest
+    from atexport.artifact.onnx import check_manifest
     from atexport.export.swap import swap_onnx
-    from atexport.metadata import read_onnx_metadata
+    from atexport.artifact.metadata import read_onnx_metadata
 
     out = swap_onnx(model_a.path, tiny_ckpt_b, tmp_path / "b.onnx", task_name="cars").path
     proto = onnx.load(str(out))
@@ -87,13 +87,14 @@ def test_swap_back_restores_the_original_weights(tmp_path, model_a, tiny_ckpt, t
 @pytest.mark.parametrize("optimization", ["disable", "basic", "extended", "all"])
 def test_live_swap_exact_at_every_optimisation_level(model_a, fresh_b, tiny_ckpt_b, inputs, optimization):
     """Feeding the overridable initializers is exact even where ORT constant-folds (unlike add_initializer)."""
-    from atexport.export.swap import AdapterSession
+    from atexport.checkpoint import load_checkpoint
+    from atexport.runtime.session import AdapterSession
 
     ref_b = _run(fresh_b.path, inputs, 4, optimization)  # fresh export of B, same optimisation level
     ref_a = _run(model_a.path, inputs, 4, optimization)
     with AdapterSession(model_a.path, optimization=optimization) as sess:
         np.testing.assert_array_equal(sess.infer(inputs), ref_a)
-        name = sess.swap(tiny_ckpt_b)
+        name = sess.swap(load_checkpoint(tiny_ckpt_b))
         assert name == "tiny_b" and sess.task == "tiny_b"
         assert np.abs(sess.infer(inputs) - ref_b).max() <= 1e-6
         np.testing.assert_array_equal(sess.infer(inputs, task=None), ref_a)  # per-call choice
@@ -102,20 +103,21 @@ def test_live_swap_exact_at_every_optimisation_level(model_a, fresh_b, tiny_ckpt
 
 
 def test_live_session_api(model_a, fresh_b, tiny_ckpt_b, inputs):
+    from atexport.artifact.fit import check_fits
     from atexport.checkpoint import load_checkpoint
-    from atexport.export.swap import AdapterSession, load_task_weights
-    from atexport.metadata import read_onnx_metadata
+    from atexport.runtime.session import AdapterSession
+    from atexport.artifact.metadata import read_onnx_metadata
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
 
     ref_b = _run(fresh_b.path, inputs, 4)
     # a session created with the task's weights
-    with AdapterSession(model_a.path, ckpt=tiny_ckpt_b) as sess:
+    with AdapterSession(model_a.path, ckpt=load_checkpoint(tiny_ckpt_b)) as sess:
         assert np.abs(sess.infer(inputs) - ref_b).max() <= 1e-6
         # torch-free: plain arrays keyed by tensor name
         import onnx
 
         meta = read_onnx_metadata(onnx.load(str(model_a.path)))
-        weights = load_task_weights(load_checkpoint(tiny_ckpt_b), meta)
+        weights = check_fits(meta, load_checkpoint(tiny_ckpt_b).task_weights())
         sess.swap(weights=weights, name="b-arrays")
         assert np.abs(sess.infer(inputs) - ref_b).max() <= 1e-6
         assert set(sess.tasks) == {"tiny_b", "b-arrays"}
@@ -131,7 +133,7 @@ def test_live_session_api(model_a, fresh_b, tiny_ckpt_b, inputs):
 
 
 def test_live_session_refuses_fused_model(swap_dir, tiny_ckpt):
-    from atexport.export.swap import AdapterSession
+    from atexport.runtime.session import AdapterSession
 
     fused = export_cached(swap_dir, tiny_ckpt, "fused")
     with pytest.raises(IncompatibleCheckpointError, match="--separable"):
@@ -162,25 +164,27 @@ def misfits(tmp_path_factory):
     ],
 )
 def test_misfit_checkpoints_are_refused(tmp_path, model_a, misfits, kind, match):
-    from atexport.export.swap import AdapterSession, swap_onnx
+    from atexport.export.swap import swap_onnx
+    from atexport.checkpoint import load_checkpoint
+    from atexport.runtime.session import AdapterSession
 
     out = tmp_path / "out.onnx"
     with pytest.raises(IncompatibleCheckpointError, match=match):
         swap_onnx(model_a.path, misfits[kind], out)
     assert not out.exists()
     with AdapterSession(model_a.path) as sess, pytest.raises(IncompatibleCheckpointError, match=match):
-        sess.swap(misfits[kind])
+        sess.swap(load_checkpoint(misfits[kind]))
 
 
 def test_alpha_is_checked(model_a, tiny_ckpt_b):
     from atexport.checkpoint import load_checkpoint
-    from atexport.export.swap import check_compatible
+    from atexport.artifact.fit import check_fits
 
     ckpt = load_checkpoint(tiny_ckpt_b)
-    check_compatible(model_a.metadata, ckpt)
+    check_fits(model_a.metadata, ckpt.task_weights())
     ckpt.adapter.alpha = 2.0
     with pytest.raises(IncompatibleCheckpointError, match="alpha"):
-        check_compatible(model_a.metadata, ckpt)
+        check_fits(model_a.metadata, ckpt.task_weights())
 
 
 def test_fused_model_is_refused(tmp_path, swap_dir, tiny_ckpt, tiny_ckpt_b):
@@ -254,15 +258,16 @@ def _fake_engine(folder, onnx_path, refit=True):
     import hashlib
     import json
 
-    from atexport.export.swap import read_onnx
-    from atexport.export.trt_plan import engine_sidecar, plan_build, sidecar_path
-    from atexport.metadata import read_onnx_metadata
+    from atexport.artifact.onnx import read_onnx
+    from atexport.artifact.sidecar import sidecar_path
+    from atexport.export.tensorrt.plan import EngineOptions, engine_sidecar, plan_build
+    from atexport.artifact.metadata import read_onnx_metadata
 
     folder.mkdir(parents=True, exist_ok=True)
     meta = read_onnx_metadata(read_onnx(onnx_path), str(onnx_path))
     engine = folder / "a.engine"
     engine.write_bytes(b"engine bytes")
-    side = engine_sidecar(meta, plan_build(meta, "10.13.3.9", refit=refit),
+    side = engine_sidecar(meta, plan_build(meta, "10.13.3.9", EngineOptions(refit=refit)),
                           device={"name": "NVIDIA H100", "compute_capability": [9, 0]}, engine_path=engine,
                           engine_sha256=hashlib.sha256(b"engine bytes").hexdigest(), engine_bytes=12,
                           onnx_path=onnx_path, onnx_sha256=None)

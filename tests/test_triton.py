@@ -21,7 +21,7 @@ def small_onnx(tdir):
     """A single-task atexport ONNX model (hand-built: the repository needs its metadata, not a ViT)."""
     import onnx
 
-    from atexport.metadata import read_onnx_metadata, write_onnx_metadata
+    from atexport.artifact.metadata import read_onnx_metadata, write_onnx_metadata
 
     path = tdir / "mt.onnx"
     build_multitask_onnx(path)
@@ -102,6 +102,7 @@ def triton_model_config_class():
     msg("ModelParameter", [("string_value", 1, F.TYPE_STRING, one, None)])
     cfg = msg("ModelConfig", [
         ("name", 1, F.TYPE_STRING, one, None), ("platform", 2, F.TYPE_STRING, one, None),
+        ("backend", 17, F.TYPE_STRING, one, None), ("default_model_filename", 8, F.TYPE_STRING, one, None),
         ("max_batch_size", 4, F.TYPE_INT32, one, None), ("input", 5, F.TYPE_MESSAGE, rep, ".inference.ModelInput"),
         ("output", 6, F.TYPE_MESSAGE, rep, ".inference.ModelOutput"),
         ("instance_group", 7, F.TYPE_MESSAGE, rep, ".inference.ModelInstanceGroup"),
@@ -142,7 +143,7 @@ def test_multitask_and_engine_repositories(tdir):
     import onnx
 
     from atexport.deploy import write_triton_repo
-    from atexport.metadata import read_onnx_metadata
+    from atexport.artifact.metadata import read_onnx_metadata
 
     mt = tdir / "multi.onnx"
     build_multitask_onnx(mt)
@@ -177,3 +178,208 @@ def test_pbtxt_parser_and_cli(small_onnx, tdir):
     assert "onnxruntime_onnx" in res.output and (tdir / "cli_repo" / "p" / "config.pbtxt").is_file()
     res = runner.invoke(cli, ["triton", "--model", str(tdir / "none.onnx"), "-o", str(tdir / "x")])
     assert res.exit_code == 2 and "none.onnx: no such file" in res.output and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------------------------------- engines (issue 12)
+
+
+def _engine_from(tdir, onnx_path, name, batch):
+    """An engine file with the sidecar 'atexport trt --batch BATCH' writes for ``onnx_path`` (no TensorRT)."""
+    import hashlib
+
+    import onnx
+
+    from atexport.artifact.metadata import read_onnx_metadata
+    from atexport.artifact.sidecar import sidecar_path
+    from atexport.export.tensorrt.plan import EngineOptions, engine_sidecar, plan_build
+
+    meta = read_onnx_metadata(onnx.load(str(onnx_path)))
+    engine = tdir / f"{name}.engine"
+    engine.write_bytes(name.encode())
+    side = engine_sidecar(meta, plan_build(meta, "10.13.3.9", EngineOptions(batch=batch)),
+                          device={"name": "NVIDIA L4", "compute_capability": [8, 9]}, engine_path=engine,
+                          engine_sha256=hashlib.sha256(name.encode()).hexdigest(), engine_bytes=len(name),
+                          onnx_path=onnx_path, onnx_sha256=None)
+    sidecar_path(engine).write_text(json.dumps(side))
+    return engine
+
+
+def test_multitask_engine_declares_every_input(tdir):
+    """A multi-task engine takes the image and int64 task_id: both are declared (Triton refuses a request otherwise)."""
+    text_format = pytest.importorskip("google.protobuf.text_format", reason="protobuf not installed")
+    from atexport.deploy import write_triton_repo
+
+    mt = tdir / "mt_engine.onnx"
+    build_multitask_onnx(mt)
+    engine = _engine_from(tdir, mt, "mt_dyn", "1,4,16")
+    repo = write_triton_repo(engine, tdir / "repo_eng", name="mt")
+    ins = {i["name"]: i for i in repo.config["input"]}
+    assert ins["input"] == {"name": "input", "data_type": "TYPE_FP32", "dims": [3, 32, 32]}
+    assert ins["task_id"] == {"name": "task_id", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}}
+    assert repo.config["max_batch_size"] == 16  # dynamic: the profile's maximum
+    cfg = text_format.Parse(repo.config_path.read_text(), triton_model_config_class()())
+    assert [i.name for i in cfg.input] == ["input", "task_id"] and cfg.input[1].data_type == 9
+
+
+def test_fixed_batch_engine_has_max_batch_size_zero(tdir):
+    from atexport.deploy import write_triton_repo
+
+    mt = tdir / "mt_fixed.onnx"
+    build_multitask_onnx(mt)
+    engine = _engine_from(tdir, mt, "mt_fixed", "4")  # profile min = max = 4
+    repo = write_triton_repo(engine, tdir / "repo_fixed", name="fixed")
+    ins = {i["name"]: i for i in repo.config["input"]}
+    assert repo.config["max_batch_size"] == 0 and "dynamic_batching" not in repo.config
+    assert ins["input"]["dims"] == [4, 3, 32, 32] and ins["task_id"] == {"name": "task_id", "data_type": "TYPE_INT64",
+                                                                         "dims": [4]}
+    assert repo.config["output"][0]["dims"] == [4, 5]
+    with pytest.raises(BadInputError, match="--max-batch applies to dynamic-batch models.*fixed batch of 4"):
+        write_triton_repo(engine, tdir / "repo_fixed", name="fixed2", max_batch=4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"preferred_batch": [64], "max_batch": 8}, r"\[64\] exceed max_batch_size 8"),
+    ({"preferred_batch": [0]}, "must be at least 1"),
+    ({"max_queue_delay_us": -1}, "must be 0 or more"),
+    ({"instances": 0}, "at least 1"),
+])
+def test_triton_options_validated_and_nothing_written(small_onnx, tdir, kwargs, match):
+    from atexport.deploy import write_triton_repo
+
+    out = tdir / "repo_bad"
+    with pytest.raises(BadInputError, match=match):
+        write_triton_repo(small_onnx, out, name="bad", **kwargs)
+    assert not (out / "bad").exists() and not [p for p in out.glob(".*")] if out.exists() else True
+
+
+def test_engine_profile_must_start_at_one_and_cpu_is_refused(tdir, small_onnx):
+    from atexport.deploy import write_triton_repo
+
+    engine = _engine_from(tdir, small_onnx, "from2", "2,4,8")
+    with pytest.raises(BadInputError, match="starts at batch 2.*--batch 1,2,8"):
+        write_triton_repo(engine, tdir / "repo_p")
+    with pytest.raises(BadInputError, match="GPU only"):
+        write_triton_repo(_engine_from(tdir, small_onnx, "ok", "1,4,8"), tdir / "repo_p", instance_kind="cpu")
+
+
+def test_failed_write_leaves_no_model_folder(small_onnx, tdir, monkeypatch):
+    """A config that fails the read-back leaves nothing behind, and the next run works."""
+    import atexport.deploy.triton as tri
+
+    out = tdir / "repo_atomic"
+    real = tri.render_config
+    monkeypatch.setattr(tri, "render_config", lambda cfg: real({**cfg, "name": "wrong"}))
+    with pytest.raises(BadInputError, match="not the folder's 'pets'"):
+        tri.write_triton_repo(small_onnx, out, name="pets")
+    assert list(out.iterdir()) == []
+    monkeypatch.setattr(tri, "render_config", real)
+    repo = tri.write_triton_repo(small_onnx, out, name="pets")
+    assert repo.model_path.is_file() and sorted(p.name for p in out.iterdir()) == ["pets"]
+    # --force replaces it whole
+    repo = tri.write_triton_repo(small_onnx, out, name="pets", max_batch=4, force=True)
+    assert repo.config["max_batch_size"] == 4 and sorted(p.name for p in out.iterdir()) == ["pets"]
+
+
+def test_cli_quotes_the_serve_command(small_onnx, tmp_path):
+    import shlex
+
+    from click.testing import CliRunner
+
+    from atexport.cli import cli
+
+    out = tmp_path / "my repo"
+    res = CliRunner().invoke(cli, ["triton", "--model", str(small_onnx), "-o", str(out), "--name", "p"])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("serve it with:"))
+    assert shlex.split(line.split(":", 1)[1]) == ["tritonserver", f"--model-repository={out.resolve()}"]
+    res = CliRunner().invoke(cli, ["triton", "--model", str(small_onnx), "-o", str(out), "--name", "q",
+                                   "--preferred-batch", "64", "--max-batch", "8"])
+    assert res.exit_code == 2 and "exceed max_batch_size 8" in res.output and not (out / "q").exists()
+
+
+# ---------------------------------------------------------------------------------------------- OpenVINO backend
+
+
+def _ir(src, out, precision=None):
+    pytest.importorskip("openvino", reason="needs the openvino package: pip install 'atexport[openvino]'")
+    from atexport.export.openvino import to_openvino
+
+    return to_openvino(src, out, precision=precision, verify=False, cache_dir=False).path
+
+
+def _params(cfg) -> dict:
+    ps = cfg["parameters"]
+    return {p["key"]: p["value"]["string_value"] for p in (ps if isinstance(ps, list) else [ps])}
+
+
+def test_openvino_repository_reads_back(small_onnx, tdir):
+    text_format = pytest.importorskip("google.protobuf.text_format", reason="protobuf not installed")
+    from atexport.deploy import validate_triton_repo, write_triton_repo
+
+    ir = _ir(small_onnx, tdir / "ov" / "pets.xml")
+    repo = write_triton_repo(ir, tdir / "repo_ov", max_batch=4)
+    d = tdir / "repo_ov" / "pets"
+    assert repo.model_path == d / "1" / "model.xml" and (d / "1" / "model.bin").read_bytes() == ir.with_suffix(".bin").read_bytes()
+    cfg = repo.config
+    assert cfg["backend"] == "openvino" and cfg["default_model_filename"] == "model.xml" and "platform" not in cfg
+    assert cfg["max_batch_size"] == 4 and cfg["instance_group"][0]["kind"] == "KIND_CPU"
+    assert cfg["input"][0] == {"name": "input", "data_type": "TYPE_FP32", "dims": [3, 32, 32]}
+    assert cfg["output"][0]["dims"] == [5] and cfg["output"][0]["label_filename"] == "labels.txt"
+    params = _params(cfg)
+    assert params["PERFORMANCE_HINT"] == "LATENCY" and "HINT_BF16" not in params  # an FP32 IR: no BF16 hint...
+    assert any("no FP32 precision hint" in n for n in repo.notes)  # ...and the note that FP32 cannot be forced
+    pb = text_format.Parse(repo.config_path.read_text(), triton_model_config_class()())
+    assert pb.backend == "openvino" and pb.default_model_filename == "model.xml" and pb.platform == ""
+    assert validate_triton_repo(d)["backend"] == "openvino"
+    (d / "1" / "model.bin").unlink()
+    with pytest.raises(BadInputError, match="weights model.bin"):
+        validate_triton_repo(d)
+
+
+def test_openvino_repository_bf16_and_multitask(tdir):
+    from atexport.deploy import write_triton_repo
+    from atexport.runtime.openvino import cpu_capabilities
+
+    mt = tdir / "multi_ov.onnx"
+    build_multitask_onnx(mt)
+    repo = write_triton_repo(_ir(mt, tdir / "ov" / "multi.xml"), tdir / "repo_ov2", backend="openvino")
+    ins = {i["name"]: i for i in repo.config["input"]}
+    assert ins["task_id"] == {"name": "task_id", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}}
+    if "BF16" not in cpu_capabilities():
+        pytest.skip("this CPU cannot run BF16 in OpenVINO")
+    repo = write_triton_repo(_ir(mt, tdir / "ov" / "multi.bf16.xml", "bf16"), tdir / "repo_ov2", name="bf")
+    params = _params(repo.config)
+    assert params["HINT_BF16"] == "YES" and params["PERFORMANCE_HINT"] == "LATENCY" and not repo.notes
+
+
+@pytest.mark.parametrize("what,kwargs,match", [
+    ("onnx", {"backend": "openvino"}, "atexport openvino --onnx"),
+    ("ir", {"backend": "onnxruntime"}, "runs in openvino"),
+    ("ir", {"instance_kind": "gpu"}, "CPU instances"),
+    ("ir", {"backend": "tvm"}, "--backend tvm"),
+    ("ir_no_bin", {}, "weights nobin.bin are missing"),
+])
+def test_openvino_repository_refusals(what, kwargs, match, small_onnx, tdir):
+    from atexport.deploy import write_triton_repo
+
+    src = small_onnx
+    if what != "onnx":
+        src = _ir(small_onnx, tdir / "ov" / "refuse.xml")
+    if what == "ir_no_bin":
+        src = tdir / "ov" / "nobin.xml"
+        src.write_bytes((tdir / "ov" / "refuse.xml").read_bytes())
+    out = tdir / f"repo_refuse_{what}"
+    with pytest.raises(BadInputError, match=match):
+        write_triton_repo(src, out, name="x", **kwargs)
+    assert not (out / "x").exists()
+
+
+def test_cli_openvino_prints_the_bf16_note(small_onnx, tdir, tmp_path):
+    from click.testing import CliRunner
+
+    from atexport.cli import cli
+
+    ir = _ir(small_onnx, tdir / "ov" / "cli.xml")
+    res = CliRunner().invoke(cli, ["triton", "--model", str(ir), "-o", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "(openvino)" in res.output and "note: Triton's OpenVINO backend takes no FP32 precision hint" in res.output

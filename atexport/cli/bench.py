@@ -15,6 +15,9 @@ COMMANDS = ["bench_cmd"]
 @click.option("--onnx-fp16", multiple=True, type=click.Path(dir_okay=False), help="FP16 ONNX model. Repeatable.")
 @click.option("--onnx-int8", multiple=True, type=click.Path(dir_okay=False), help="INT8 ONNX model. Repeatable.")
 @click.option("--engine", multiple=True, type=click.Path(dir_okay=False), help="TensorRT engine. Repeatable.")
+@click.option("--openvino/--no-openvino", "openvino", default=None,
+              help="Also time every ONNX model in OpenVINO (fp32 and bf16, or int8 and int8+bf16 for a Q/DQ model; "
+                   "bf16 where the CPU has AMX or AVX512-BF16) [default: when openvino is installed].")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs per row.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs before them.")
@@ -31,7 +34,7 @@ COMMANDS = ["bench_cmd"]
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
               help="Local backbone weights for the checkpoint.")
-def bench_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, batches, runs, warmup, torch_compile, torch_device,
+def bench_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, openvino, batches, runs, warmup, torch_compile, torch_device,
               threads, providers, task, mixed, json_path, backbone_weights):
     """Latency (p50/p90/p99) and throughput per backend, precision and batch size, with PyTorch as baseline.
 
@@ -40,14 +43,16 @@ def bench_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, batches, runs, wa
       atexport bench --ckpt run.pt --onnx model.onnx --onnx-int8 model.int8.onnx --batch 1,8
       atexport bench --ckpt run.pt --engine model.engine --batch 1,8,32 --json bench.json
       atexport bench --ckpt run.pt --onnx model.onnx --torch-compile --runs 100
+      atexport bench --ckpt run.pt --onnx model.onnx --onnx-int8 model.int8.onnx --no-openvino
       atexport bench --ckpt cars.pt --onnx tasks.onnx --batch 1,8            # one task of a multi-task model
       atexport bench --ckpt cars.pt --ckpt birds.pt --onnx tasks.onnx --mixed --batch 8,32
     """
-    from atexport.benchmark import benchmark, machine_line
+    from atexport.benchmark import benchmark
+    from atexport.utils.machine import machine_line
 
     result = benchmark(
         ckpts[0] if len(ckpts) == 1 else list(ckpts), onnx=onnx_paths, onnx_fp16=onnx_fp16, onnx_int8=onnx_int8,
-        engine=engine, batches=batches, runs=runs,
+        engine=engine, openvino=openvino, batches=batches, runs=runs,
         warmup=warmup, torch_compile=torch_compile, torch_device=torch_device, threads=threads,
         providers=list(providers) or None, backbone_weights=backbone_weights, task=task, mixed=mixed,
         output_json=json_path,

@@ -16,7 +16,7 @@ COMMANDS = ["onnx_cmd", "swap_cmd"]
 
 
 def _echo_parity(results) -> None:
-    from atexport.verify.compare import format_table
+    from atexport.parity.compare import format_table
 
     if results:
         click.echo("parity against PyTorch (fp32):")
@@ -94,7 +94,7 @@ def onnx_cmd(ckpt, output, separable, multitask, max_classes, batch, opset, no_s
 def _multitask(ckpts, output, max_classes, batch, opset, no_simplify, no_verify, backbone_weights, images,
                task_names, config):
     from atexport.export.multitask import export_multitask
-    from atexport.verify.compare import format_table
+    from atexport.parity.compare import format_table
 
     result = export_multitask(
         list(ckpts), output, task_names=list(task_names) or None, max_classes=max_classes, batch=batch, opset=opset,
@@ -169,13 +169,19 @@ def _refit(engine_path, ckpt, output, task_name, verify):
         )
     from atexport.cli.trt import echo_refit
     from atexport.export.tensorrt import refit_engine
+    from atexport.parity.compare import format_table
 
+    # Every refit is parity-checked against the swapped ONNX model, like a build.
     result = refit_engine(engine_path, ckpt, output, task_name=task_name, log=lambda line: click.echo(line, err=True))
     tasks = result.sidecar["metadata"].get("tasks")
     if tasks:  # a multi-task engine: echo_refit describes single-task engines
         t = next(t for t in tasks if t["name"] == result.sidecar["metadata"]["extra"]["refit"]["task"])
         click.echo(f"refitted {result.refitted} bank tensors: task {t['name']!r} (index {t['index']}, "
                    f"{t['num_classes']} classes) replaced in {result.seconds.get('refit', 0) * 1000:.0f} ms")
-        click.echo(f"wrote {result.path} (+ {result.path.name}.json, {result.sidecar['bank']['path']})")
+        if result.parity:
+            click.echo("parity of the refitted engine against the swapped ONNX model (ONNX Runtime):")
+            click.echo(format_table(result.parity))
+        extra = f", {result.onnx_path.name}" if result.onnx_path else ""
+        click.echo(f"wrote {result.path} (+ {result.path.name}.json, {result.sidecar['bank']['path']}{extra})")
     else:
         echo_refit(result)

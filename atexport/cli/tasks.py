@@ -1,7 +1,9 @@
 """``atexport tasks list|add|remove``: edit the task bank of a multi-task model, without re-exporting.
 
 Thin commands over :func:`atexport.export.multitask.list_tasks`, :func:`~atexport.export.multitask.add_task`
-and :func:`~atexport.export.multitask.remove_task`. Models come from ``atexport onnx --multitask``.
+and :func:`~atexport.export.multitask.remove_task`. Models come from ``atexport onnx --multitask``. An
+in-place edit replaces the model only if no other edit changed it meanwhile; the later of two concurrent
+edits exits with code 2 and asks to run it again.
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ def list_cmd(model, as_json):
 @tasks_cmd.command("add")
 @click.option("--model", required=True, type=click.Path(dir_okay=False), help="A multi-task ONNX model (FP32 or FP16).")
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The task's checkpoint.")
-@click.option("--name", default=None, help="Task name [default: checkpoint stem, or its folder for run.pt].")
+@click.option("--name", default=None, help="Task name [default: checkpoint stem; the run folder for runs/NAME/run.pt].")
 @click.option("--replace", is_flag=True, help="Replace the task of that name (it keeps its index).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="File to write [default: the model itself, replaced atomically].")
+              help="File to write [default: the model itself, replaced atomically unless another edit changed it "
+                   "meanwhile (exit 2: run again)].")
 def add_cmd(model, ckpt, name, replace, output):
     """Add a task to a multi-task model (or replace one); the other tasks' logits are checked unchanged."""
     from atexport.export.multitask import add_task
@@ -71,7 +74,8 @@ def add_cmd(model, ckpt, name, replace, output):
 @click.option("--model", required=True, type=click.Path(dir_okay=False), help="A multi-task ONNX model (FP32 or FP16).")
 @click.option("--name", required=True, help="The task to remove.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="File to write [default: the model itself, replaced atomically].")
+              help="File to write [default: the model itself, replaced atomically unless another edit changed it "
+                   "meanwhile (exit 2: run again)].")
 def remove_cmd(model, name, output):
     """Remove a task; the tasks after it move down one index (apps map names through the metadata)."""
     from atexport.export.multitask import remove_task

@@ -53,6 +53,9 @@ def _epilog() -> str:
 @click.option("--patch-size", type=click.IntRange(min=1), default=None, help="Patch size in pixels.")
 @click.option("--regime", type=click.Choice(["adapter", "head", "full"]), default=None,
               help="What trains: adapters + head (frozen backbone), head only, or everything.")
+@click.option("--adapter", "adapter_kind", default=None, metavar="adaptertune|adaring|adapterx|lora",
+              help="Adapter family [adaptertune]; its own keys with --set adapter.KEY=VALUE "
+                   "(e.g. --set adapter.ring_rank=8).")
 @click.option("--rank", type=click.IntRange(min=1), default=None, help="Adapter rank r [16].")
 @click.option("--every", type=click.IntRange(min=1), default=None, help="An adapter on every N-th block [1].")
 @click.option("--alpha", type=float, default=None, help="Adapter output scale [1.0].")
@@ -63,6 +66,9 @@ def _epilog() -> str:
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="AdamW weight decay [0.05].")
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=None, help="Linear warm-up epochs [5].")
 @click.option("--clip-grad", type=click.FloatRange(min=0), default=None, help="Gradient-norm clip, 0 for none [1.0].")
+@click.option("--preprocess", type=click.Choice(["timm", "official"]), default=None,
+              help="Input transform: the backbone's timm data config, or the official AdapterTune code's "
+                   "(ImageNet mean/std, bilinear, resize 256 + crop 224) to reproduce the paper [timm].")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Share of the training set held out for validation [0.1].")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Data-loading processes [4].")
@@ -82,7 +88,7 @@ def _epilog() -> str:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Any other config key, e.g. --set model_args.drop_path_rate=0.1 --set hflip=0 (repeatable).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (one line per epoch only).")
-def train_cmd(recipe, sets, no_progress, seed, seeds, pretrained, backbone_weights, **flags):
+def train_cmd(recipe, sets, no_progress, seed, seeds, pretrained, backbone_weights, adapter_kind, **flags):
     """Train AdapterTune adapters (or the head, or everything) on a timm ViT.
 
     Writes OUTPUT/run.pt (best epoch by validation), last.pt (resumable), metrics.jsonl and
@@ -98,6 +104,10 @@ def train_cmd(recipe, sets, no_progress, seed, seeds, pretrained, backbone_weigh
         )
     overrides = parse_set(sets)
     overrides.update({k: v for k, v in flags.items() if v is not None})
+    if adapter_kind is not None:
+        if not isinstance(overrides.get("adapter", {}), dict):
+            raise BadInputError("--set adapter=...: give family keys as --set adapter.KEY=VALUE.")
+        overrides["adapter"] = {**overrides.get("adapter", {}), "kind": adapter_kind}
     overrides.update(seed=seed, seeds=seeds, pretrained=pretrained, backbone_weights=backbone_weights)
     if no_progress:
         overrides["progress"] = False
@@ -108,6 +118,10 @@ def train_cmd(recipe, sets, no_progress, seed, seeds, pretrained, backbone_weigh
     try:
         result = train(cfg, log=lambda line: click.echo(line, err=True))
     except KeyboardInterrupt:
+        out = cfg.output_dir()
+        if not (out.is_dir() and any(out.rglob("last.pt"))):  # a run that failed early removes its folder
+            click.echo("interrupted before the first epoch finished; nothing to resume.", err=True)
+            sys.exit(130)
         click.echo(
             f"interrupted; {cfg.output_dir()}/last.pt holds the last finished epoch. Continue with:\n"
             f"  atexport train -o {cfg.output_dir()} --resume",
@@ -133,9 +147,12 @@ def train_cmd(recipe, sets, no_progress, seed, seeds, pretrained, backbone_weigh
 @click.option("--class-names", default=None, type=click.Path(dir_okay=False),
               help="Text file with one class name per line [default: class_0, class_1, ...].")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Adapter scale used in training.")
+@click.option("--preprocess", default="official", show_default=True, metavar="official|timm|YAML",
+              help="Transform to record: the official code's (ImageNet mean/std, bilinear, resize 256 + crop 224), "
+                   "the backbone's timm config, or official fields overridden for a fork, e.g. '{crop_pct: 1.0}'.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="run.pt to write.")
 def import_official_cmd(ckpt, backbone, backbone_weights, img_size, patch_size, model_args, class_names, alpha,
-                        output):
+                        preprocess, output):
     """Convert an official AdapterTune checkpoint into an atexport run.pt.
 
     \b
@@ -148,12 +165,15 @@ def import_official_cmd(ckpt, backbone, backbone_weights, img_size, patch_size, 
     if not isinstance(args, dict):
         raise BadInputError(f"--model-args {model_args!r}: expected a YAML mapping, e.g. '{{depth: 6}}'.")
     args.update({k: v for k, v in (("img_size", img_size), ("patch_size", patch_size)) if v is not None})
+    if preprocess not in ("official", "timm"):
+        preprocess = parse_set([f"preprocess={preprocess}"])["preprocess"]
     ck = convert_official(
         ckpt, backbone, output, backbone_weights=backbone_weights,
         class_names=read_class_names(class_names) if class_names else None,
-        model_args=args, alpha=alpha,
+        model_args=args, alpha=alpha, preprocess=preprocess,
     )
     a = ck.adapter
     click.echo(f"adapters: rank {a.rank}, every {a.every}, alpha {a.alpha}; {ck.model.num_classes} classes; "
                f"backbone {ck.model.backbone} (fingerprint {ck.fingerprint[:12]})")
+    click.echo(ck.preprocess_note)
     click.echo(f"wrote {output}")

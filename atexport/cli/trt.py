@@ -1,8 +1,10 @@
 """``atexport trt``: precision ONNX (FP16 / INT8 Q/DQ, verified with ONNX Runtime) and TensorRT engines.
 
-A thin command over :func:`atexport.export.tensorrt.export_tensorrt`. The refit of an engine with another
-task's weights is :func:`atexport.export.tensorrt.refit_engine`, which ``atexport swap --engine`` calls;
-:func:`echo_refit` prints its result the way this command prints a build.
+A thin command over :func:`atexport.export.tensorrt.export_tensorrt` (its options grouped into
+:class:`~atexport.export.tensorrt.Int8Options` and :class:`~atexport.export.tensorrt.EngineOptions`, which
+validate every value before any work). The refit of an engine with another task's weights is
+:func:`atexport.export.tensorrt.refit_engine`, which ``atexport swap --engine`` calls; :func:`echo_refit`
+prints its result the way this command prints a build.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ COMMANDS = ["trt_cmd"]
 
 def echo_refit(result) -> None:
     """Print a :class:`~atexport.export.tensorrt.RefitResult` (for ``atexport swap --engine``)."""
+    from atexport.parity.compare import format_table
+
     m = result.sidecar["metadata"]
     click.echo(f"refitted {result.refitted} tensors -> task {m.get('task')!r} ({m.get('num_classes')} classes) "
                f"in {result.seconds.get('refit', 0) * 1000:.0f} ms")
-    click.echo(f"wrote {result.path} (+ {result.path.name}.json)")
+    if result.parity:
+        click.echo("parity of the refitted engine against the swapped ONNX model (ONNX Runtime):")
+        click.echo(format_table(result.parity))
+    extra = f", {result.onnx_path.name}" if result.onnx_path else ""
+    click.echo(f"wrote {result.path} (+ {result.path.name}.json{extra})")
 
 
 @click.command("trt")
@@ -51,7 +59,7 @@ def echo_refit(result) -> None:
 @click.option("--refit", is_flag=True, help="Make the adapter and head weights refittable (separable models).")
 @click.option("--version-compatible", is_flag=True, help="Build an engine later TensorRT versions can run.")
 @click.option("--hardware-compatible", is_flag=True, help="Build an engine any Ampere-or-newer GPU can run.")
-@click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="Builder optimisation level.")
+@click.option("--opt-level", type=int, default=None, help="Builder optimisation level 0-5.")
 @click.option("--images", type=click.Path(file_okay=False), default=None, help="Extra real images for parity.")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
               help="Local backbone weights for --ckpt.")
@@ -78,19 +86,19 @@ def trt_cmd(onnx_path, ckpt, precision, calib, calib_count, calib_method, calib_
       atexport trt --ckpt run.pt --precision int8 --calib data/pets/train --refit
       atexport trt --onnx model.fp16.onnx --precision fp16 --batch 1,4,16 --workspace 4
     """
-    if int8_keep_float is not None and precision != "int8":
-        raise click.UsageError(f"--int8-keep-float applies to --precision int8, not {precision}.")
-    from atexport.export.tensorrt import export_tensorrt
-    from atexport.export.trt_plan import describe_plan
-    from atexport.verify.compare import format_table
+    from atexport.export.tensorrt import EngineOptions, Int8Options, describe_plan, export_tensorrt
+    from atexport.parity.compare import format_table
 
+    # Both option groups validate every value here, whatever --build says (a bad --batch fails before any work).
+    int8 = Int8Options(calib=calib, count=calib_count, method=calib_method,
+                       cache=False if no_calib_cache else calib_cache, keep_float=int8_keep_float, target=target)
+    engine = EngineOptions(batch=batch, workspace_gb=workspace, refit=refit, version_compatible=version_compatible,
+                           hardware_compatible=hardware_compatible, timing_cache=timing_cache,
+                           optimization_level=opt_level)
     result = export_tensorrt(
-        onnx_path, ckpt, precision=precision, output=output, precision_output=onnx_out, calib=calib,
-        calib_count=calib_count, calib_method=calib_method,
-        calib_cache=False if no_calib_cache else calib_cache, int8_keep_float=int8_keep_float, target=target, batch=batch, workspace_gb=workspace,
-        refit=refit, version_compatible=version_compatible, hardware_compatible=hardware_compatible,
-        timing_cache=timing_cache, optimization_level=opt_level, verify=not no_verify, images=images,
-        backbone_weights=backbone_weights, build=build, log=lambda line: click.echo(line, err=True),
+        onnx_path, ckpt, precision=precision, output=output, precision_output=onnx_out, int8=int8, engine=engine,
+        build=build, verify=not no_verify, images=images, backbone_weights=backbone_weights,
+        log=lambda line: click.echo(line, err=True),
     )
     # The precision model's summary and parity went to stderr as it was made (before TensorRT was needed).
     click.echo(f"precision model: {result.precision_onnx}")

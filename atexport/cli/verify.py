@@ -16,6 +16,10 @@ COMMANDS = ["verify_cmd"]
 @click.option("--onnx-int8", multiple=True, type=click.Path(dir_okay=False), help="INT8 (Q/DQ) ONNX model. Repeatable.")
 @click.option("--engine", multiple=True, type=click.Path(dir_okay=False),
               help="TensorRT engine (its .json sidecar beside it). Repeatable.")
+@click.option("--openvino", "openvino_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="OpenVINO .xml IR, or an ONNX model, to run in OpenVINO at its own precision. Repeatable.")
+@click.option("--openvino-precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "int8+bf16"]), default=None,
+              help="Run the --openvino models at this precision (e.g. bf16 for an FP32 file) [default: each file's].")
 @click.option("--dataset", "datasets", multiple=True, default=["digits"], show_default=True,
               help="Data set: digits (offline), pets, cifar10, ..., or imagefolder:PATH. Multi-task models: one for "
                    "all tasks, or one per --ckpt in the same order.")
@@ -36,8 +40,9 @@ COMMANDS = ["verify_cmd"]
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads of ONNX Runtime and PyTorch [default: all cores].")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
               help="Local backbone weights for the checkpoint.")
-def verify_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, datasets, split, limit, data_dir, batch_size, report_dir,
-               per_block, per_block_images, tolerances, tol_overrides, threads, backbone_weights):
+@click.option("--no-progress", is_flag=True, help="One line every few seconds instead of a progress bar.")
+def verify_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, openvino_paths, openvino_precision, datasets, split, limit, data_dir, batch_size, report_dir,
+               per_block, per_block_images, tolerances, tol_overrides, threads, backbone_weights, no_progress):
     """Check every artifact against the PyTorch FP32 model on a labelled data set.
 
     Reports, per backend and precision: top-1 accuracy, top-1 agreement with PyTorch, max and mean abs
@@ -54,6 +59,8 @@ def verify_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, datasets, split,
       atexport verify --ckpt run.pt --onnx model.onnx --onnx-int8 model.int8.onnx --report reports/
       atexport verify --ckpt run.pt --onnx-fp16 model.fp16.onnx --per-block --limit 200
       atexport verify --ckpt run.pt --engine model.engine --dataset imagefolder:data/birds
+      atexport verify --ckpt run.pt --onnx model.onnx --openvino model.xml --openvino model.int8.xml
+      atexport verify --ckpt run.pt --openvino model.onnx --openvino-precision bf16
       atexport verify --ckpt cars.pt --ckpt birds.pt --onnx tasks.onnx --onnx-fp16 tasks.fp16.onnx
       atexport verify --ckpt cars.pt --ckpt birds.pt --onnx tasks.onnx --dataset D_CARS --dataset D_BIRDS
     """
@@ -61,11 +68,12 @@ def verify_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, datasets, split,
 
     result = verify(
         ckpts[0] if len(ckpts) == 1 else list(ckpts), onnx=onnx_paths, onnx_fp16=onnx_fp16, onnx_int8=onnx_int8,
-        engine=engine, dataset=datasets[0] if len(datasets) == 1 else list(datasets), split=split,
+        engine=engine, openvino=openvino_paths, openvino_precision=openvino_precision,
+        dataset=datasets[0] if len(datasets) == 1 else list(datasets), split=split,
         limit=limit, data_dir=data_dir, batch_size=batch_size, tolerances=tolerances,
         overrides=parse_overrides(tol_overrides), per_block=per_block, per_block_images=per_block_images,
         report=report_dir, backbone_weights=backbone_weights, threads=threads, strict=False,
-        log=lambda line: click.echo(line, err=True),
+        log=lambda line: click.echo(line, err=True), progress=not no_progress,
     )
     click.echo(result.headline())
     click.echo(result.table())

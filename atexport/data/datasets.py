@@ -21,9 +21,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from atexport.errors import BadInputError
+from atexport.utils.images import IMAGE_SUFFIXES
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DATA_DIR_ENV = "ATEXPORT_DATA_DIR"
 
 
@@ -361,10 +361,14 @@ def _scan(folder: Path, class_names: list[str], name: str, split: str) -> FileIm
                 f"{d}: class folder {d.name!r} does not exist under train/; every class of "
                 f"{folder.name}/ must also be a class of train/."
             )
-        for f in sorted(d.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(f)
-                targets.append(index[d.name])
+        found = [f for f in sorted(d.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        if not found and split == "train":  # a class the model could never learn, silently
+            raise BadInputError(
+                f"{d}: class folder {d.name!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}); add images or "
+                "remove the folder."
+            )
+        files += found
+        targets += [index[d.name]] * len(found)
     if not files:
         raise BadInputError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in its class folders.")
     return FileImageDataset(name, files, targets, class_names, split)
@@ -393,6 +397,11 @@ def _imagefolder(split: str, root: Path, download: bool, path: str | None = None
     class_names = [d.name for d in _class_folders(train_dir)]
     if not class_names:
         raise BadInputError(f"{train_dir}: no class subfolders.")
+    if len(class_names) < 2:  # trains to "100%, loss 0" and means nothing
+        raise BadInputError(
+            f"{train_dir}: only one class folder ({class_names[0]!r}); a classifier needs at least two classes, "
+            "one subfolder each."
+        )
     name = f"imagefolder:{base}"
     if split == "train":
         return _scan(train_dir, class_names, name, "train")

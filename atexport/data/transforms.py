@@ -1,9 +1,11 @@
 """Train and eval transforms built from the backbone's recorded preprocessing.
 
 The ``preprocess`` dict (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``,
-``crop_mode``) is timm's data config of the backbone, recorded in every checkpoint by
-:func:`atexport.models.preprocess_config`. Eval is timm's resize + center crop; training is
-RandomResizedCrop + horizontal flip (the paper's augmentation), both through
+``crop_mode``) is recorded in every checkpoint by :func:`atexport.models.preprocess_config`: timm's
+data config of the backbone by default, or with ``preprocess: official`` (and on ``import-official``)
+the official AdapterTune code's ImageNet mean/std, bilinear, crop_pct 0.875, for which the eval
+transform below is exactly ``Resize(256) + CenterCrop(224) + Normalize``. Eval is timm's resize +
+center crop; training is RandomResizedCrop + horizontal flip (the paper's augmentation), both through
 ``timm.data.create_transform`` so they match what timm users get.
 """
 

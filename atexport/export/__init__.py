@@ -6,22 +6,20 @@
   graph inputs (multi-task export builds on it); :func:`bind_initializers` gives them default values.
 * :func:`export_multitask` (``atexport onnx --multitask``): one backbone, a bank of task adapters and heads,
   a per-sample ``task_id``; :func:`add_task` / :func:`remove_task` / :func:`list_tasks` edit the bank.
-* :func:`swap_onnx` (``atexport swap``) and :class:`AdapterSession`: another task's adapters and head in
-  a file or a live ONNX Runtime session, without re-exporting.
+* :func:`swap` / :func:`swap_onnx` (``atexport swap``): another task's adapters and head in a file or a
+  refitted engine, without re-exporting (a live session: :class:`atexport.runtime.session.AdapterSession`).
 
 Importing this package pulls in neither torch nor onnx; the functions import them when called.
 """
 
 from atexport.export.onnx import ExportResult, bind_initializers, export_module, export_onnx
 from atexport.export.multitask import MultiTaskResult, add_task, export_multitask, list_tasks, remove_task
-from atexport.export.swap import AdapterSession, SwapResult, check_compatible, load_task_weights, swap_onnx
+from atexport.export.swap import SwapResult, swap, swap_onnx
 
 __all__ = [
-    "AdapterSession",
     "ExportResult",
     "SwapResult",
     "bind_initializers",
-    "check_compatible",
     "MultiTaskResult",
     "add_task",
     "export_module",
@@ -29,6 +27,6 @@ __all__ = [
     "export_onnx",
     "list_tasks",
     "remove_task",
-    "load_task_weights",
+    "swap",
     "swap_onnx",
 ]

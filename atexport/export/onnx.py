@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from atexport import __version__, configs
-from atexport.errors import AtexportError, BadInputError, IncompatibleCheckpointError, ParityError, require
+from atexport.artifact.onnx import shape_of, check_manifest
+from atexport.errors import AtexportError, BadInputError, IncompatibleCheckpointError, require
 
 MIN_OPSET = 20
 PROTOBUF_LIMIT = 2**31 - 1
@@ -82,15 +83,16 @@ class ExportResult:
             f"{'x'.join(str(v) for v in m.output['shape'])}",
             f"separable:  {'yes, ' + str(len(m.manifest)) + ' swappable tensors' if m.separable else 'no (weights fused)'}",
         ]
+        return "\n".join(lines + self.build_lines())
+
+    def build_lines(self) -> list[str]:
+        """The summary's closing lines: node counts, size, timings."""
         if self.nodes.get("simplified") is not None:
-            lines.append(
-                f"nodes:      {self.nodes['exported']} exported -> {self.nodes['simplified']} after {self.simplifier}"
-            )
+            nodes = f"nodes:      {self.nodes['exported']} exported -> {self.nodes['simplified']} after {self.simplifier}"
         else:
-            lines.append(f"nodes:      {self.nodes.get('exported')} (not simplified)")
-        lines.append(f"size:       {self.size_bytes / 1e6:.2f} MB")
-        lines.append("time:       " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
-        return "\n".join(lines)
+            nodes = f"nodes:      {self.nodes.get('exported')} (not simplified)"
+        return [nodes, f"size:       {self.size_bytes / 1e6:.2f} MB",
+                "time:       " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,10 +141,6 @@ def _rename_batch_axis(model, symbol: str, name: str = BATCH_AXIS) -> None:
         for d in vi.type.tensor_type.shape.dim:
             if d.dim_param == symbol:
                 d.dim_param = name
-
-
-def _shape_of(value_info) -> list:
-    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
 class _LiftedParams:
@@ -264,9 +262,9 @@ def export_module(
     if got != names:
         raise AtexportError(f"the exported graph's inputs {got[:6]} are not the expected {names[:6]} (a bug).")
     for vi in proto.graph.input[1 : 1 + len(lifted)]:
-        if _shape_of(vi) != list(lifted[vi.name].shape):
+        if shape_of(vi) != list(lifted[vi.name].shape):
             want = list(lifted[vi.name].shape)
-            raise AtexportError(f"exported input {vi.name} has shape {_shape_of(vi)}, expected {want} (a bug).")
+            raise AtexportError(f"exported input {vi.name} has shape {shape_of(vi)}, expected {want} (a bug).")
     if dynamic_batch:
         first_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
         _rename_batch_axis(proto, first_dim.dim_param)
@@ -288,7 +286,7 @@ def bind_initializers(model, tensors: Mapping[str, Any]) -> None:
         if name not in inputs:
             raise AtexportError(f"cannot bind {name}: not a graph input of the model.")
         a = t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
-        want = _shape_of(inputs[name])
+        want = shape_of(inputs[name])
         if list(a.shape) != want:
             raise AtexportError(f"cannot bind {name}: shape {list(a.shape)} != the input's {want}.")
         arrays[name] = np.ascontiguousarray(a)
@@ -314,23 +312,6 @@ def build_manifest(tensors: Mapping[str, Any]) -> dict:
             entry["block"] = int(parts[1])
         out[name] = entry
     return out
-
-
-def check_manifest(model, manifest: Mapping[str, dict], what: str = "model") -> None:
-    """Every manifest entry must be a graph input *and* an initializer of the same name and shape."""
-    inputs = {i.name: _shape_of(i) for i in model.graph.input}
-    inits = {i.name: list(i.dims) for i in model.graph.initializer}
-    problems = []
-    for name, entry in manifest.items():
-        init = entry.get("initializer", name)
-        if init not in inputs:
-            problems.append(f"{init} is not a graph input")
-        elif init not in inits:
-            problems.append(f"{init} has no initializer")
-        elif inits[init] != list(entry["shape"]):
-            problems.append(f"{init} has shape {inits[init]}, manifest says {entry['shape']}")
-    if problems:
-        raise BadInputError(f"{what}: its swappable-tensor manifest does not match the graph: {'; '.join(problems[:5])}.")
 
 
 def op_counts(model) -> dict[str, int]:
@@ -359,7 +340,7 @@ def load_export_config(config: str | Mapping = "onnx", **overrides) -> dict:
     return data
 
 
-def default_output(ckpt_path: str | Path) -> Path:
+def onnx_path_for(ckpt_path: str | Path) -> Path:
     """``<checkpoint folder>/<checkpoint stem>.onnx``."""
     p = Path(ckpt_path)
     return p.with_name(p.stem + ".onnx")
@@ -367,8 +348,9 @@ def default_output(ckpt_path: str | Path) -> Path:
 
 def failed_path_for(output: str | Path) -> Path:
     """Where a model that failed parity is kept: ``<stem>.failed.onnx`` beside ``output``."""
-    p = Path(output)
-    return p.with_name(f"{p.stem}.failed{p.suffix or '.onnx'}")
+    from atexport.artifact.onnx import failed_path_for as _failed_path_for
+
+    return Path(_failed_path_for(output))
 
 
 def swappable_names(ckpt, model) -> list[str]:
@@ -378,6 +360,9 @@ def swappable_names(ckpt, model) -> list[str]:
             "--separable needs an adapter or head checkpoint; a 'full' fine-tune changes the whole backbone, "
             "so there is no shared backbone to separate. Export it without --separable."
         )
+    from atexport.adapters import check_export_mode
+
+    check_export_mode(ckpt.adapter, "separable", f"--separable {ckpt.path or 'checkpoint'}")
     params = dict(model.named_parameters())
     names = [n for n in params if n in ckpt.state_dict]
     extra = sorted(set(ckpt.state_dict) - set(params))
@@ -389,7 +374,7 @@ def swappable_names(ckpt, model) -> list[str]:
 
 
 def _metadata(ckpt, *, input_name, output_name, batch, separable, manifest, task, extra):
-    from atexport.metadata import ModelMetadata
+    from atexport.artifact.metadata import ModelMetadata
 
     spec = ckpt.model
     b = BATCH_AXIS if batch is None else int(batch)
@@ -482,7 +467,7 @@ def export_onnx(
             (``error.result`` holds the :class:`ExportResult`) and nothing is written at ``output``.
     """
     from atexport.checkpoint import Checkpoint, build_model, load_checkpoint
-    from atexport.utils.io import atomic_write_bytes, check_writable
+    from atexport.utils.io import check_writable
 
     say = log or (lambda *_: None)
     t_start = time.perf_counter()
@@ -502,19 +487,31 @@ def export_onnx(
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
+    ckpt = ckpt.for_export()  # the adapter family's export layout (AdaRing: materialised AdapterTune tensors)
     if output is None:
         if ckpt.path is None:
             raise BadInputError("give an output path (-o): the checkpoint was not loaded from a file.")
-        output = default_output(ckpt.path)
+        output = onnx_path_for(ckpt.path)
     output = check_writable(output, "-o")
     if ckpt.path is not None and output.resolve() == Path(ckpt.path).resolve():
         raise BadInputError(f"-o {output}: that is the checkpoint itself; choose another output path.")
     task = task_name or ckpt.name
+    if verify and images is not None:  # read --images now: a bad image fails before minutes of export
+        from atexport.parity.images import load_images
+
+        images = load_images(images, limit=par.get("max_images"))
     require("onnx", "exporting ONNX models", "onnx")
     require("onnxscript", "the PyTorch ONNX exporter (torch.onnx.export(dynamo=True))", "onnx")
     import onnx
     import torch
 
+    bad = [n for n, t in ckpt.state_dict.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # a diverged run (e.g. --lr inf): say so, instead of a "parity lost" after the export
+        raise BadInputError(
+            f"--ckpt {ckpt.path or 'checkpoint'}: {len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); the training run diverged. Retrain with a lower --lr."
+        )
     say(f"building {ckpt.model.backbone} from {ckpt.path or 'checkpoint'} ...")
     model = build_model(ckpt, backbone_weights=backbone_weights)
     in_shape = [int(v) for v in ckpt.preprocess["input_size"]]
@@ -560,7 +557,7 @@ def export_onnx(
         ckpt, input_name="input", output_name="logits", batch=batch, separable=separable,
         manifest=manifest, task=task, extra=extra,
     )
-    from atexport.metadata import write_onnx_metadata
+    from atexport.artifact.metadata import write_onnx_metadata
 
     proto.producer_name, proto.producer_version = "atexport", __version__
     proto.doc_string = f"{ckpt.model.backbone} {ckpt.regime} task {task!r} exported by atexport {__version__}"
@@ -580,7 +577,7 @@ def export_onnx(
     if verify:
         from atexport.runtime.onnxruntime import OnnxRuntimeRunner
         from atexport.runtime.torch import TorchRunner
-        from atexport.verify.parity import check_parity, photo_batch
+        from atexport.parity import check_parity, photo_batch
 
         say("checking parity against PyTorch ...")
         t0 = time.perf_counter()
@@ -600,18 +597,11 @@ def export_onnx(
     result.seconds = seconds
     result.size_bytes = len(data)
 
-    if verify and not result.passed:
-        from atexport.verify.compare import format_table
+    from atexport.export.write import write_verified
 
-        failed = failed_path_for(output)
-        atomic_write_bytes(failed, data)
-        result.failed_path = failed
-        err = ParityError(
-            f"the exported model does not match PyTorch within the {par.get('precision', 'fp32')} tolerances:\n"
-            f"{format_table(result.parity)}\nNothing was written to {output}; the failing model is kept at {failed}."
-        )
-        err.result = result
-        raise err
-    atomic_write_bytes(output, data)
-    result.path = output
+    result.path = write_verified(
+        data, output, result.parity,
+        f"the exported model does not match PyTorch within the {par.get('precision', 'fp32')} tolerances",
+        verify=verify, failed_path=failed_path_for(output), result=result,
+    )
     return result

@@ -14,9 +14,9 @@ against PyTorch.
     print(model.predict("photo.jpg", top_k=3)[0].label)
 """
 
+from atexport.artifact.tasks import TaskWeights, load_task
 from atexport.runtime.base import Runner
 from atexport.runtime.model import Model, Prediction, load_model
 from atexport.runtime.preprocess import Preprocessor
-from atexport.runtime.tasks import TaskWeights, export_task_weights, load_task
 
-__all__ = ["Model", "Prediction", "Preprocessor", "Runner", "TaskWeights", "export_task_weights", "load_model", "load_task"]
+__all__ = ["Model", "Prediction", "Preprocessor", "Runner", "TaskWeights", "load_model", "load_task"]

@@ -10,8 +10,10 @@ else straight from the CUDA runtime library through ctypes, found the way Polygr
 TensorRT's wheels install), then the loader's default path. So the runtime never needs torch, and a
 Jetson app needs only JetPack.
 
-Without either, or without a usable GPU, :func:`cuda_runtime` and :meth:`CudaRuntime.device_info` raise
-one :class:`~atexport.errors.MissingDependencyError` sentence.
+:func:`cuda_runtime` takes the first backend that finds a GPU (a cuda-python that reports "insufficient
+driver", as cuda-bindings 13.x does on a CUDA 12 driver, falls back to ctypes) and records which one it
+used (:func:`backend_info`). Without either, or without a usable GPU, it raises one
+:class:`~atexport.errors.MissingDependencyError` sentence.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class CudaRuntime:
 
     kind = "?"
     source = "?"
+    skipped: list = []
 
     # -- one call per backend
     def _call(self, name: str, *args):  # pragma: no cover - implemented by the backends
@@ -126,10 +129,12 @@ class CudaRuntime:
         msg = self.error_string(code)
         if name in ("cudaGetDeviceCount", "cudaSetDevice") or code in (35, 100, 999):
             # insufficient driver, no device, unknown (no driver loaded)
-            raise NoCudaDevice(
+            err = NoCudaDevice(
                 f"no CUDA GPU is usable on this machine (CUDA runtime via {self.kind}: {msg}; {name} returned "
                 f"error {code}); TensorRT engines need an NVIDIA GPU and its driver."
             )
+            err.reason = f"{msg} ({name} error {code})"
+            raise err
         raise AtexportError(f"CUDA {name} failed: {msg} (error {code}).")
 
     # -- the API
@@ -295,35 +300,113 @@ def _cuda_python():
 
 
 _RUNTIME: CudaRuntime | None = None
+BACKENDS = ("cuda-python", "ctypes")
 
 
-def cuda_runtime(prefer: str | None = None) -> CudaRuntime:
-    """The shared CUDA runtime wrapper: cuda-python when importable, else ``libcudart`` through ctypes.
-
-    Args:
-        prefer: ``"cuda-python"`` or ``"ctypes"`` to pick a backend (tests); default: the first available.
+def make_backend(kind: str) -> CudaRuntime:
+    """One CUDA backend, loaded but not yet asked about devices.
 
     Raises:
-        MissingDependencyError: neither is available (one sentence: what, why, how to install).
+        MissingDependencyError: that backend's library is not installed (one sentence).
     """
-    global _RUNTIME
-    if prefer is None and _RUNTIME is not None:
-        return _RUNTIME
-    rt = None
-    if prefer in (None, "cuda-python"):
+    if kind == "cuda-python":
         mod, source = _cuda_python()
-        if mod is not None:
-            rt = CudaPythonRuntime(mod, source)
-        elif prefer == "cuda-python":
+        if mod is None:
             raise MissingDependencyError(
                 "cuda-python is not installed; it is one way for the TensorRT runner to reach the GPU. "
                 "Install it with: pip install cuda-python."
             )
+        return CudaPythonRuntime(mod, source)
+    if kind == "ctypes":
+        return CtypesRuntime(*load_cudart())
+    raise ValueError(f"unknown CUDA backend {kind!r}; expected one of {BACKENDS}")
+
+
+def cuda_runtime(prefer: str | None = None) -> CudaRuntime:
+    """The shared CUDA runtime wrapper: the first backend that finds a GPU.
+
+    cuda-python is tried first, then ``libcudart`` through ctypes. A backend that loads but reports no
+    usable device does not end the search: cuda-bindings 13.x on a machine whose driver only supports
+    CUDA 12 answers "insufficient driver" while the CUDA 12 ``libcudart`` of TensorRT's wheels works. The
+    backend used, and why the others were passed over, are in ``runtime.kind``, ``runtime.source`` and
+    ``runtime.skipped`` (and in :func:`backend_info`, which ``describe_machine`` reports).
+
+    Args:
+        prefer: ``"cuda-python"`` or ``"ctypes"`` to get exactly that backend, whether or not it finds a GPU
+            (tests); default: the search above, whose result is kept for the process.
+
+    Raises:
+        MissingDependencyError: neither library is available (one sentence: what, why, how to install).
+        NoCudaDevice: every backend loads but none finds a usable GPU (each one's answer).
+    """
+    global _RUNTIME
+    if prefer is not None:
+        return make_backend(prefer)
+    if _RUNTIME is not None:
+        return _RUNTIME
+    skipped: list[str] = []
+    missing: list[MissingDependencyError] = []
+    no_device: list[str] = []
+    for kind in BACKENDS:
+        try:
+            # ctypes: every libcudart found, in order (a CUDA 13 one may sit before the CUDA 12 one that works)
+            candidates = [make_backend(kind)] if kind != "ctypes" else list(_ctypes_runtimes())
+        except MissingDependencyError as e:
+            missing.append(e)
+            skipped.append(f"{kind}: not installed")
+            continue
+        if not candidates:
+            missing.append(MissingDependencyError(_missing_sentence(search_dirs())))
+            skipped.append(f"{kind}: no libcudart found")
+        for rt in candidates:
+            try:
+                n = rt.device_count()
+            except NoCudaDevice as e:
+                reason = getattr(e, "reason", str(e))
+                no_device.append(f"{kind} via {rt.source}: {reason}")
+                skipped.append(f"{kind} via {rt.source}: {reason}")
+                continue
+            if n == 0:
+                no_device.append(f"{kind} via {rt.source}: 0 devices")
+                skipped.append(f"{kind} via {rt.source}: 0 devices")
+                continue
+            rt.skipped = skipped
+            _RUNTIME = rt
+            return rt
+    if not no_device:
+        raise missing[-1] if missing else MissingDependencyError(_missing_sentence(search_dirs()))
+    if len(no_device) > 4:
+        no_device = no_device[:4] + [f"and {len(no_device) - 4} more libraries alike"]
+    raise NoCudaDevice(
+        "no CUDA GPU is usable on this machine (" + "; ".join(no_device) + "); TensorRT engines need an NVIDIA "
+        "GPU and its driver. cuda-bindings 13.x needs a CUDA 13 driver: on a CUDA 12 driver install "
+        "pip install 'cuda-python<13' (the ctypes backend uses the libcudart that TensorRT's wheels bring)."
+    )
+
+
+def _ctypes_runtimes():
+    """A :class:`CtypesRuntime` for every CUDA runtime library that loads, most specific first."""
+    names = find_cudart() + [n for n in (ctypes.util.find_library("cudart"), "libcudart.so") if n]
+    seen = set()
+    for name in names:
+        real = os.path.realpath(name) if os.sep in name else name
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            lib = ctypes.CDLL(name)
+            lib.cudaMalloc  # noqa: B018 - a library without it is not the CUDA runtime
+        except (OSError, AttributeError):
+            continue
+        yield CtypesRuntime(lib, name)
+
+
+def backend_info() -> dict | None:
+    """The CUDA backend this process uses (``{"backend", "source", "skipped"}``), or ``None`` if none was chosen."""
+    rt = _RUNTIME
     if rt is None:
-        rt = CtypesRuntime(*load_cudart())
-    if prefer is None:
-        _RUNTIME = rt
-    return rt
+        return None
+    return {"backend": rt.kind, "source": rt.source, "skipped": list(getattr(rt, "skipped", []))}
 
 
 class DeviceBuffer:
@@ -344,4 +427,5 @@ class DeviceBuffer:
             self.cuda.free(ptr)
 
 
-__all__ = ["CudaRuntime", "DeviceBuffer", "NoCudaDevice", "cuda_runtime", "find_cudart", "load_cudart", "search_dirs"]
+__all__ = ["BACKENDS", "CudaRuntime", "DeviceBuffer", "NoCudaDevice", "backend_info", "cuda_runtime", "find_cudart",
+           "load_cudart", "make_backend", "search_dirs"]

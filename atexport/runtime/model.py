@@ -21,7 +21,9 @@ engine's JSON sidecar): the preprocessing (timm's eval transform, reproduced wit
   serves all its tasks at once: ``predict(images, task="birds")`` or one task per image
   (``task=["birds", "cars", ...]``); each row is cut to its task's classes.
 
-ONNX models run in ONNX Runtime; engines in TensorRT through
+ONNX models run in ONNX Runtime (or OpenVINO: ``backend="openvino"``, the default for an OpenVINO ``.xml``
+IR written by ``atexport openvino``, at an explicit ``precision``, :mod:`atexport.runtime.openvino`); engines
+in TensorRT through
 :class:`~atexport.runtime.tensorrt.TensorRTRunner`, after the sidecar check that the engine was built for
 this GPU and TensorRT version (its GPU memory comes from :mod:`atexport.runtime.cuda`: cuda-python or the
 CUDA runtime library, no torch). Multi-task engines take the same per-sample ``task_id`` as the ONNX model.
@@ -37,12 +39,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from atexport.errors import BadInputError, IncompatibleCheckpointError
-from atexport.metadata import META_KEY, ModelMetadata
+from atexport.artifact.bank import TASK_INPUT
+from atexport.artifact.metadata import ModelMetadata, metadata_from_props
 from atexport.runtime.base import Runner
+from atexport.runtime.batching import run_batched
 from atexport.runtime.preprocess import Preprocessor
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-TASK_INPUT = "task_id"
+BACKENDS = ("onnxruntime", "openvino")
 DEFAULT_BATCH = 32
 
 
@@ -90,10 +94,12 @@ class Model:
     Attributes:
         path: the model file.
         metadata: its :class:`~atexport.metadata.ModelMetadata`.
-        kind: ``"onnx"`` or ``"engine"``.
+        kind: ``"onnx"`` (ONNX Runtime), ``"openvino"`` or ``"engine"`` (TensorRT).
         mode: ``"single"``, ``"separable"`` or ``"multitask"``.
         runner: the backend :class:`~atexport.runtime.base.Runner` (active).
         preprocessor: the model's eval transform.
+        backend: ``onnxruntime``, ``openvino`` or ``tensorrt``.
+        precision: what runs: the file's precision, or for OpenVINO the runner's (``fp32``, ``bf16``, ``int8+bf16``...).
     """
 
     def __init__(self, path: Path, metadata: ModelMetadata, runner: Runner, kind: str, mode: str,
@@ -127,12 +133,22 @@ class Model:
         return self._classes(self.task)
 
     @property
+    def backend(self) -> str:
+        """The library running the model: ``onnxruntime``, ``openvino`` or ``tensorrt``."""
+        return {"onnx": "onnxruntime", "engine": "tensorrt"}.get(self.kind, self.kind)
+
+    @property
+    def precision(self) -> str:
+        """The precision that runs (OpenVINO: what the runner compiled, e.g. ``bf16`` for an FP32 file)."""
+        return getattr(self.runner, "precision", None) or self.metadata.precision
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(int(v) for v in self.metadata.preprocess["input_size"])
 
     def __repr__(self) -> str:
         m = self.metadata
-        return (f"Model({self.path.name}: {m.backbone.get('name')} {m.precision} {self.kind}, {self.mode}, "
+        return (f"Model({self.path.name}: {m.backbone.get('name')} {self.precision} {self.backend}, {self.mode}, "
                 f"tasks {self.tasks}, task {self.task!r})")
 
     def close(self) -> None:
@@ -187,7 +203,8 @@ class Model:
         """Load another task's adapters and head into a separable model, without switching to it.
 
         Args:
-            source: a task ``.npz`` (torch-free), a checkpoint path (needs torch), or ``{tensor: array}``.
+            source: a task ``.npz`` (``atexport export-task``), TaskWeights, a loaded Checkpoint object, or
+                ``{tensor: array}`` (then ``name`` is required).
             name: the task's name (default: recorded in the file, else its stem).
 
         Returns:
@@ -196,12 +213,13 @@ class Model:
         Raises:
             IncompatibleCheckpointError: the model is not separable, or the weights do not fit it.
         """
-        from atexport.runtime.tasks import check_task, load_task
+        from atexport.artifact.fit import check_fits
+        from atexport.artifact.tasks import load_task
 
         if self.mode != "separable":
             raise self._not_separable()
-        task = load_task(source, name)
-        arrays = check_task(self.metadata, task, str(self.path.name))
+        task = load_task(source, name, flag="--task")
+        arrays = check_fits(self.metadata, task, str(self.path.name))
         self.runner.add_task(name=task.name, weights=arrays)
         self._task_classes[task.name] = task.class_names
         return task.name
@@ -277,19 +295,10 @@ class Model:
 
     def _run(self, batch: np.ndarray, per_sample: dict | None = None, **feeds) -> np.ndarray:
         """Run ``batch`` in chunks the model accepts (a fixed batch is padded, then trimmed)."""
-        size = self._chunk()
-        outs = []
-        for i in range(0, len(batch), size):
-            x = batch[i : i + size]
-            extra = {k: v[i : i + size] for k, v in (per_sample or {}).items()}
-            n = len(x)
-            if self.fixed_batch and n < size:
-                x = np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])
-                extra = {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in extra.items()}
-            outs.append(self.runner.infer(x, **feeds, **extra)[:n])
-        if not outs:
+        if not len(batch):
             return np.zeros((0, int(self.metadata.num_classes or 0)), np.float32)
-        return np.concatenate(outs)
+        return run_batched(self.runner, batch, self._chunk(), pad=bool(self.fixed_batch), per_sample=per_sample,
+                           feeds=feeds)
 
     def _task_list(self, task, n: int) -> list:
         if isinstance(task, (list, tuple)):
@@ -325,6 +334,10 @@ class Model:
                     "separable or multi-task models select tasks."
                 )
         out = self._run(batch)
+        want = len(self._classes(None))
+        if len(out) and (out.ndim != 2 or out.shape[1] != want):  # the graph declared one width and computed another
+            raise BadInputError(f"{self.path}: the model computed logits of shape {list(out.shape)} for {want} "
+                                "classes in its metadata; re-export the model with atexport.")
         return list(out), [own] * n
 
     def logits(self, batch, task=None) -> np.ndarray:
@@ -371,26 +384,31 @@ class Model:
 # ---------------------------------------------------------------------------------------- loading
 
 
-def _onnx_model(path: Path, providers, threads) -> tuple[ModelMetadata, Runner, str]:
+def open_onnx(path: Path, providers=None, threads=None, *, flag: str = "--model", sessions: bool = True
+              ) -> tuple[ModelMetadata, Runner, str]:
+    """Open an atexport ONNX model in ONNX Runtime: ``(metadata, active runner, mode)``.
+
+    The metadata is read through ONNX Runtime (no onnx package needed) and checked against the graph's
+    inputs. With ``sessions``, a separable model gets an :class:`~atexport.runtime.session.AdapterSession`
+    (task weights fed by name) instead of a plain runner.
+    """
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
 
     runner: Runner = OnnxRuntimeRunner(str(path), threads=threads, providers=providers).activate()
-    props = runner.session.get_modelmeta().custom_metadata_map
-    if META_KEY not in props:
-        raise BadInputError(f"{path}: no atexport metadata (preprocessing, classes); export it with 'atexport onnx'.")
-    meta = ModelMetadata.from_json(props[META_KEY], str(path))
+    meta = metadata_from_props(runner.session.get_modelmeta().custom_metadata_map, f"{flag} {path}")
+    check_graph_fits_metadata(meta, runner.session, f"{flag} {path}")
     inputs = [i.name for i in runner.session.get_inputs()]
     outputs = [o.name for o in runner.session.get_outputs()]
-    if meta.tasks and TASK_INPUT in inputs:
-        mode = "multitask"
-    elif meta.tasks:
-        raise BadInputError(f"{path}: its metadata lists tasks but the model has no {TASK_INPUT!r} input ({inputs}).")
-    elif meta.separable and meta.manifest:
-        mode = "separable"
-    else:
-        mode = "single"
-    if mode == "separable":
-        from atexport.export.swap import AdapterSession
+    if meta.tasks and TASK_INPUT not in inputs:
+        raise BadInputError(f"{flag} {path}: its metadata lists tasks but the model has no {TASK_INPUT!r} input ({inputs}).")
+    takes = set(inputs) | {i.name for i in runner.session.get_overridable_initializers()}
+    missing = [e.get("initializer", n) for n, e in meta.manifest.items() if e.get("initializer", n) not in takes]
+    if missing and meta.mode != "single":
+        raise BadInputError(f"{flag} {path}: its metadata names swappable tensors the graph does not take as inputs "
+                            f"({missing[:3]}); re-export the model with atexport.")
+    mode = meta.mode
+    if mode == "separable" and sessions:
+        from atexport.runtime.session import AdapterSession
 
         runner.deactivate()  # the adapter session holds its own session and feeds task weights by name
         runner = AdapterSession(str(path), threads=threads, providers=providers, name="onnxruntime").activate()
@@ -401,15 +419,63 @@ def _onnx_model(path: Path, providers, threads) -> tuple[ModelMetadata, Runner, 
     return meta, runner, mode
 
 
+def _static(shape) -> list[int] | None:
+    """A shape as ints, or ``None`` when any axis is symbolic or unknown."""
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape):
+        return None
+    return [int(v) for v in shape]
+
+
+def check_graph_fits_metadata(meta: ModelMetadata, session, where: str) -> None:
+    """Refuse a model whose graph disagrees with its own metadata (hand-edited metadata, or tensors).
+
+    Checks, where the graph declares static sizes: the logits width against the class count (or, for
+    multi-task models, the largest task), the image input against ``preprocess.input_size``, and every
+    swappable tensor of the manifest against the graph's tensor of that name. Without this, predict
+    would label by index or fail inside ONNX Runtime with a shape error.
+
+    Args:
+        meta: the model's validated metadata.
+        session: its ``onnxruntime.InferenceSession``.
+        where: flag and path for messages.
+    """
+    redo = "re-export the model with atexport (its metadata was edited, or belongs to another model)."
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    out_shape = outputs.get((meta.output or {}).get("name")) or next(iter(outputs.values()), None)
+    width = out_shape[-1] if isinstance(out_shape, (list, tuple)) and out_shape else None
+    if isinstance(width, int) and width > 0:
+        if meta.tasks:
+            most = max(int(t["num_classes"]) for t in meta.tasks)
+            if width < most:
+                raise BadInputError(f"{where}: the model computes {width} logits per image but its metadata lists a "
+                                    f"task with {most} classes; {redo}")
+        else:
+            want = meta.num_classes or (len(meta.class_names) if meta.class_names else None)
+            if want and width != want:
+                raise BadInputError(f"{where}: the model computes {width} logits per image but its metadata says "
+                                    f"{want} classes; {redo}")
+    in_shape = _static((inputs.get(meta.input.get("name")) or [None])[1:])
+    want_in = [int(v) for v in meta.preprocess["input_size"]]
+    if in_shape is not None and len(in_shape) == 3 and in_shape != want_in:
+        raise BadInputError(f"{where}: the model takes images of {in_shape} but its metadata preprocesses to "
+                            f"{want_in}; {redo}")
+    tensors = {i.name: i.shape for i in session.get_overridable_initializers()}
+    tensors.update(inputs)
+    for name, e in meta.manifest.items():
+        actual = _static(tensors.get(e.get("initializer", name)))
+        if actual is not None and actual != [int(v) for v in e["shape"]]:
+            raise BadInputError(f"{where}: tensor {e.get('initializer', name)!r} has shape {actual} in the graph but "
+                                f"{e['shape']} in the metadata; {redo}")
+
+
 def _engine_model(path: Path, device: int) -> tuple[ModelMetadata, Runner, str, int | None]:
-    from atexport.export.tensorrt import read_sidecar
+    from atexport.artifact.sidecar import profile_max_batch, read_sidecar, sidecar_metadata
     from atexport.runtime.tensorrt import TensorRTRunner
 
-    sidecar = read_sidecar(path)
-    md = sidecar.get("metadata") or {}
-    meta = ModelMetadata(**{k: v for k, v in md.items() if k in ModelMetadata.__dataclass_fields__})
-    profiles = sidecar.get("profiles") or []
-    max_batch = int(profiles[0]["max"][0]) if profiles and profiles[0].get("max") else None
+    sidecar = read_sidecar(path, "--model")
+    meta = sidecar_metadata(sidecar, str(path))
+    max_batch = profile_max_batch(sidecar)
     runner = TensorRTRunner(str(path), device=device, name="tensorrt")
     runner.activate()  # checks the sidecar against this GPU and TensorRT version; clear error without TensorRT
     if meta.tasks and TASK_INPUT not in runner.inputs:
@@ -418,43 +484,84 @@ def _engine_model(path: Path, device: int) -> tuple[ModelMetadata, Runner, str, 
     return meta, runner, "multitask" if meta.tasks else "single", max_batch
 
 
+def _check_backend(p: Path, backend: str | None, providers, precision) -> str:
+    """The backend to run ``p`` with (its default from the suffix); refuse options that backend cannot use."""
+    suffix = p.suffix.lower()
+    if backend is not None and backend not in BACKENDS:
+        raise BadInputError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}.")
+    if _is_engine(p):
+        if backend is not None:
+            raise BadInputError(f"--backend {backend}: {p} is a TensorRT engine, which runs in TensorRT only; "
+                                "give the .onnx model it was built from to run it in another backend.")
+        if precision is not None:
+            raise BadInputError(f"--precision {precision}: a TensorRT engine runs at the precision it was built "
+                                "with; rebuild it ('atexport trt --precision ...') to change it.")
+        return "tensorrt"
+    if suffix not in (".onnx", ".xml"):
+        raise BadInputError(f"--model {p}: unknown model type {p.suffix!r}; give an .onnx model, an OpenVINO .xml "
+                            "IR or an .engine/.plan.")
+    backend = backend or ("openvino" if suffix == ".xml" else "onnxruntime")
+    if suffix == ".xml" and backend != "openvino":
+        raise BadInputError(f"--backend {backend}: {p} is an OpenVINO IR, which runs in OpenVINO only; "
+                            "use --backend openvino, or give the .onnx model.")
+    if backend == "openvino" and providers:
+        raise BadInputError(f"--provider {', '.join(providers)}: execution providers are ONNX Runtime's; "
+                            "OpenVINO runs on the CPU (leave --provider out, or use --backend onnxruntime).")
+    if backend == "onnxruntime" and precision is not None:
+        raise BadInputError(f"--precision {precision}: ONNX Runtime runs a model at the precision of its file; "
+                            "choose the file (model.int8.onnx, ...) or run it with --backend openvino.")
+    return backend
+
+
 def load_model(path: str | os.PathLike, *, task=None, providers: Sequence[str] | None = None,
-               threads: int | None = None, device: int = 0) -> Model:
-    """Load an atexport ONNX model or TensorRT engine for inference.
+               threads: int | None = None, device: int = 0, backend: str | None = None,
+               precision: str | None = None) -> Model:
+    """Load an atexport ONNX model, OpenVINO IR or TensorRT engine for inference.
 
     Args:
-        path: ``.onnx``, or ``.engine`` / ``.plan`` with its ``.json`` sidecar beside it.
+        path: ``.onnx``, an OpenVINO ``.xml`` IR (its ``.bin`` beside it), or ``.engine`` / ``.plan`` with
+            its ``.json`` sidecar beside it.
         task: the task to select: a name (multi-task models), or for separable models a task ``.npz``
             or checkpoint to load (see :meth:`Model.set_task`).
         providers: ONNX Runtime execution providers (default CPU), e.g. ``["CUDAExecutionProvider",
             "CPUExecutionProvider"]``.
-        threads: ONNX Runtime intra-op threads (default: all cores).
+        threads: ONNX Runtime or OpenVINO inference threads (default: all cores).
         device: CUDA device of a TensorRT engine.
+        backend: ``onnxruntime`` (default for ``.onnx``) or ``openvino`` (default for ``.xml``).
+        precision: OpenVINO only: ``fp32``, ``bf16``, ``fp16``, ``int8`` or ``int8+bf16`` (default: the
+            file's own; ``model.precision`` says what runs).
 
     Raises:
-        BadInputError: missing or unreadable file, no atexport metadata, missing sidecar.
-        MissingDependencyError: onnxruntime (ONNX) or TensorRT (engines) is not installed.
+        BadInputError: missing or unreadable file, no atexport metadata, missing sidecar, an unknown
+            backend, or an option the backend cannot use (``providers`` with OpenVINO, ``precision``
+            with ONNX Runtime or an engine).
+        MissingDependencyError: onnxruntime, openvino or TensorRT is not installed; the CPU cannot run
+            the precision asked for.
         IncompatibleCheckpointError: the engine was built for another GPU or TensorRT version.
     """
     p = Path(path)
     if not p.exists():
         raise BadInputError(f"--model {p}: no such file.")
     if not p.is_file():
-        raise BadInputError(f"--model {p}: not a file (give an .onnx model or an .engine).")
+        raise BadInputError(f"--model {p}: not a file (give an .onnx model, an OpenVINO .xml IR or an .engine).")
+    backend = _check_backend(p, backend, providers, precision)
     max_batch = None
-    if _is_engine(p):
+    if backend == "tensorrt":
         meta, runner, mode, max_batch = _engine_model(p, device)
         kind = "engine"
-    elif p.suffix.lower() == ".onnx":
-        meta, runner, mode = _onnx_model(p, providers, threads)
-        kind = "onnx"
+    elif backend == "openvino":
+        from atexport.runtime.openvino import open_openvino
+
+        meta, runner, mode = open_openvino(p, precision=precision, threads=threads, flag="--model")
+        kind = "openvino"
     else:
-        raise BadInputError(f"--model {p}: unknown model type {p.suffix!r}; give an .onnx model or an .engine/.plan.")
+        meta, runner, mode = open_onnx(p, providers, threads)
+        kind = "onnx"
     model = Model(p, meta, runner, kind, mode, max_batch=max_batch)
     if task is not None:
         model.set_task(task)
     return model
 
 
-__all__ = ["Model", "Prediction", "load_model", "softmax", "ENGINE_SUFFIXES"]
+__all__ = ["BACKENDS", "Model", "Prediction", "load_model", "softmax", "ENGINE_SUFFIXES"]
 

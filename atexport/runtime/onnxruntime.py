@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from atexport.errors import BadInputError, require
+from atexport.errors import BadInputError, MissingDependencyError, require
 from atexport.runtime.base import Runner
+from atexport.utils.io import error_reason
 
 
 def session_options(threads: int | None = None, optimization: str = "all"):
@@ -38,12 +39,75 @@ def create_session(model, threads: int | None = None, providers=None, optimizati
         src = model
     else:
         src = model.SerializeToString()
-    providers = providers or ["CPUExecutionProvider"]
+    providers = list(providers or ["CPUExecutionProvider"])
+    wanted = check_providers(ort, providers)
     try:
-        return ort.InferenceSession(src, session_options(threads, optimization), providers=providers)
+        # no silent fallback to CPU (ORT prints an "EP Error" banner and carries on): a provider asked for
+        # and not usable is an error, exit 4
+        session = ort.InferenceSession(src, session_options(threads, optimization), providers=providers,
+                                       enable_fallback=0)
     except Exception as e:
-        msg = str(e).splitlines()[0][:300]
+        msg = error_reason(e, 300)
+        gpu = [n for n in wanted if n != "CPUExecutionProvider"]
+        if gpu and any(k in str(e) for k in ("ExecutionProvider", "CUDA", "cuda", "TensorRT", "provider")):
+            raise MissingDependencyError(
+                f"--provider {gpu[0]}: ONNX Runtime cannot start it ({msg}); {_PROVIDER_PACKAGES.get(gpu[0], _OTHER)}"
+            ) from None
         raise BadInputError(f"{where}: ONNX Runtime cannot load it ({msg}). Re-export it with 'atexport onnx'.") from None
+    got = set(session.get_providers())
+    lost = [n for n in wanted if n not in got]
+    if lost:
+        raise MissingDependencyError(
+            f"--provider {lost[0]}: ONNX Runtime did not start it (it runs on {', '.join(session.get_providers())}); "
+            f"{_PROVIDER_PACKAGES.get(lost[0], _OTHER)}"
+        )
+    return session
+
+
+_OTHER = "it needs an ONNX Runtime build with that provider."
+_PROVIDER_PACKAGES = {
+    "CUDAExecutionProvider": "it needs the onnxruntime-gpu package (pip install onnxruntime-gpu, in place of "
+                             "onnxruntime), a CUDA GPU and its driver.",
+    "TensorrtExecutionProvider": "it needs the onnxruntime-gpu package (pip install onnxruntime-gpu, in place of "
+                                 "onnxruntime), TensorRT and a CUDA GPU; or build an engine with 'atexport trt'.",
+    "OpenVINOExecutionProvider": "it needs the onnxruntime-openvino package (pip install onnxruntime-openvino); "
+                                 "or use 'atexport openvino'.",
+    "DmlExecutionProvider": "it needs the onnxruntime-directml package on Windows (pip install onnxruntime-directml).",
+    "CoreMLExecutionProvider": "it comes with the onnxruntime package on macOS.",
+    "ROCMExecutionProvider": "it needs an ONNX Runtime build for ROCm (onnxruntime-rocm) and an AMD GPU.",
+    "MIGraphXExecutionProvider": "it needs an ONNX Runtime build for ROCm with MIGraphX and an AMD GPU.",
+    "QNNExecutionProvider": "it needs the onnxruntime-qnn package on a Qualcomm device.",
+}
+
+
+def check_providers(ort, providers) -> list[str]:
+    """Provider names of ``providers`` (names or ``(name, options)``), all available in this ONNX Runtime.
+
+    Raises:
+        BadInputError: a name that is no ONNX Runtime execution provider at all.
+        MissingDependencyError: a provider this ONNX Runtime build does not include (exit 4), with the
+            package that brings it.
+    """
+    names = []
+    for p in providers:
+        name = p[0] if isinstance(p, (tuple, list)) and p else p
+        if not isinstance(name, str):
+            raise BadInputError(f"--provider {p!r}: expected a provider name such as CPUExecutionProvider.")
+        names.append(name)
+    available = list(ort.get_available_providers())
+    for name in names:
+        if name in available:
+            continue
+        if name not in ort.get_all_providers():
+            raise BadInputError(
+                f"--provider {name}: not an ONNX Runtime execution provider; this installation has "
+                f"{', '.join(available)}."
+            )
+        raise MissingDependencyError(
+            f"--provider {name}: not available in this ONNX Runtime ({ort.__version__}, which has "
+            f"{', '.join(available)}); {_PROVIDER_PACKAGES.get(name, _OTHER)}"
+        )
+    return names
 
 
 class OnnxRuntimeRunner(Runner):

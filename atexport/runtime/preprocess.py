@@ -59,8 +59,13 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise BadInputError(f"{path}: cannot read this image ({e}).") from None
+    except Image.DecompressionBombError as e:  # before OSError: a small file claiming gigapixels
+        size = str(e).split(",")[0].rstrip(".")
+        raise BadInputError(f"{path}: refused as a possible decompression bomb ({size}); resize the image first.") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise BadInputError(f"{path}: cannot read this image ({str(e).strip() or type(e).__name__}).") from None
+    except MemoryError:
+        raise BadInputError(f"{path}: cannot read this image (it needs more memory than there is).") from None
 
 
 def _resize_shorter(img: Image.Image, size: int, resample) -> Image.Image:

@@ -15,14 +15,144 @@ never imports torch; tensorrt is imported on activation only.
 
 from __future__ import annotations
 
-from typing import Mapping
+import os
+from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
-from atexport.errors import AtexportError, BadInputError
+from atexport.artifact.sidecar import check_engine_compatible, read_sidecar, rebuild_command
+from atexport.errors import AtexportError, BadInputError, IncompatibleCheckpointError, MissingDependencyError
 from atexport.runtime.base import Runner
 
 # TensorRT DataType member name -> numpy dtype (the types an atexport engine's I/O can have).
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MissingDependencyError(
+            "TensorRT's Python package is not installed; it is needed to build and run TensorRT engines. "
+            "Install it on the GPU machine with: pip install 'atexport[tensorrt]' (on Jetson it comes with "
+            "JetPack). The precision ONNX model can be built into an engine there."
+        ) from None
+    return trt
+
+
+def tensorrt_version() -> str | None:
+    """The installed TensorRT version, or ``None`` (without importing TensorRT's libraries)."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu13", "tensorrt_cu12"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    try:
+        return str(import_tensorrt().__version__)
+    except Exception:
+        return None
+
+
+def cuda_device(index: int = 0) -> dict:
+    """``{"name", "compute_capability": [major, minor], "index"}`` of a CUDA GPU.
+
+    Asks the CUDA runtime through :mod:`atexport.runtime.cuda` (cuda-python or ``libcudart``), never torch,
+    so loading an engine in an app does not import it.
+
+    Raises:
+        MissingDependencyError: no CUDA runtime, or no usable CUDA GPU.
+    """
+    from atexport.runtime.cuda import NoCudaDevice, cuda_runtime
+
+    try:
+        return cuda_runtime().device_info(index)
+    except NoCudaDevice as e:
+        raise MissingDependencyError(
+            f"{e} Build the engine on the target GPU (or Jetson) from the precision ONNX model with "
+            "'atexport trt --onnx MODEL.onnx'."
+        ) from None
+
+
+def require_tensorrt(device: int = 0) -> tuple[Any, dict]:
+    """TensorRT module and GPU ``device``, or one clear :class:`MissingDependencyError`."""
+    trt = import_tensorrt()
+    return trt, cuda_device(device)
+
+
+def version_pin_hint(built: str, here: str) -> str:
+    """What to install to run an engine built with TensorRT ``built`` where ``here`` is installed ('' if equal).
+
+    ``pip install tensorrt`` (and ``tensorrt>=10.0``) resolves to the newest release, 11.x today, whose runtime
+    does not load 10.x engines unless they were built version compatible; the pin names the build's release.
+    """
+    from atexport.artifact.sidecar import parse_version
+
+    b, h = parse_version(built), parse_version(here)
+    if b == h:
+        return ""
+    return (f"this engine was built with TensorRT {built} and this machine has {here}; to run it as built, install "
+            f"the same release (pip install 'tensorrt-cu12=={built}', or the JetPack/Triton container that ships "
+            f"it), or rebuild it here")
+
+
+class _Logger:
+    """A TensorRT logger that keeps errors for the exception message."""
+
+    def __new__(cls, trt, verbose: bool = False):
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+
+            def log(self, severity, msg):
+                if severity <= trt.ILogger.Severity.ERROR:
+                    self.errors.append(str(msg))
+                if verbose or severity <= trt.ILogger.Severity.WARNING:
+                    print(f"[TensorRT] {msg}")
+
+        return Logger()
+
+
+def load_engine(engine_path: str | os.PathLike, *, device: int = 0, log=None):
+    """Check the sidecar against GPU ``device`` of this machine, then deserialize the engine.
+
+    Returns:
+        ``(trt, runtime, engine, sidecar)``.
+
+    Raises:
+        IncompatibleCheckpointError: built for another GPU or TensorRT version (says which, and the command
+            that rebuilds it here).
+    """
+    say = log or (lambda *_: None)
+    sidecar = read_sidecar(engine_path)
+    trt, info = require_tensorrt(device)
+    sidecar["engine"] = {**sidecar.get("engine", {}), "path": str(engine_path)}  # the rebuild command's -o
+    built = str((sidecar.get("tensorrt") or {}).get("version", "?"))
+    try:
+        warnings = check_engine_compatible(sidecar, str(trt.__version__), info, where=f"engine {engine_path}")
+    except IncompatibleCheckpointError as e:
+        hint = version_pin_hint(built, str(trt.__version__))
+        raise IncompatibleCheckpointError(f"{e}{' (' + hint + ')' if hint and hint not in str(e) else ''}") from None
+    for w in warnings:
+        say(f"warning: {w}")
+    logger = _Logger(trt)
+    runtime = trt.Runtime(logger)
+    if sidecar.get("build", {}).get("engine_host_code_allowed"):
+        runtime.engine_host_code_allowed = True
+    engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise IncompatibleCheckpointError(
+            f"TensorRT {trt.__version__} could not load engine {engine_path}, built with TensorRT {built} "
+            f"({'; '.join(logger.errors[-2:]) or 'deserialization failed'}); rebuild it on this device: "
+            f"{rebuild_command(sidecar)}"
+        )
+    return trt, runtime, engine, sidecar
+
+
+
 TRT_TO_NUMPY = {
     "FLOAT": np.float32,
     "HALF": np.float16,
@@ -119,13 +249,13 @@ class TensorRTRunner(Runner):
         self._buffers: dict = {}
 
     def _activate(self):
-        from atexport.export.tensorrt import _trt, load_engine
         from atexport.runtime.cuda import DeviceBuffer, cuda_runtime
 
-        _trt()  # without TensorRT: its one sentence, before anything touches CUDA
+        import_tensorrt()  # without TensorRT: its one sentence, before anything touches CUDA
         self.cuda = cuda_runtime()
         self.cuda.set_device(self.device)  # the engine is deserialized onto the current device
-        self.trt, self.runtime, self.engine, self.sidecar = load_engine(self.engine_path, log=self.log)
+        self.trt, self.runtime, self.engine, self.sidecar = load_engine(self.engine_path, device=self.device,
+                                                                        log=self.log)
         where = f"engine {self.engine_path}"
         eng = self.engine
         self.context = eng.create_execution_context()
@@ -181,7 +311,11 @@ class TensorRTRunner(Runner):
             outs[name] = np.empty(shape, dtype=dt)
         for name, a in {**host, **outs}.items():
             ptr = self._buffers[name].ensure(a.nbytes)
-            ctx.set_tensor_address(name, ptr)
+            if not ctx.set_tensor_address(name, ptr):
+                raise AtexportError(
+                    f"{where}: TensorRT refused the GPU address of {name} (set_tensor_address returned False: a "
+                    "misaligned or null pointer, or a name the engine does not have); see the TensorRT messages above."
+                )
         for name, a in host.items():
             cuda.copy_to_device(self._buffers[name].ptr, a, self.stream)
         if not ctx.execute_async_v3(self.stream):

@@ -14,7 +14,9 @@ Example:
 from atexport.training.config import REGIMES, TrainConfig, load_recipe, parse_seeds, parse_set, resolve_config
 from atexport.training.device import is_main_process
 from atexport.training.official import convert_official, read_class_names
-from atexport.training.trainer import TrainResult, lr_at, param_report, train
+from atexport.training.params import param_report
+from atexport.training.schedule import lr_at
+from atexport.training.trainer import TrainResult, train
 
 __all__ = [
     "REGIMES",

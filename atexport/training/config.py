@@ -12,6 +12,7 @@ The resolved config is saved beside the checkpoints as ``config.yaml``, which is
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from atexport.errors import BadInputError
 REGIMES = ("adapter", "head", "full")
 INITS = ("zero", "small")  # atexport.adapter.INITS (not imported: it would pull in torch)
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+PREPROCESS_MODES = ("timm", "official")  # atexport.models.PREPROCESS_MODES (not imported: torch-free here)
 DEVICES = ("auto", "cpu", "cuda")
 # How the invocation runs, not what it computes: excluded from config.yaml (resume/overwrite/progress)
 # and free to change when resuming (all of these).
@@ -62,6 +64,10 @@ class TrainConfig:
         every: an adapter on every ``every``-th block.
         alpha: adapter output scale.
         init: ``zero`` (exact pretrained function at step 0) or ``small``.
+        adapter: the adapter family and its own keys (``--adapter KIND``, ``--set adapter.KEY=VALUE``), e.g.
+            ``{kind: adaring, ring_rank: 8}``; empty: AdapterTune. ``rank``, ``every``, ``alpha`` and ``init``
+            above apply to every family that has them (keys here win); the families and their keys are in
+            :mod:`atexport.adapters`.
         epochs: training epochs.
         batch_size: global batch size (split over the processes of a torchrun job).
         eval_batch_size: batch size for validation and test (default ``batch_size``).
@@ -73,6 +79,10 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing.
         scale: area range of RandomResizedCrop.
         ratio: aspect-ratio range of RandomResizedCrop.
+        preprocess: ``timm`` (the backbone's own data config: mean/std, crop and interpolation its
+            pretrained weights expect) or ``official`` (the official AdapterTune code's ImageNet
+            mean/std, bilinear, Resize(256) + CenterCrop(224), for reproducing the paper's table). It
+            is recorded in the checkpoint, so export, verify and the runtime use the same transform.
         hflip: horizontal flip probability.
         color_jitter: color jitter strength; ``None`` for none (the paper's augmentation).
         workers: data-loading processes (results are reproducible for a fixed value).
@@ -107,6 +117,7 @@ class TrainConfig:
     every: int = 1
     alpha: float = 1.0
     init: str = "zero"
+    adapter: dict = field(default_factory=dict)
     epochs: int = 50
     batch_size: int = 128
     eval_batch_size: int | None = None
@@ -118,6 +129,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     scale: list = field(default_factory=lambda: [0.08, 1.0])
     ratio: list = field(default_factory=lambda: [0.75, 4 / 3])
+    preprocess: str = "timm"
     hflip: float = 0.5
     color_jitter: float | None = None
     workers: int = 4
@@ -149,6 +161,10 @@ class TrainConfig:
             raise BadInputError(f"--regime must be one of {', '.join(REGIMES)}, got {self.regime!r}.")
         if self.init not in INITS:
             raise BadInputError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}.")
+        if self.preprocess not in PREPROCESS_MODES:
+            raise BadInputError(
+                f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess!r}."
+            )
         if self.amp not in AMP_MODES:
             raise BadInputError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}.")
         dev = self.device.split(":")[0]
@@ -187,6 +203,12 @@ class TrainConfig:
             self.seeds = parse_seeds(self.seeds)
         if not isinstance(self.model_args, dict) or not isinstance(self.dataset_args, dict):
             raise BadInputError("model_args and dataset_args must be mappings.")
+        if self.adapter and self.regime != "adapter":
+            raise BadInputError(
+                f"--adapter / adapter.* ({self.adapter}) apply to --regime adapter only, not {self.regime!r}."
+            )
+        if self.adapter:
+            self.adapter_config()  # validates the family and its keys now, not after the data are loaded
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -212,12 +234,28 @@ class TrainConfig:
         return d
 
     def adapter_config(self):
-        """The :class:`~atexport.adapter.AdapterConfig` of an ``adapter`` run, else ``None``."""
+        """The adapter family's config of an ``adapter`` run (AdapterTune's by default), else ``None``."""
         if self.regime != "adapter":
             return None
-        from atexport.adapter import AdapterConfig
+        from atexport.adapters import DEFAULT_KIND, get_family
 
-        return AdapterConfig(rank=self.rank, every=self.every, alpha=self.alpha, init=self.init)
+        section = dict(self.adapter)
+        kind = section.pop("kind", None) or DEFAULT_KIND
+        cls = get_family(kind).config_cls
+        own = {f.name for f in fields(cls)}
+        merged = {}
+        for key in ("rank", "every", "alpha", "init"):
+            value = getattr(self, key)
+            if key in own:
+                merged[key] = value
+            elif _norm(value) != _norm(_FLAT_DEFAULTS[key]):
+                raise BadInputError(
+                    f"--{key} {value} does not apply to the {kind} adapter; its keys are "
+                    f"{', '.join(sorted(own - {'kind'}))} (set them with --set adapter.KEY=VALUE)."
+                )
+        merged.update(section)
+        merged["kind"] = kind
+        return cls.from_dict(merged)
 
     def resolved_model_args(self) -> dict:
         args = dict(self.model_args)
@@ -255,12 +293,21 @@ class TrainConfig:
         return out
 
 
+_FLAT_DEFAULTS = {"rank": 16, "every": 1, "alpha": 1.0, "init": "zero"}
+
+
 def _norm(v):
     if isinstance(v, (list, tuple)):
         return [_norm(x) for x in v]
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return v
+
+
+# Keys that 'atexport train' takes as flags (named --key in messages); the others are --set / recipe keys.
+_FLAG_KEYS = {"img_size", "patch_size", "regime", "rank", "every", "alpha", "init", "epochs", "batch_size", "lr",
+              "weight_decay", "warmup_epochs", "clip_grad", "preprocess", "val_fraction", "workers", "seed",
+              "seeds", "limit_train", "limit_eval", "device", "amp"}
 
 
 def _flag(key: str) -> str:
@@ -298,7 +345,10 @@ def _coerce(key: str, typ: str, v):
         if base == "float":
             if isinstance(v, bool):
                 raise ValueError
-            return float(v)
+            f = float(v)
+            if not math.isfinite(f):  # nan/inf: refused here, before it becomes a misleading later error
+                raise BadInputError(f"{_flag(key) if key in _FLAG_KEYS else key} must be a finite number, got {v!r}.")
+            return f
         if base == "str":
             if not isinstance(v, (str, int, float, os.PathLike)) or isinstance(v, bool):
                 raise ValueError
@@ -310,7 +360,7 @@ def _coerce(key: str, typ: str, v):
                 return v
             raise ValueError
         return list(v) if base == "list" else v
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BadInputError(f"{key}: expected {base}{' or null' if optional else ''}, got {v!r}.") from None
 
 
@@ -358,9 +408,11 @@ def load_recipe(name_or_path: str | os.PathLike, _seen: tuple = ()) -> dict:
     if source in _seen:
         raise BadInputError(f"recipe {source}: 'inherit' loops back to itself ({' -> '.join(_seen)}).")
     parent = data.pop("inherit", None)
+    if parent is not None and not isinstance(parent, str):
+        raise BadInputError(f"recipe {source}: 'inherit' must name one recipe, got {str(parent)[:60]!r}.")
     if parent:
         beside = Path(source).parent / f"{parent}.yaml"
-        base = load_recipe(beside if beside.is_file() else parent, _seen + (source,))
+        base = load_recipe(beside if configs.is_file(beside) else parent, _seen + (source,))
         base.pop("_source", None)
         data = configs.merge(base, data) if data else base
     data["_source"] = source
@@ -396,6 +448,9 @@ def resolve_config(recipe: str | os.PathLike | None = None, overrides: dict | No
     source = data.pop("_source")
     if "recipe" not in data or Path(str(recipe)).suffix not in (".yaml", ".yml"):
         data["recipe"] = str(recipe)
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:  # from --set (flags are all known keys): blame --set, not the recipe
+        TrainConfig.from_dict({k: overrides[k] for k in unknown}, source="--set")
     merged = configs.merge(data, overrides)
     cfg = TrainConfig.from_dict(merged, source=f"recipe {source}")
     if not cfg.dataset:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +25,13 @@ from typing import Any, Callable
 
 from atexport.errors import AtexportError, BadInputError, IncompatibleCheckpointError
 from atexport.training.config import TrainConfig
+from atexport.training.outputs import (CONFIG, LAST, METRICS, RUN, SUMMARY, prepare_output, remove_unused_output,
+                                       seed_summary, write_config)
+from atexport.training.params import apply_regime, describe_params, param_report, reinit_head
+from atexport.training.schedule import epoch_seed, lr_at, rng_state, seed_everything, set_rng_state
 from atexport.utils.io import atomic_write_json, atomic_write_text
 
 _logger = logging.getLogger("atexport.training")
-RUN, LAST, METRICS, CONFIG, SUMMARY = "run.pt", "last.pt", "metrics.jsonl", "config.yaml", "summary.json"
 
 
 @dataclass
@@ -108,12 +109,17 @@ def train(
     from atexport.training.device import setup_env
 
     env = setup_env(cfg.device, cfg.amp)
+    out = cfg.output_dir()
+    created = not out.exists()
     try:
         if cfg.seeds:
             return _train_seeds(cfg, env, log, on_epoch_end)
-        out = cfg.output_dir()
-        _prepare_output(out, cfg, env)
+        prepare_output(out, cfg, env)
         return _Run(cfg, out, env, log, on_epoch_end, resume=cfg.resume).fit()
+    except BaseException:
+        if created and env.is_main:
+            remove_unused_output(out)
+        raise
     finally:
         env.close()
 
@@ -133,16 +139,16 @@ def _train_seeds(cfg: TrainConfig, env, log, on_epoch_end) -> TrainResult:
         if cfg.resume and not existing:
             raise BadInputError(f"--resume: {out} holds no seed_*/last.pt; nothing to resume.")
         out.mkdir(parents=True, exist_ok=True)
-        _write_config(out / CONFIG, cfg)
+        write_config(out / CONFIG, cfg)
     runs = []
     for s, d in seed_dirs.items():
         sub = cfg.with_seed(s, d)
         resume = cfg.resume and (d / LAST).exists()
         if env.is_main:
-            _prepare_output(d, sub if resume else _fresh(sub), env)
+            prepare_output(d, sub if resume else _fresh(sub), env)
         log(f"== seed {s} ({len(runs) + 1}/{len(seed_dirs)}) -> {d}")
         runs.append(_Run(sub, d, env, log, on_epoch_end, resume=resume).fit())
-        summary = _seed_summary(runs, np)
+        summary = seed_summary(runs, np)
         if env.is_main:
             atomic_write_json(out / SUMMARY, summary)
     t = summary["test_top1"] or {}
@@ -156,170 +162,8 @@ def _fresh(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, resume=False)
 
 
-def _seed_summary(runs: list, np) -> dict:
-    def stats(key):
-        vals = [float(r.metrics[key]) for r in runs if r.metrics.get(key) is not None]
-        if not vals:
-            return None
-        std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-        return {"mean": float(np.mean(vals)), "std": std, "values": vals}
-
-    return {
-        "seeds": [r.config["seed"] for r in runs],
-        "test_top1": stats("test_top1"),
-        "val_top1": stats("val_top1"),
-        "std_ddof": 1,
-        "runs": {str(r.config["seed"]): str(r.checkpoint) for r in runs},
-    }
-
-
-def _prepare_output(out: Path, cfg: TrainConfig, env) -> None:
-    if not env.is_main:
-        return
-    has_run = (out / LAST).exists() or (out / RUN).exists()
-    if cfg.resume:
-        if not (out / LAST).exists():
-            raise BadInputError(f"--resume: {out / LAST} does not exist; nothing to resume (start without --resume).")
-    elif has_run and not cfg.overwrite:
-        raise BadInputError(
-            f"-o {out} already holds a run; pass --resume to continue it, --overwrite to start over, "
-            "or choose another -o."
-        )
-    elif has_run:
-        for name in (RUN, LAST, METRICS):
-            (out / name).unlink(missing_ok=True)
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"-o {out}: exists and is not a folder.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadInputError(f"-o {out}: cannot create the folder ({e.strerror}).") from None
-
-
-def _write_config(path: Path, cfg: TrainConfig) -> None:
-    import yaml
-
-    header = "# Resolved atexport training config; rerun with: atexport train --recipe " + str(path) + "\n"
-    atomic_write_text(path, header + yaml.safe_dump(cfg.to_dict(record=True), sort_keys=False))
-
-
 # ------------------------------------------------------------------------------------------------
 # Pieces of a run
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA)."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """The seed of one epoch's shuffling and augmentation, independent of what ran before."""
-    return (int(seed) * 1_000_003 + int(epoch) * 10_007 + int(rank) * 101 + 12345) % 2**31
-
-
-def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:
-    """Linear warm-up over ``warmup_steps`` then per-step cosine to ``min_lr`` (the official schedule)."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def apply_regime(model, regime: str) -> list:
-    """Freeze what ``regime`` keeps fixed; return the trainable parameters in a stable order."""
-    from atexport.models import HEAD_PREFIXES
-
-    params = []
-    for name, p in model.named_parameters():
-        if regime == "full":
-            train_it = True
-        elif regime == "head":
-            train_it = name.startswith(HEAD_PREFIXES)
-        else:
-            train_it = name.startswith(HEAD_PREFIXES) or ".adapter." in name
-        p.requires_grad_(train_it)
-        if train_it:
-            params.append(p)
-    if not params:
-        raise IncompatibleCheckpointError(f"regime {regime!r} leaves nothing to train in this model.")
-    return params
-
-
-def param_report(model, regime: str, adapter_cfg) -> dict:
-    """Trainable parameters and their share of full fine-tuning (backbone + head, no adapters)."""
-    from atexport.models import HEAD_PREFIXES
-
-    named = list(model.named_parameters())
-    full = sum(p.numel() for n, p in named if ".adapter." not in n)
-    trainable = sum(p.numel() for _, p in named if p.requires_grad)
-    report = {
-        "trainable": trainable,
-        "full_finetune": full,
-        "share": trainable / full,
-        "head": sum(p.numel() for n, p in named if n.startswith(HEAD_PREFIXES)),
-        "adapters": sum(p.numel() for n, p in named if ".adapter." in n),
-    }
-    if adapter_cfg is not None:
-        dim, depth = int(model.embed_dim), len(model.blocks)
-        report["num_adapters"] = len(adapter_cfg.placed(depth))
-        report["per_adapter"] = 2 * dim * adapter_cfg.rank + adapter_cfg.rank + dim
-        report["embed_dim"] = dim
-    return report
-
-
-def describe_params(p: dict, regime: str) -> str:
-    s = f"trainable parameters ({regime}): {p['trainable']:,}"
-    if "per_adapter" in p:
-        s += (f" = {p['num_adapters']} adapters x {p['per_adapter']:,} (2*D*r + r + D, D={p['embed_dim']})"
-              f" + head {p['head']:,}")
-    return s + f"; {100 * p['share']:.2f}% of full fine-tuning ({p['full_finetune']:,})"
-
-
-def _reinit_head(model, seed: int) -> None:
-    """timm's head init (truncated normal, std 0.02; zero bias), drawn from the training seed."""
-    import torch
-
-    head = getattr(model, "head", None)
-    if not isinstance(head, torch.nn.Linear):
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.nn.init.trunc_normal_(head.weight, std=0.02)
-        torch.nn.init.zeros_(head.bias)
-
-
-def _rng_state() -> dict:
-    import numpy as np
-    import torch
-
-    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    st["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    import numpy as np
-    import torch
-
-    torch.set_rng_state(st["torch"])
-    random.setstate(_tuples(st["python"]))
-    n = st["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if st.get("cuda") and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _tuples(x):
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def _worker_message(e: AtexportError) -> AtexportError:
@@ -344,6 +188,7 @@ class _Run:
         self.on_epoch_end = on_epoch_end
         self.resume = resume
         self.epochs_run = 0
+        self.t_start = time.perf_counter()
         self.test_metrics = None  # of a finished run found when resuming
         self.split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
 
@@ -391,8 +236,8 @@ class _Run:
             if tag:  # pin the weights actually loaded, so a later timm default cannot swap them
                 spec.backbone = f"{spec.backbone}.{tag}"
         fingerprint = backbone_fingerprint(model)
-        preprocess = preprocess_config(model)
-        _reinit_head(model, cfg.seed)
+        preprocess = preprocess_config(model, cfg.preprocess)
+        reinit_head(model, cfg.seed)
         adapter_cfg = cfg.adapter_config()
         if adapter_cfg is not None:
             with torch.random.fork_rng(devices=[]):
@@ -451,7 +296,7 @@ class _Run:
 
         state = None
         if self.resume:
-            last = load_checkpoint(out / LAST, flag="--resume")
+            last = load_checkpoint(out / LAST, flag="--resume", layout="trained")
             check_fingerprint(last.fingerprint, model, f"--resume {out / LAST}")
             diffs = cfg.differences(last.config)
             if diffs:
@@ -503,24 +348,26 @@ class _Run:
             start_epoch, step = int(state["epoch"]), int(state["step"])
             history = [dict(h) for h in state.get("history", [])]
             self.best = dict(state.get("best") or self.best)
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
             if not (out / RUN).exists():
                 raise IncompatibleCheckpointError(
                     f"--resume: {out / RUN} (the best epoch so far) is missing; start over with --overwrite."
                 )
-            best_ckpt = load_checkpoint(out / RUN, flag="--resume")
+            best_ckpt = load_checkpoint(out / RUN, flag="--resume", layout="trained")
             self.best_state = best_ckpt.state_dict
             if best_ckpt.metrics.get("test_top1") is not None and start_epoch >= cfg.epochs:
                 self.test_metrics = best_ckpt.metrics
             if env.is_main:
                 log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs} (step {step})")
         if env.is_main:
-            _write_config(out / CONFIG, cfg)
+            write_config(out / CONFIG, cfg)
 
+        self.t_start = time.perf_counter()  # the ETA of the epoch lines counts epochs of this invocation
         for epoch in range(start_epoch, cfg.epochs):
             row, step = self._train_epoch(epoch, step)
             if "val" in self.eval_loaders:
                 row.update({f"val_{k}": v for k, v in self.evaluate("val").items()})
+            self._check_finite(row)  # a diverged epoch never becomes run.pt (best) nor last.pt
             improved = "val_top1" not in row or self.best["val_top1"] is None or row["val_top1"] > self.best["val_top1"]
             row["best"] = improved
             history.append(row)
@@ -536,7 +383,7 @@ class _Run:
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                     "scheduler": {"name": "warmup_cosine", "step": step, "total_steps": self.total_steps,
                                   "warmup_steps": self.warmup_steps, "base_lr": cfg.lr, "min_lr": cfg.min_lr},
-                    "rng": _rng_state(), "best": dict(self.best), "history": history,
+                    "rng": rng_state(), "best": dict(self.best), "history": history,
                 }
                 self._save(out / LAST, self._trainable_state(), dict(row, params=self.params), resume_state)
                 self._write_metrics(history)
@@ -545,6 +392,25 @@ class _Run:
                 self.on_epoch_end(dict(row))
 
         return self._finish(history)
+
+    def _check_finite(self, row: dict) -> None:
+        """Stop with a clear error when the epoch left NaN/infinite weights or losses (e.g. --lr too high)."""
+        import math
+
+        import torch
+
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        losses = [k for k in ("train_loss", "val_loss") if k in row and not math.isfinite(float(row[k]))]
+        if not (bad or losses):
+            return
+        what = (f"{len(bad)} trained tensors hold NaN or infinite values ({', '.join(bad[:2])}"
+                f"{', ...' if len(bad) > 2 else ''})") if bad else f"the {' and '.join(losses)} is not finite"
+        kept = (f"{self.out / RUN} keeps epoch {self.best['epoch']}, the best finite one"
+                if self.best.get("epoch") else "no checkpoint was written")
+        raise BadInputError(
+            f"training diverged in epoch {row['epoch']}: {what}; lower --lr (now {self.cfg.lr:g}) or keep "
+            f"--clip-grad on; {kept}."
+        )
 
     def _finish(self, history) -> TrainResult:
         cfg, env, out = self.cfg, self.env, self.out
@@ -621,9 +487,8 @@ class _Run:
                 seen += n
                 if bar is not None:
                     dt = max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {100 * correct / seen:.1f}% "
-                                        f"{seen * env.world_size / dt:.0f} img/s lr {lr:.2e}", refresh=False)
-                    bar.update(1)
+                    bar.update(1, postfix=f"loss {loss_sum / seen:.4f} acc {100 * correct / seen:.1f}% "
+                                          f"{seen * env.world_size / dt:.0f} img/s lr {lr:.2e}")
         except AtexportError as e:
             raise _worker_message(e) from None
         finally:
@@ -674,11 +539,14 @@ class _Run:
 
     # -- outputs ----------------------------------------------------------------------------------
     def _bar(self, total: int, desc: str):
+        """A batch bar on a terminal; none otherwise (the epoch line is the one line per step)."""
         if not (self.cfg.progress and self.env.is_main):
             return None
-        from tqdm.auto import tqdm
+        from atexport.utils.progress import Progress, progress_mode
 
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, unit="batch")
+        if progress_mode(True) != "bar":
+            return None
+        return Progress(total, desc, unit="batch", mode="bar")
 
     def _trainable_state(self) -> dict:
         from atexport.checkpoint import trainable_state
@@ -709,5 +577,11 @@ class _Run:
         if "val_top1" in row:
             s += f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}%"
         s += f"  lr {row['lr']:.2e}  {row['img_per_s']:.0f} img/s"
+        left = self.cfg.epochs - row["epoch"]
+        if left > 0 and self.epochs_run:
+            from atexport.utils.progress import format_seconds
+
+            per_epoch = (time.perf_counter() - self.t_start) / self.epochs_run
+            s += f"  ETA {format_seconds(per_epoch * left)}"
         return s + ("  *best" if row.get("best") and "val_top1" in row else "")
 

@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -44,12 +46,78 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
+STALE_TEMP_SECONDS = 3600.0  # a temp file without a PID untouched this long is left over from a killed write
+LIVE_PID_TEMP_SECONDS = 86400.0  # one whose creating PID runs again (PID reuse) is removed only after a day
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but belongs to someone else (or we cannot tell): treat as alive
+    return True
+
+
+def clean_stale_temps(path: str | os.PathLike, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete temporary files of our own naming (``.NAME.<pid>.<random>.tmp``) left beside ``path``.
+
+    A write killed with SIGKILL cannot remove its temporary file. The next write of the same target
+    removes such files when the process that created them is dead; files without a PID (older atexport
+    versions, ``.NAME.<random>.tmp``) when untouched for ``max_age`` seconds; files whose PID is alive
+    (a write in progress) only after a day untouched, in case the PID was reused. Another process's live
+    temporary file is never touched.
+
+    Returns:
+        The files removed.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    prefix = f".{path.name}."
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        middle = name[len(prefix):-len(".tmp")]
+        pid_text = middle.split(".", 1)[0] if "." in middle else ""
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        pid = int(pid_text) if pid_text.isdigit() else None
+        if pid is None:  # an older atexport's name: only its age tells
+            stale = age >= max_age
+        elif pid == os.getpid() or _pid_alive(pid):  # a live write (ours or another process's), unless PID reuse
+            stale = age >= LIVE_PID_TEMP_SECONDS
+        else:
+            stale = True
+        if stale:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds."""
+    """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    The temporary file is named ``.NAME.<pid>.<random>.tmp``; stale ones left by killed writes of the same
+    target are removed first (:func:`clean_stale_temps`).
+    """
     path = Path(path)
     check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -95,3 +163,74 @@ def require_file(path: str | os.PathLike, flag: str, what: str = "file") -> Path
     if not path.is_file():
         raise BadInputError(f"{flag} {path}: not a file.")
     return path
+
+
+def error_reason(e: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none).
+
+    Never an IndexError on an empty message (``EOFError()`` from a 0-byte file has none).
+    """
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    if len(text) > 120 and ". " in text:  # long library messages: their first sentence says it
+        text = text.split(". ")[0]
+    return text[:limit]
+
+
+def _unpickle_refused(e: BaseException) -> str | None:
+    """For torch's weights-only refusal: what it refused, without torch's advice to disable the check."""
+    text = str(e)
+    if "weights_only" not in text and "Weights only" not in text and "WeightsUnpickler" not in text:
+        return None
+    detail = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if "GLOBAL" in line or "Unsupported" in line:
+            detail = line.replace("WeightsUnpickler error:", "").strip()[:150].rstrip(".")
+            break
+    if "GLOBAL" in detail:  # a reference to a Python callable: what code-carrying pickles are made of
+        return ("it holds pickled Python objects other than tensors and plain data, which atexport never loads "
+                f"because they can run code; {detail}")
+    return ("cannot read it as a weights-only torch file" + (f": {detail}" if detail else "")
+            + "; atexport never unpickles anything else")
+
+
+def load_torch_file(path: str | os.PathLike, flag: str, expect: str) -> object:
+    """``torch.load(path, weights_only=True)`` with one clear :class:`BadInputError` for any unreadable file.
+
+    An empty file, a truncated or random one, and a pickle carrying code are each reported by ``flag`` and
+    path. torch's own advice to re-run with ``weights_only=False`` (running the file's code) is never
+    repeated.
+
+    Args:
+        path: the file (already known to exist).
+        flag: the option that named it, e.g. ``"--ckpt"``.
+        expect: what it should be, finishing the sentence "not a readable ...", e.g. ``"atexport checkpoint"``.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise BadInputError(f"{flag} {path}: cannot read it ({e.strerror}).") from None
+    if size == 0:
+        raise BadInputError(f"{flag} {path}: the file is empty (0 bytes).")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it may not parse; the error below says it all.
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise BadInputError(f"{flag} {path}: not a readable {expect} (it asks for more memory than there is).") from None
+    except (Exception, pickle.UnpicklingError) as e:  # truncated zip, random bytes, code-carrying pickle...
+        reason = _unpickle_refused(e) or error_reason(e)
+        raise BadInputError(f"{flag} {path}: not a readable {expect} ({reason}).") from None
+
+
+
+def canonical_json(obj) -> str:
+    """A stable text form of a JSON-able value (sorted keys), to compare records and settings for equality."""
+    return json.dumps(obj, sort_keys=True, default=str)

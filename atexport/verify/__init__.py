@@ -10,7 +10,7 @@
 Importing this package imports neither torch nor onnxruntime.
 """
 
-from atexport.verify.compare import ParityResult, Tolerance, compare, format_table, load_tolerances
+from atexport.parity.compare import ParityResult, Tolerance, compare, format_table, load_tolerances
 from atexport.verify.multitask import MultiTaskVerifyResult, verify_multitask
 from atexport.verify.per_block import PerBlockResult, Stage, compare_blocks
 from atexport.verify.verify import Artifact, BackendResult, VerifyResult, resolve_tolerances, verify

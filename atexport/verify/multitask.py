@@ -24,14 +24,14 @@ from typing import Sequence
 
 import numpy as np
 
-from atexport.errors import BadInputError, IncompatibleCheckpointError, ParityError
-from atexport.verify.compare import ParityResult, compare
+from atexport.artifact.fit import match_tasks
+from atexport.errors import BadInputError, ParityError
+from atexport.parity.compare import ParityResult, compare
 from atexport.verify.verify import (
     BackendResult,
     LoadedArtifact,
     Tolerances,
     _run,
-    check_backbone,
     check_precision_and_preprocess,
     name_artifacts,
 )
@@ -47,59 +47,6 @@ rows of its batch, so a mixed batch against the same model's single-task batches
 
 def _where(item: LoadedArtifact) -> str:
     return f"{item.artifact.flag} {item.artifact.path}"
-
-
-def _holds(meta) -> str:
-    return ", ".join(f"{t['name']} ({t.get('source') or '?'}, {t['num_classes']} classes)"
-                     for t in sorted(meta.tasks, key=lambda t: t["index"]))
-
-
-def match_tasks(item: LoadedArtifact, ckpts: Sequence) -> list[dict]:
-    """The task of ``item``'s multi-task model that each checkpoint is, in the order of ``ckpts``.
-
-    A checkpoint is matched by its task weights fingerprint (:func:`~atexport.export.multitask.task_fingerprint`,
-    recorded per task at export or ``atexport tasks add``); by name (file stem, folder for ``run.pt``)
-    only where the model records no fingerprint for that task.
-
-    Raises:
-        IncompatibleCheckpointError: another backbone; a checkpoint no task of the model was made from
-            (the tasks it holds are listed); two checkpoints of one task.
-    """
-    from atexport.export.multitask import default_task_name, task_fingerprint
-
-    meta, where = item.meta, _where(item)
-    tasks = sorted(meta.tasks, key=lambda t: t["index"])
-    out, taken = [], {}
-    for ck in ckpts:
-        check_backbone(item, ck)
-        fp = task_fingerprint(ck.state_dict)
-        name = default_task_name(ck)
-        same = [t for t in tasks if t.get("fingerprint") == fp]
-        named = [t for t in tasks if t["name"] == name]
-        if same:
-            entry = next((t for t in same if t["name"] == name), same[0])
-        elif named and not named[0].get("fingerprint"):
-            entry = named[0]
-        elif named:
-            raise IncompatibleCheckpointError(
-                f"--ckpt {ck.path} is not a task of {where}: its task {name!r} was made from other weights (task "
-                f"fingerprint {str(named[0]['fingerprint'])[:12]} != the checkpoint's {fp[:12]}). Verify against the "
-                f"checkpoint the task was made from, or put this one in with 'atexport tasks add --model "
-                f"{item.artifact.path} --ckpt {ck.path} --name {name} --replace'."
-            )
-        else:
-            raise IncompatibleCheckpointError(
-                f"--ckpt {ck.path} is not a task of {where} (no task has its weights, task fingerprint {fp[:12]}); "
-                f"the model holds: {_holds(meta)}."
-            )
-        if entry["name"] in taken:
-            raise IncompatibleCheckpointError(
-                f"--ckpt {taken[entry['name']]} and --ckpt {ck.path} are both task {entry['name']!r} of {where}; "
-                "give each task's checkpoint once."
-            )
-        taken[entry["name"]] = ck.path
-        out.append(entry)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,8 +243,8 @@ def _pad_failure(y_full: np.ndarray, classes: int, pad: float) -> str | None:
 
 def _batch_of(item: LoadedArtifact, bs: int) -> tuple[int, bool]:
     """Chunk size and whether chunks are padded to it (fixed-batch ONNX models), as single-task verify does."""
-    b = item.batch if item.batch and (item.backend == "onnxruntime" or item.batch < bs) else bs
-    return b, bool(item.batch) and item.backend == "onnxruntime"
+    b = item.batch if item.batch and (item.pads or item.batch < bs) else bs
+    return b, item.pads
 
 
 def verify_multitask(ckpts, loaded: Sequence[LoadedArtifact], *, datasets: Sequence[str], split: str = "test",
@@ -324,10 +271,10 @@ def verify_multitask(ckpts, loaded: Sequence[LoadedArtifact], *, datasets: Seque
             another backbone or preprocessing.
         ParityError: with ``strict``, any task, model or mixed batch outside tolerance.
     """
-    from atexport.benchmark import describe_machine
+    from atexport.utils.machine import describe_machine
     from atexport.checkpoint import Checkpoint, build_model, load_checkpoint
     from atexport.data import eval_transform, load_dataset, seeded_subset
-    from atexport.export.multitask import PAD_LOGIT, TASK_INPUT
+    from atexport.artifact.bank import PAD_LOGIT, TASK_INPUT
     from atexport.runtime.preprocess import Preprocessor
     from atexport.runtime.torch import TorchRunner
 
@@ -345,7 +292,7 @@ def verify_multitask(ckpts, loaded: Sequence[LoadedArtifact], *, datasets: Seque
     shared = len(set(per_task_ds)) == 1 and len(ckpts) > 1 and len(datasets) == 1
     entries = {}  # id(item) -> [task entry per checkpoint]
     for item in loaded:
-        entries[id(item)] = match_tasks(item, ckpts)
+        entries[id(item)] = match_tasks(item.meta, [ck.task_weights() for ck in ckpts], _where(item))
         for ck in ckpts:
             check_precision_and_preprocess(item, ck, tol)
     name_artifacts(loaded)
@@ -414,7 +361,7 @@ def verify_multitask(ckpts, loaded: Sequence[LoadedArtifact], *, datasets: Seque
                 notes.append(f"task {task}: {tv.accuracy_note} (give --dataset once per --ckpt for accuracy).")
             for i in loaded:
                 y = outs[id(i)]
-                parity = compare(ref, y, tol.logits[i.precision], name=f"{i.name} [{task}]")
+                parity = compare(ref, y, tol.logits[i.tolerance], name=f"{i.name} [{task}]")
                 if pad_fail.get(id(i)):
                     parity.failures.append(pad_fail[id(i)])
                 tv.backends.append(BackendResult(i.name, i.backend, i.precision, str(i.artifact.path), n, acc(y),

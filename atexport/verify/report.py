@@ -19,7 +19,7 @@ def _md_table(head: list[str], rows: list[list]) -> str:
 
 def verify_markdown(result) -> str:
     """The Markdown report of a :class:`~atexport.verify.verify.VerifyResult`."""
-    from atexport.benchmark import machine_line
+    from atexport.utils.machine import machine_line
 
     verdict = "PASSED" if result.passed else "FAILED"
     lines = [
@@ -56,6 +56,10 @@ def verify_markdown(result) -> str:
                                 for k, v in tol.items()]))
     if result.failures():
         lines += ["", "## Failures", ""] + [f"- {f}" for f in result.failures()]
+    if getattr(result, "probes", None):
+        from atexport.verify.probes import probe_lines
+
+        lines += ["", "## Family diagnostics", ""] + [f"- {line}" for line in probe_lines(result.probes)]
     for r in result.per_block:
         lines += ["", f"## Per block: `{r.artifact}` ({r.precision}, {r.samples} images)", "", r.summary(), ""]
         lines.append(_md_table(
@@ -71,7 +75,7 @@ def verify_markdown(result) -> str:
 
 def multitask_markdown(result) -> str:
     """The Markdown report of a :class:`~atexport.verify.multitask.MultiTaskVerifyResult`."""
-    from atexport.benchmark import machine_line
+    from atexport.utils.machine import machine_line
 
     verdict = "PASSED" if result.passed else "FAILED"
     models = ", ".join(f"`{Path(m['path']).name}` ({m['precision']}, tasks {', '.join(m['tasks'])})"
@@ -133,7 +137,7 @@ def write_verify_report(result, folder: str | os.PathLike) -> dict[str, Path]:
 
 def bench_markdown(result) -> str:
     """A Markdown table of a :class:`~atexport.benchmark.BenchResult` (for RESULTS.md-style notes)."""
-    from atexport.benchmark import machine_line
+    from atexport.utils.machine import machine_line
 
     rows = [[r.name, r.device, r.batch, f"{r.latency_ms['p50']:.2f}", f"{r.latency_ms['p90']:.2f}",
              f"{r.latency_ms['p99']:.2f}", f"{r.throughput:.1f}", f"{r.speedup:.2f}x" if r.speedup else "-"]

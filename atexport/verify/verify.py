@@ -26,39 +26,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from atexport.errors import BadInputError, IncompatibleCheckpointError, ParityError
-from atexport.verify.compare import ParityResult, Tolerance, compare
-
-PRECISION_FLAGS = {"fp32": "--onnx", "fp16": "--onnx-fp16", "int8": "--onnx-int8"}
-
-
-@dataclass
-class Artifact:
-    """An exported model to verify.
-
-    Attributes:
-        path: the ``.onnx`` or ``.engine`` file.
-        kind: ``onnx`` or ``engine``.
-        flag: the CLI flag it came from (for messages).
-        precision: the precision the flag promises (``None``: take the model's own).
-    """
-
-    path: Path
-    kind: str = "onnx"
-    flag: str = "--onnx"
-    precision: str | None = None
-
-
-def artifacts(onnx=(), onnx_fp16=(), onnx_int8=(), engines=()) -> list[Artifact]:
-    """The artifacts of the CLI's flags (each may be a path or a list of paths)."""
-
-    def many(v):
-        return [] if v is None else [v] if isinstance(v, (str, os.PathLike)) else list(v)
-
-    out = [Artifact(Path(p), "onnx", "--onnx") for p in many(onnx)]
-    out += [Artifact(Path(p), "onnx", "--onnx-fp16", "fp16") for p in many(onnx_fp16)]
-    out += [Artifact(Path(p), "onnx", "--onnx-int8", "int8") for p in many(onnx_int8)]
-    out += [Artifact(Path(p), "engine", "--engine") for p in many(engines)]
-    return out
+from atexport.artifact.fit import check_exported_from
+from atexport.parity.compare import ParityResult, Tolerance, compare
+from atexport.utils.progress import Progress
+from atexport.runtime.artifacts import Artifact, LoadedArtifact, artifacts, read_artifact
 
 
 @dataclass
@@ -67,8 +38,8 @@ class BackendResult:
 
     Attributes:
         name: row label, e.g. ``onnxruntime int8``.
-        backend: ``pytorch``, ``onnxruntime`` or ``tensorrt``.
-        precision: ``fp32``, ``fp16`` or ``int8``.
+        backend: ``pytorch``, ``onnxruntime``, ``openvino`` or ``tensorrt``.
+        precision: what ran: ``fp32``, ``fp16``, ``int8``; OpenVINO also ``bf16``, ``int8+bf16``.
         path: the artifact (``None`` for PyTorch).
         samples: images run.
         accuracy: top-1 accuracy against the labels.
@@ -120,10 +91,12 @@ class VerifyResult:
     machine: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     reports: dict = field(default_factory=dict)
+    probes: list = field(default_factory=list)  # family diagnostics (verify/probes.py), e.g. Adapter-X routing
 
     @property
     def passed(self) -> bool:
-        return all(b.passed for b in self.backends) and self.preprocess.get("passed", True)
+        return (all(b.passed for b in self.backends) and self.preprocess.get("passed", True)
+                and all(p.get("passed", True) for p in self.probes))
 
     def headline(self) -> str:
         """The line the CLI prints above the table."""
@@ -140,6 +113,7 @@ class VerifyResult:
         for b in self.backends:
             if not b.passed:
                 out.append(f"{b.name} ({b.path}): " + "; ".join(b.parity.failures))
+        out += [f"{p['title']} ({p['name']}, {p['artifact']}): {p['summary']}" for p in self.probes if not p.get("passed", True)]
         return out
 
     def table(self) -> str:
@@ -160,6 +134,9 @@ class VerifyResult:
                 f"preprocessing (numpy/Pillow vs timm): max abs {pp['max_abs']:.3g} on {pp['images']} images, "
                 f"tolerance {pp['tolerance']:g}: {'ok' if pp['passed'] else 'FAIL'}"
             )
+        from atexport.verify.probes import probe_lines
+
+        lines += probe_lines(self.probes)
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -175,6 +152,7 @@ class VerifyResult:
             "backends": [b.to_dict() for b in self.backends],
             "preprocess": self.preprocess,
             "per_block": [r.to_dict() for r in self.per_block],
+            "probes": self.probes,
             "notes": self.notes,
             "tolerances": self.tolerances,
             "machine": self.machine,
@@ -268,125 +246,16 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 # Artifacts -> runners
 
 
-@dataclass
-class LoadedArtifact:
-    """An artifact with its (not yet active) runner, metadata and batch constraint."""
-
-    artifact: Artifact
-    runner: Any
-    meta: Any
-    precision: str
-    backend: str
-    batch: int | None  # fixed batch, or the engine's largest
-    name: str = ""
-
-
-def read_artifact(a: Artifact, threads=None, providers=None) -> LoadedArtifact:
-    """Read an artifact's metadata and make its runner, without a checkpoint to check it against (an ONNX
-    Runtime session is opened here, to read the metadata; a TensorRT engine is loaded when its runner is
-    activated).
-
-    Raises:
-        BadInputError: missing file, no metadata, wrong flag for its precision.
-    """
-    from atexport.metadata import ModelMetadata
-
-    if not a.path.exists():
-        raise BadInputError(f"{a.flag} {a.path}: no such file.")
-    if a.kind == "engine":
-        from atexport.export.tensorrt import read_sidecar
-        from atexport.runtime.tensorrt import TensorRTRunner
-
-        side = read_sidecar(a.path)
-        md = side.get("metadata") or {}
-        meta = ModelMetadata(**{k: v for k, v in md.items() if k in ModelMetadata.__dataclass_fields__})
-        prof = (side.get("profiles") or [{}])[0]
-        batch = int(prof["max"][0]) if prof.get("max") else None
-        runner = TensorRTRunner(str(a.path), name="tensorrt")
-        backend = "tensorrt"
-    else:
-        from atexport.metadata import META_KEY
-        from atexport.runtime.onnxruntime import OnnxRuntimeRunner
-
-        runner = OnnxRuntimeRunner(str(a.path), threads=threads, providers=providers).activate()
-        props = runner.session.get_modelmeta().custom_metadata_map
-        if META_KEY not in props:
-            raise BadInputError(f"{a.flag} {a.path}: no atexport metadata; export it with 'atexport onnx'.")
-        meta = ModelMetadata.from_json(props[META_KEY], str(a.path))
-        names_in = [i.name for i in runner.session.get_inputs()]
-        names_out = [o.name for o in runner.session.get_outputs()]
-        runner.input_name = meta.input.get("name") if meta.input.get("name") in names_in else names_in[0]
-        runner.output_name = (meta.output or {}).get("name") if (meta.output or {}).get("name") in names_out else names_out[0]
-        b = meta.input.get("shape", [None])[0]
-        batch = b if isinstance(b, int) else None
-        backend = "onnxruntime"
-    if a.precision and meta.precision != a.precision:
-        right = PRECISION_FLAGS.get(meta.precision, "--onnx")
-        raise BadInputError(f"{a.flag} {a.path}: its metadata says precision {meta.precision}, not {a.precision}; "
-                            f"pass it with {right}.")
-    return LoadedArtifact(a, runner, meta, meta.precision, backend, batch)
-
-
-def check_backbone(item: LoadedArtifact, ckpt) -> None:
-    """Refuse an artifact exported from another backbone than ``ckpt``'s (backbone fingerprints differ)."""
-    a, meta = item.artifact, item.meta
-    fp = (meta.backbone or {}).get("fingerprint")
-    if fp and fp != ckpt.fingerprint:
-        raise IncompatibleCheckpointError(
-            f"{a.flag} {a.path} was exported from another backbone than --ckpt {ckpt.path} (fingerprint "
-            f"{str(fp)[:12]} != {ckpt.fingerprint[:12]}); verify an artifact against the checkpoint it was made from."
-        )
-
-
-def check_single_task(item: LoadedArtifact, ckpt) -> None:
-    """Refuse a multi-task model, or one made from another backbone or with another class count than ``ckpt``.
-
-    Raises:
-        BadInputError: a multi-task model.
-        IncompatibleCheckpointError: made from another backbone or with another class count.
-    """
-    a, meta = item.artifact, item.meta
-    where = f"{a.flag} {a.path}"
-    if meta.tasks:
-        raise BadInputError(
-            f"{where} is a multi-task model; give the checkpoint of each task to check with --ckpt (repeatable), "
-            "and for 'atexport bench' the task with --task NAME or --mixed."
-        )
-    check_backbone(item, ckpt)
-    if meta.num_classes is not None and int(meta.num_classes) != int(ckpt.model.num_classes):
-        raise IncompatibleCheckpointError(
-            f"{where} has {meta.num_classes} classes, --ckpt {ckpt.path} {ckpt.model.num_classes}; "
-            "verify an artifact against the checkpoint it was made from."
-        )
-
-
-def load_artifact(a: Artifact, ckpt, threads=None, providers=None) -> LoadedArtifact:
-    """:func:`read_artifact`, then :func:`check_single_task` against ``ckpt``."""
-    item = read_artifact(a, threads, providers)
-    check_single_task(item, ckpt)
-    return item
-
-
 def _run(runner, x: np.ndarray, batch: int, fixed: bool, ids: np.ndarray | None = None,
          id_name: str = "task_id") -> tuple[np.ndarray, float]:
-    """Logits of ``x`` in chunks of ``batch`` (fixed-batch models: padded, then trimmed) and the seconds spent.
+    """Logits of ``x`` in chunks of ``batch`` (fixed-batch models: padded, then trimmed) and the seconds spent
+    in the runner; ``ids``: per-sample task ids, fed as ``id_name`` (multi-task models)."""
+    from atexport.runtime.batching import run_batched
 
-    ``ids``: per-sample task ids, fed as ``id_name`` (multi-task models).
-    """
-    outs, spent = [], 0.0
-    for i in range(0, len(x), batch):
-        chunk = x[i : i + batch]
-        tb = None if ids is None else ids[i : i + batch]
-        n = len(chunk)
-        if fixed and n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-            tb = None if tb is None else np.concatenate([tb, np.repeat(tb[-1:], batch - n)])
-        feeds = {} if tb is None else {id_name: np.ascontiguousarray(tb, dtype=np.int64)}
-        t0 = time.perf_counter()
-        y = runner.infer(chunk, **feeds)
-        spent += time.perf_counter() - t0
-        outs.append(y[:n])
-    return np.concatenate(outs), spent
+    spent: list[float] = []
+    per_sample = None if ids is None else {id_name: np.ascontiguousarray(ids, dtype=np.int64)}
+    y = run_batched(runner, x, batch, pad=fixed, per_sample=per_sample, timings=spent)
+    return y, float(sum(spent))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,9 +264,9 @@ def _run(runner, x: np.ndarray, batch: int, fixed: bool, ids: np.ndarray | None 
 
 def check_precision_and_preprocess(item: LoadedArtifact, ckpt, tol: Tolerances) -> None:
     """Refuse an artifact with no tolerances for its precision, or with other preprocessing than ``ckpt``."""
-    if item.precision not in tol.logits:
+    if item.tolerance not in tol.logits:
         raise BadInputError(f"{item.artifact.flag} {item.artifact.path}: no tolerances for precision "
-                            f"{item.precision!r} in {tol.source}.")
+                            f"{item.tolerance!r} in {tol.source}.")
     if item.meta.preprocess and dict(item.meta.preprocess) != dict(ckpt.preprocess):
         raise IncompatibleCheckpointError(
             f"{item.artifact.flag} {item.artifact.path}: its preprocessing differs from --ckpt {ckpt.path}'s.")
@@ -422,6 +291,8 @@ def verify(
     onnx_fp16=None,
     onnx_int8=None,
     engine=None,
+    openvino=None,
+    openvino_precision: str | None = None,
     dataset: str | Sequence[str] = "digits",
     split: str = "test",
     limit: int | None = None,
@@ -439,6 +310,7 @@ def verify(
     mixed_images: int = 64,
     strict: bool = True,
     log=None,
+    progress: bool = True,
 ):
     """Verify exported artifacts against their checkpoint's PyTorch model on a labelled data set.
 
@@ -452,6 +324,10 @@ def verify(
             models, a list: one checkpoint per task to verify (any subset of the model's tasks).
         artifacts_: artifacts as :class:`Artifact` objects; or give them with ``onnx``, ``onnx_fp16``,
             ``onnx_int8``, ``engine`` (paths or lists of paths).
+        openvino: IRs or ONNX files to run in OpenVINO (paths or lists of paths), each row labelled with the
+            precision that ran and held to that precision's tolerances (``int8+bf16``: ``int8``'s).
+        openvino_precision: the OpenVINO precision (``fp32``, ``bf16``, ``fp16``, ``int8``, ``int8+bf16``;
+            default: each file's own).
         dataset: a data set name (``digits``, ``pets``, ...) or ``imagefolder:PATH``; for multi-task
             models one for all tasks, or a list with one per checkpoint, in order.
         split: ``train``, ``val`` or ``test``.
@@ -472,7 +348,7 @@ def verify(
             written); ``False`` returns the result for the caller to inspect.
         log: optional callable receiving progress lines.
     """
-    from atexport.benchmark import describe_machine
+    from atexport.utils.machine import describe_machine
     from atexport.checkpoint import Checkpoint, build_model, load_checkpoint
     from atexport.data import eval_transform, load_dataset, seeded_subset
     from atexport.runtime.preprocess import Preprocessor
@@ -480,9 +356,13 @@ def verify(
 
     say = log or (lambda *_: None)
     t_start = time.perf_counter()
-    items = list(artifacts_ or []) + artifacts(onnx, onnx_fp16, onnx_int8, engine)
+    items = list(artifacts_ or []) + artifacts(onnx, onnx_fp16, onnx_int8, engine, openvino, openvino_precision)
     if not items:
-        raise BadInputError("nothing to verify: give at least one of --onnx, --onnx-fp16, --onnx-int8, --engine.")
+        raise BadInputError("nothing to verify: give at least one of --onnx, --onnx-fp16, --onnx-int8, --engine, "
+                            "--openvino.")
+    if openvino_precision is not None and not openvino:
+        raise BadInputError(f"--openvino-precision {openvino_precision}: give the models to run in OpenVINO "
+                            "with --openvino.")
     if int(batch_size) < 1:
         raise BadInputError(f"--batch-size {batch_size}: must be at least 1.")
     if limit is not None and int(limit) < 1:
@@ -526,7 +406,7 @@ def verify(
     ckpt, dataset = ckpts[0], datasets[0]
     ckpt = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)
     for item in loaded:
-        check_single_task(item, ckpt)
+        check_exported_from(item.meta, ckpt.task_weights(), f"{item.artifact.flag} {item.artifact.path}")
         check_precision_and_preprocess(item, ckpt, tol)
     name_artifacts(loaded)
 
@@ -561,7 +441,9 @@ def verify(
         pre_max, first_x = 0.0, None
         chunk = max(bs, *[i.batch or 0 for i in loaded])
         say(f"running {n} images through PyTorch and {len(loaded)} artifact(s) ...")
+        bar = Progress(-(-n // chunk), "verify", enabled=progress, log=say, unit="batch", every_s=10.0)
         for start in range(0, n, chunk):
+            bar.update(1, postfix=f"{min(start + chunk, n)}/{n} images")
             imgs = [ds.load(k) for k in range(start, min(start + chunk, n))]
             x_pt = np.stack([timm_tf(im).numpy() for im in imgs]).astype(np.float32)
             x_rt = pre(imgs)
@@ -571,15 +453,16 @@ def verify(
                 # warm-up, untimed: first calls allocate, pick kernels, build ORT's caches
                 reference.infer(x_pt[: min(bs, len(x_pt))])
                 for i in loaded:
-                    _run(i.runner, x_rt[: (i.batch or min(bs, len(x_rt)))], i.batch or bs, bool(i.batch))
+                    _run(i.runner, x_rt[: (i.batch or min(bs, len(x_rt)))], i.batch or bs, i.pads)
             y, t = _run(reference, x_pt, bs, False)
             ref_logits.append(y)
             pt_time += t
             for i in loaded:
-                b = i.batch if i.batch and (i.backend == "onnxruntime" or i.batch < bs) else bs
-                y, t = _run(i.runner, x_rt, b, bool(i.batch) and i.backend == "onnxruntime")
+                b = i.batch if i.batch and (i.pads or i.batch < bs) else bs
+                y, t = _run(i.runner, x_rt, b, i.pads)
                 outs[id(i)].append(y)
                 spent[id(i)] += t
+        bar.close()
         ref = np.concatenate(ref_logits)
         ref_res = BackendResult("pytorch fp32 (reference)", "pytorch", "fp32", None, n,
                                 float((ref.argmax(1) == labels).mean()), n / max(pt_time, 1e-9), pt_time)
@@ -591,7 +474,7 @@ def verify(
                              "passed": bool(pre_max <= tol.preprocess_max_abs)}
         for i in loaded:
             y = np.concatenate(outs[id(i)])
-            parity = compare(ref, y, tol.logits[i.precision], name=i.name)
+            parity = compare(ref, y, tol.logits[i.tolerance], name=i.name)
             result.backends.append(BackendResult(
                 i.name, i.backend, i.precision, str(i.artifact.path), n, float((y.argmax(1) == labels).mean()),
                 n / max(spent[id(i)], 1e-9), spent[id(i)], parity))
@@ -606,6 +489,8 @@ def verify(
                     result.notes.append(
                         f"per-block: {src} is a TensorRT engine, whose intermediate tensors are not exposed; run "
                         "--per-block on the ONNX model it was built from (its sidecar's onnx.path)."
+                        if i.backend == "tensorrt" else f"per-block: {src} runs in OpenVINO, which is not compared "
+                        "block by block; run --per-block on the ONNX model in ONNX Runtime (--onnx)."
                     )
                     continue
                 say(f"comparing {i.artifact.path} block by block ...")
@@ -615,6 +500,9 @@ def verify(
                                     name=str(i.artifact.path), threads=threads)
                 result.per_block.append(pb)
             result.seconds["per_block"] = time.perf_counter() - t_start - result.seconds["run"]
+        from atexport.verify.probes import check_probes  # the family's diagnostics (Adapter-X: routing)
+
+        result.probes = check_probes(ckpt.adapter, model, loaded, first_x, threads)
     finally:
         torch.set_num_threads(prev_threads)
         for r in runners:

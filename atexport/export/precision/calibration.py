@@ -32,11 +32,12 @@ import numpy as np
 
 from atexport import configs
 from atexport.errors import BadInputError, MissingDependencyError
+from atexport.utils.images import IMAGE_SUFFIXES
+from atexport.utils.io import canonical_json
 
 SOURCES = ("digits", "photos", "folder", "dataset")
 CACHE_FORMAT = "atexport.calibration-cache"
 CACHE_VERSION = 1
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 class CalibrationWarning(UserWarning):
@@ -133,7 +134,7 @@ def _digits(cs: CalibrationSet) -> list:
 
 
 def _photos(cs: CalibrationSet) -> list:
-    from atexport.verify.parity import sample_images
+    from atexport.parity import sample_images
 
     imgs = sample_images()
     return [imgs[i] for i in _select(len(imgs), cs.count, cs.seed)]
@@ -281,34 +282,40 @@ class CacheKey:
 
     def matches(self, other: dict) -> tuple[bool, str]:
         """Whether a cache document was made under this key; else the reason it was not."""
-        if other.get("format") != CACHE_FORMAT or int(other.get("format_version", 0)) != CACHE_VERSION:
+        if other.get("format") != CACHE_FORMAT or other.get("format_version") != CACHE_VERSION:
             return False, "not an atexport calibration cache of this version"
         if other.get("model_sha256") != self.model_sha256:
             return False, f"made for another model ({str(other.get('model_sha256'))[:12]} != {self.model_sha256[:12]})"
         if other.get("data_sha256") != self.data_sha256:
             return False, "made on other calibration images"
-        if _canon(other.get("settings")) != _canon(self.settings):
+        if canonical_json(other.get("settings")) != canonical_json(self.settings):
             return False, "made with other calibration settings"
         return True, "same model, images and settings"
 
 
-def _canon(obj) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
+def _read_cache_doc(path: Path, key: CacheKey) -> tuple[dict | None, str]:
+    """A cache document made under ``key``, or ``None`` and why (a damaged cache is just recomputed)."""
+    if not path.is_file():
+        return None, "no cache yet"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"unreadable cache ({str(e)[:120]})"
+    if not isinstance(doc, dict):
+        return None, "unreadable cache (not a JSON object)"
+    ok, why = key.matches(doc)
+    return (doc, why) if ok else (None, why)
 
 
 def read_cache(path: str | os.PathLike, key: CacheKey) -> tuple[dict | None, str]:
     """The cached tensor ranges if ``path`` holds a cache made under ``key``; else ``None`` and why."""
-    path = Path(path)
-    if not path.is_file():
-        return None, "no cache yet"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return None, f"unreadable cache ({e})"
-    ok, why = key.matches(doc)
-    if not ok:
+    doc, why = _read_cache_doc(Path(path), key)
+    if doc is None:
         return None, why
-    return doc.get("ranges"), why
+    ranges = doc.get("ranges")
+    if not isinstance(ranges, dict) or not ranges:
+        return None, "unreadable cache (no ranges)"
+    return ranges, why
 
 
 def write_cache(path: str | os.PathLike, key: CacheKey, ranges: dict, calibration: dict, seconds: float) -> Path:
@@ -332,20 +339,13 @@ def write_cache(path: str | os.PathLike, key: CacheKey, ranges: dict, calibratio
 def read_sensitivity(path: str | os.PathLike, key: CacheKey, settings: dict) -> tuple[dict | None, str]:
     """The per-layer sensitivity stored in a calibration cache made under ``key`` with these sensitivity
     ``settings``; else ``None`` and why. (Sensitivity depends on the ranges, so it lives beside them.)"""
-    path = Path(path)
-    if not path.is_file():
-        return None, "no cache yet"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return None, f"unreadable cache ({e})"
-    ok, why = key.matches(doc)
-    if not ok:
+    doc, why = _read_cache_doc(Path(path), key)
+    if doc is None:
         return None, why
     sens = doc.get("sensitivity")
     if not isinstance(sens, dict):
         return None, "no sensitivity in the cache yet"
-    if _canon(sens.get("settings")) != _canon(settings):
+    if canonical_json(sens.get("settings")) != canonical_json(settings):
         return None, "sensitivity measured with other settings"
     return sens.get("result"), "same model, images and settings"
 

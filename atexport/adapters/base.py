@@ -1,0 +1,267 @@
+"""The adapter-family registry: one way to add a parameter-efficient method, as PEFT does.
+
+A *family* is one module under ``atexport/adapters/`` holding a config dataclass (validated in
+``__post_init__``, with a fixed ``kind`` field that travels in ``run.pt``) and an
+:class:`AdapterFamily` registered with :func:`register_family`. The family knows how to
+
+- ``inject`` its layers into a timm ViT (the *training layout*),
+- describe its trainable parameters (``cfg.num_params(dim, depth)`` and ``cfg.formula(dim, depth)``),
+- give the *export layout* of a trained checkpoint: :meth:`AdapterFamily.export_adapter_config` and
+  :meth:`AdapterFamily.export_state`. The export side (ONNX, swap, multi-task bank, precision,
+  TensorRT, verify) only ever sees export layouts, so it needs no per-family branch: AdaRing
+  materialises to AdapterTune's layout, merged LoRA to the frozen backbone with merged ``qkv`` weights,
+  Adapter-X and separable LoRA export their own modules,
+- say whether its export layout can be separable or live in a multi-task bank
+  (:func:`check_export_mode`, raising a clear error naming the family otherwise), and give its bank:
+  the bank tensors (:meth:`AdapterFamily.bank_tensors`, what the manifest records), the bank layers
+  (:meth:`AdapterFamily.bank_modules`, per-sample task slices) and where they sit in the ViT
+  (:meth:`AdapterFamily.bank_wire`), so the multi-task export holds no family's formula,
+- optionally name diagnostics that ``atexport verify`` checks beside the logits
+  (:meth:`AdapterFamily.probes`: Adapter-X's expert choice per token).
+
+Naming convention (the one task-tensor predicate, :func:`is_adapter_tensor`): every trainable tensor
+of every family has ``.adapter.`` in its name (``blocks.3.adapter.down.weight``,
+``blocks.3.attn.qkv.adapter.q_down.weight``, and the cross-layer tensors of AdaRing and Adapter-X
+under ``shared.adapter.*``). So the existing rules (trainable state, backbone fingerprint, swappable
+tensors, ``*.adapter.*`` keep-float globs) hold for every family unchanged.
+
+This module is torch-free: family modules are imported on first use (:func:`get_family`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import asdict, fields
+from typing import Any
+
+from atexport.errors import BadInputError, IncompatibleCheckpointError
+
+DEFAULT_KIND = "adaptertune"
+# kind -> module that registers it (imported lazily: the modules import torch).
+_MODULES = {
+    "adaptertune": "atexport.adapters.adaptertune",
+    "adaring": "atexport.adapters.adaring",
+    "adapterx": "atexport.adapters.adapterx",
+    "lora": "atexport.adapters.lora",
+}
+KINDS = tuple(_MODULES)
+FAMILIES: dict[str, AdapterFamily] = {}
+EXPORT_MODES = ("separable", "multitask")
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """Whether a tensor name belongs to an adapter of any family (the one predicate; see the module doc)."""
+    return ".adapter." in name
+
+
+def placed_blocks(depth: int, every: int) -> list[int]:
+    """Indices of the blocks that carry an adapter: ``i % every == 0``."""
+    return [i for i in range(depth) if i % every == 0]
+
+
+class AdapterFamily:
+    """One adapter method. Subclasses override what differs from the defaults.
+
+    Attributes:
+        kind: the name in checkpoints, recipes and ``--adapter``.
+        config_cls: the config dataclass.
+        separable: whether the export layout keeps the task's tensors apart from the backbone.
+        multitask: whether the export layout has a multi-task bank (:meth:`bank_tensors`, :meth:`bank_modules`,
+            :meth:`bank_wire`).
+        title: a human name for messages.
+    """
+
+    kind: str = ""
+    config_cls: type = object
+    separable: bool = True
+    multitask: bool = False
+    title: str = ""
+
+    def inject(self, model, cfg):
+        """Put the family's layers (training layout) into ``model`` in place; return the model."""
+        raise NotImplementedError
+
+    def export_adapter_config(self, cfg):
+        """The adapter config of the export layout (default: ``cfg`` itself)."""
+        return cfg
+
+    def export_state(self, cfg, state_dict: dict) -> dict:
+        """The checkpoint tensors in the export layout, FP32 (default: unchanged)."""
+        return dict(state_dict)
+
+    def export_model(self, cfg, model):
+        """Turn a built model (training layout, trained weights loaded) into the export layout, in place.
+
+        Default: unchanged. Merged LoRA folds its branches into the frozen ``qkv`` weights here, since the
+        checkpoint alone (without the backbone) cannot.
+        """
+        return model
+
+    def bank_tensors(self, cfg, dim: int, depth: int) -> list[dict]:
+        """The family's multi-task bank tensors: :func:`atexport.artifact.bank.bank_entry` records (checkpoint
+        source, per-task slice shape, transpose, block), in graph-input order; the head's are added by
+        :func:`~atexport.artifact.bank.bank_layout`.
+
+        Raises:
+            IncompatibleCheckpointError: the family's export layout has no multi-task bank.
+        """
+        raise IncompatibleCheckpointError(f"{self.why_not(cfg, 'multitask') or self.title + ' has no bank layer'}.")
+
+    def bank_modules(self, cfg, vit, ops) -> dict:
+        """The family's bank layers: ``{path: module}``, registered under ``bank.<path>``.
+
+        Their parameters, named ``bank.<path>.<name>``, must be exactly the bank tensors of
+        :meth:`bank_tensors` (each with a leading task axis); ``ops`` makes them: ``ops.linear(d_in, d_out,
+        bias=True)`` a layer applying each sample's own ``x @ weight[task] + bias[task]`` (parameters
+        ``weight [K, in, out]``, ``bias [K, out]``), ``ops.param(*shape)`` a bank tensor ``[K, *shape]`` and
+        ``ops.select(p)`` its per-sample slices ``[N, *shape]`` (a ``Gather`` on the task ids).
+
+        Args:
+            cfg: the export-layout config.
+            vit: the frozen timm ViT the bank will serve (not modified here).
+            ops: the bank builder's operations (above).
+        """
+        raise IncompatibleCheckpointError(f"{self.why_not(cfg, 'multitask') or self.title + ' has no bank layer'}.")
+
+    def bank_wire(self, cfg, vit, modules: dict) -> None:
+        """Make ``vit``'s blocks call the bank layers of :meth:`bank_modules` (in place), as the family's
+        single-task model calls its adapters; the layers are referenced, not registered again."""
+        raise IncompatibleCheckpointError(f"{self.why_not(cfg, 'multitask') or self.title + ' has no bank layer'}.")
+
+    def bank_adapter(self, cfg, dim: int, linear):
+        """One block's adapter in a multi-task bank (AdapterTune's layout: a module called after the block).
+
+        Args:
+            cfg: the export-layout config.
+            dim: the model width.
+            linear: ``linear(d_in, d_out)`` makes a bank linear layer (see :meth:`bank_modules`).
+
+        Raises:
+            IncompatibleCheckpointError: the family's export layout has no such bank layer.
+        """
+        raise IncompatibleCheckpointError(f"{self.why_not(cfg, 'multitask') or self.title + ' has no bank layer'}.")
+
+    def probes(self, cfg) -> list:
+        """Diagnostics beyond the logits that ``atexport verify`` checks in every backend where it can observe
+        them (default: none). Each is an object with ``name``, ``title``, ``reference(model, x)`` (the values
+        from the PyTorch model, numpy), ``expose(proto)`` (adds the same values as outputs of an exported ONNX
+        graph, in place, returning their names, or ``None`` where the graph does not show them) and
+        ``compare(reference, got, precision)`` (a dict with ``passed`` and ``summary``).
+        Adapter-X's routing check is one (:class:`atexport.adapters.adapterx.RoutingCheck`).
+        """
+        return []
+
+    def why_not(self, cfg, mode: str) -> str | None:
+        """Why ``mode`` (``separable`` or ``multitask``) is impossible for ``cfg``'s export layout, or ``None``."""
+        if mode == "separable" and not self.separable:
+            return f"{self.title} checkpoints cannot be exported separable"
+        if mode == "multitask" and not self.multitask:
+            return (f"{self.title} ('{self.kind}') adapters have no multi-task bank; export each task on its own "
+                    "(separable, then swap tasks)")
+        return None
+
+
+def register_family(family: AdapterFamily) -> AdapterFamily:
+    """Register ``family`` under ``family.kind`` (used at the bottom of each family module)."""
+    if not family.kind:
+        raise ValueError("an adapter family needs a kind")
+    FAMILIES[family.kind] = family
+    return family
+
+
+def get_family(kind: str | None) -> AdapterFamily:
+    """The family registered as ``kind`` (``None``: AdapterTune, for checkpoints from before families)."""
+    kind = DEFAULT_KIND if kind is None else str(kind)
+    if kind not in FAMILIES:
+        if kind not in _MODULES:
+            close = difflib.get_close_matches(kind, KINDS, 1)
+            raise BadInputError(
+                f"--adapter {kind!r}: unknown adapter family; atexport has {', '.join(KINDS)}"
+                + (f" (did you mean {close[0]}?)." if close else ".")
+            )
+        importlib.import_module(_MODULES[kind])
+    return FAMILIES[kind]
+
+
+def family_of(cfg) -> AdapterFamily:
+    """The family of a config object."""
+    return get_family(getattr(cfg, "kind", None))
+
+
+def adapter_config_from_dict(d: dict | None, where: str = "checkpoint"):
+    """The family config recorded in a checkpoint or recipe (``kind`` missing: AdapterTune, as before families)."""
+    if not d:
+        return None
+    if not isinstance(d, dict):
+        raise BadInputError(f"{where}: the adapter section must be a mapping, got {d!r}.")
+    return get_family(d.get("kind")).config_cls.from_dict(d)
+
+
+def config_from_dict(cls, d: dict, *, lenient: tuple = ()) -> Any:
+    """Build a family config dataclass from a dict, refusing unknown keys (typos) with a hint.
+
+    Args:
+        cls: the config dataclass.
+        d: the keys (``kind`` included or not).
+        lenient: keys silently dropped (recorded by older versions).
+    """
+    known = {f.name for f in fields(cls)}
+    d = {k: v for k, v in d.items() if k not in lenient}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        hints = [f"adapter.{k} (did you mean adapter.{m[0]}?)" if (m := difflib.get_close_matches(k, known, 1))
+                 else f"adapter.{k}" for k in unknown]
+        raise BadInputError(
+            f"unknown keys for the {d.get('kind', cls.kind if hasattr(cls, 'kind') else '?')} adapter: "
+            f"{', '.join(hints)}; its keys are {', '.join(sorted(known - {'kind'}))}."
+        )
+    return cls(**d)
+
+
+def config_to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def check_positive_int(kind: str, key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInputError(f"{kind} adapter: {key} must be a positive integer, got {value!r}.")
+
+
+def check_positive_float(kind: str, key: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, bool) or not v > 0:
+        raise BadInputError(f"{kind} adapter: {key} must be a positive number, got {value!r}.")
+    return v
+
+
+def check_export_mode(cfg, mode: str, what: str = "this checkpoint") -> None:
+    """Refuse ``mode`` (``separable`` or ``multitask``) where the family's export layout cannot do it.
+
+    Raises:
+        IncompatibleCheckpointError: naming the family and what to do instead.
+    """
+    if cfg is None:
+        return
+    if mode not in EXPORT_MODES:
+        raise ValueError(f"mode must be one of {EXPORT_MODES}")
+    reason = family_of(cfg).why_not(cfg, mode)
+    if reason:
+        raise IncompatibleCheckpointError(f"{what}: {reason}.")
+
+
+def require_vit_blocks(model, title: str):
+    """The model's ``blocks`` sequence, or a clear refusal for models that are not timm ViTs."""
+    from torch import nn
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not isinstance(blocks, nn.Sequential) or not hasattr(model, "embed_dim"):
+        raise IncompatibleCheckpointError(
+            f"{type(model).__name__} has no 'blocks' sequence; {title} needs a timm ViT-family model."
+        )
+    if getattr(model, "_atexport_adapter", None) is not None:
+        raise IncompatibleCheckpointError("the model already carries adapters.")
+    return blocks

@@ -1,0 +1,91 @@
+"""Parity of an exported artifact against its PyTorch reference, on real photos and random inputs.
+
+Every export (ONNX here; FP16, INT8 and TensorRT in later stages) runs the same check: the reference
+runner and the candidate runner see the same batches of real photographs (the samples scikit-image
+ships, plus any images the user adds, through the model's own preprocessing) and of seeded random
+inputs, at each batch size asked for; the logits are compared with :func:`atexport.parity.compare.compare`
+against the tolerances of the artifact's precision (``export_configs/tolerances.yaml``). A row per
+(input kind, batch size) comes back; :func:`~atexport.parity.compare.require_passed` turns any failing
+row into a :class:`~atexport.errors.ParityError`.
+
+This module imports neither torch nor onnxruntime: the runners bring their own backends.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from atexport.errors import BadInputError
+from atexport.runtime.base import Runner
+from atexport.parity.compare import ParityResult, Tolerance, compare, load_tolerances
+from atexport.parity.images import random_batch
+from atexport.runtime.batching import run_batched
+
+
+# scikit-image's bundled samples: (loader name, crop or None, mode conversion or None). Several sizes,
+# aspect ratios and modes (RGB, L, RGBA, P), so resizing, cropping and mode handling are exercised too.
+
+
+def check_parity(
+    reference: Runner,
+    candidate: Runner,
+    images: np.ndarray | None,
+    precision: str = "fp32",
+    *,
+    random_inputs: int = 8,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    batch_sizes: Sequence[int] = (1,),
+    tolerance: Tolerance | None = None,
+    tolerances: str = "tolerances",
+    feeds: dict | None = None,
+    label: str = "",
+) -> list[ParityResult]:
+    """Compare ``candidate`` with ``reference`` on photos and seeded random inputs, per batch size.
+
+    Args:
+        reference: usually a :class:`~atexport.runtime.torch.TorchRunner` on the FP32 model.
+        candidate: the artifact's runner (ONNX Runtime, TensorRT...).
+        images: preprocessed photos, float32 NCHW (see :func:`photo_batch`), or ``None``.
+        precision: which row of the tolerance table applies (``fp32``, ``fp16``, ``int8``).
+        random_inputs: how many seeded random inputs to add (0: none).
+        input_shape: (C, H, W) of the random inputs; taken from ``images`` when omitted.
+        seed: seed of the random inputs.
+        batch_sizes: run every input set at each of these batch sizes (one result row each); a
+            dynamic-batch artifact is checked at several, a fixed-batch one at its own.
+        tolerance: explicit limits; overrides the table.
+        tolerances: name of the tolerance table in ``export_configs/``.
+        feeds: extra named inputs given to both runners with every batch.
+        label: prefix of the row names.
+
+    Returns:
+        One :class:`ParityResult` per (input set, batch size).
+    """
+    if tolerance is None:
+        table = load_tolerances(tolerances)
+        if precision not in table:
+            raise BadInputError(f"no tolerances for precision {precision!r} in {tolerances}.yaml; have {sorted(table)}.")
+        tolerance = table[precision]
+    sets = []
+    if images is not None and len(images):
+        sets.append(("photos", np.ascontiguousarray(images, dtype=np.float32)))
+        input_shape = input_shape or images.shape[1:]
+    if random_inputs:
+        if input_shape is None:
+            raise BadInputError("check_parity needs input_shape (C, H, W) for random inputs when no images are given.")
+        sets.append(("random", random_batch(random_inputs, input_shape, seed)))
+    if not sets:
+        raise BadInputError("check_parity has nothing to compare: no images and random_inputs=0.")
+    results = []
+    prefix = f"{label} " if label else ""
+    for bs in batch_sizes:
+        bs = int(bs)
+        if bs < 1:
+            raise BadInputError(f"parity batch size must be >= 1, got {bs}.")
+        for kind, x in sets:
+            ref = run_batched(reference, x, bs, feeds=feeds)
+            cand = run_batched(candidate, x, bs, feeds=feeds)
+            results.append(compare(ref, cand, tolerance, name=f"{prefix}{kind} (batch {bs})"))
+    return results

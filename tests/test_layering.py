@@ -1,0 +1,181 @@
+"""The layering of docs/architecture.md, checked: no import circles, no upward imports, and an app that has
+only the ``[runtime]`` extra (numpy, Pillow, onnxruntime: no torch, timm or onnx) runs every kind of model.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "atexport"
+
+# layer -> module prefixes it may NOT import (see docs/architecture.md)
+FORBIDDEN = {
+    "atexport.artifact": ("atexport.runtime", "atexport.parity", "atexport.export", "atexport.verify", "atexport.deploy",
+                          "atexport.benchmark", "atexport.checkpoint", "atexport.training", "atexport.cli",
+                          "atexport.models", "atexport.adapter", "atexport.data"),
+    "atexport.runtime": ("atexport.export", "atexport.checkpoint", "atexport.verify", "atexport.deploy",
+                         "atexport.benchmark", "atexport.training", "atexport.cli", "atexport.parity"),
+    "atexport.parity": ("atexport.export", "atexport.verify", "atexport.deploy", "atexport.benchmark", "atexport.cli",
+                        "atexport.training"),
+    "atexport.verify": ("atexport.export", "atexport.deploy", "atexport.benchmark", "atexport.cli"),
+    "atexport.deploy": ("atexport.export", "atexport.verify", "atexport.benchmark", "atexport.cli"),
+    "atexport.benchmark": ("atexport.export", "atexport.verify", "atexport.deploy", "atexport.cli"),
+    "atexport.utils": ("atexport.artifact", "atexport.runtime", "atexport.export", "atexport.checkpoint"),
+    "atexport.errors": ("atexport.",),
+}
+HEAVY = ("torch", "timm", "torchvision")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """``(imported module, at top level)`` for every import of ``path``."""
+    tree = ast.parse(path.read_text())
+    top = {id(n) for n in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module, id(node) in top))
+    return out
+
+
+MODULES = sorted(PKG.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
+def test_no_upward_imports(path):
+    name = _module_name(path)
+    rules = [v for k, v in FORBIDDEN.items() if name == k or name.startswith(k + ".")]
+    bad = [m for m, _ in _imports(path) for banned in rules for b in banned
+           if (m == b.rstrip(".") or m.startswith(b if b.endswith(".") else b + ".") or m == b)]
+    assert not bad, f"{name} imports {bad}, against docs/architecture.md"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
+def test_heavy_libraries_are_imported_lazily(path):
+    top = [m for m, is_top in _imports(path) if is_top and m.split(".")[0] in HEAVY]
+    name = _module_name(path)
+    torch_side = name.startswith(("atexport.adapters", "atexport.training", "atexport.data", "atexport.adapter",
+                                  "atexport.models", "atexport.runtime.torch"))
+    assert torch_side or not top, f"{name} imports {top} at module level; import it inside the function that needs it"
+
+
+def test_no_import_cycles_between_packages():
+    """atexport.X -> atexport.Y edges between subpackages (top-level and lazy imports alike) form no cycle."""
+    def unit(mod: str) -> str:
+        parts = mod.split(".")
+        return ".".join(parts[:2]) if len(parts) > 1 else mod
+
+    graph: dict[str, set[str]] = {}
+    for path in MODULES:
+        src = unit(_module_name(path))
+        for m, _ in _imports(path):
+            if m.startswith("atexport.") and unit(m) != src and unit(m) != "atexport.errors":
+                graph.setdefault(src, set()).add(unit(m))
+    seen, stack, cycles = set(), [], []
+
+    def visit(n):
+        if n in stack:
+            cycles.append(stack[stack.index(n):] + [n])
+            return
+        if n in seen:
+            return
+        seen.add(n)
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            visit(m)
+        stack.pop()
+
+    for n in sorted(graph):
+        visit(n)
+    allowed = {"atexport.cli"}  # the face imports everything; nothing imports it
+    cycles = [c for c in cycles if not set(c) & allowed]
+    assert not cycles, f"import cycles: {cycles[:3]}"
+
+
+# ------------------------------------------------------------------------------- the [runtime] extra alone
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_ckpt, tiny_ckpt_b):
+    """Separable FP32, FP16 and INT8 models, a fused model, a multi-task model and a task .npz."""
+    from atexport.checkpoint import export_task_weights
+    from atexport.export.multitask import export_multitask
+    from atexport.export.onnx import export_onnx
+    from atexport.export.precision import convert_precision
+
+    d = tmp_path_factory.mktemp("layering")
+    sep = export_onnx(tiny_ckpt, d / "sep.onnx", separable=True, verify=False).path
+    return {
+        "separable": sep,
+        "fused": export_onnx(tiny_ckpt, d / "fused.onnx", verify=False).path,
+        "fp16": convert_precision(sep, "fp16", d / "sep.fp16.onnx", verify=False).path,
+        "int8": convert_precision(sep, "int8", d / "sep.int8.onnx", calibration="digits", count=32,
+                                  keep_float="none", verify=False).path,
+        "multitask": export_multitask([tiny_ckpt, tiny_ckpt_b], d / "tasks.onnx", verify=False).path,
+        "npz": export_task_weights(tiny_ckpt_b, d / "b.npz", name="b"),
+    }
+
+
+_BLOCK = """
+import sys, importlib.abc
+class _Absent(importlib.abc.MetaPathFinder):
+    # what a machine with only 'pip install atexport[runtime]' has: no torch, timm, torchvision or onnx
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "timm", "torchvision", "onnx", "onnxscript", "onnxslim"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the [runtime] extra has no {name})")
+sys.meta_path.insert(0, _Absent())
+"""
+
+
+def test_runtime_extra_alone_runs_every_kind_of_model(models, tmp_path):
+    from PIL import Image
+    from _helpers import real_photos
+
+    files = []
+    for i, img in enumerate(real_photos()[:3]):
+        files.append(tmp_path / f"p{i}.png")
+        img.convert("RGB").save(files[-1])
+    script = _BLOCK + textwrap.dedent(f"""
+        import json
+        from atexport.runtime import load_model
+        from atexport.cli import main
+        files = {[str(f) for f in files]!r}
+        out = {{}}
+        for kind in ("separable", "fused", "fp16", "int8"):
+            out[kind] = [p.index for p in load_model({{k: v for k, v in {json.dumps({k: str(v) for k, v in models.items()})}.items()}}[kind]).predict(files)]
+        m = load_model({str(models["separable"])!r}, task={str(models["npz"])!r})
+        out["swapped"] = [p.task for p in m.predict(files)]
+        mt = load_model({str(models["multitask"])!r})
+        out["multitask"] = [p.task for p in mt.predict(files, task=[t for t in mt.tasks][:1] * len(files))]
+        try:
+            main(["predict", "--model", {str(models["int8"])!r}, *files])
+        except SystemExit as e:
+            assert not e.code, e.code
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "onnx")
+                        or m.startswith(("atexport.export", "atexport.checkpoint", "atexport.training",
+                                         "atexport.adapter", "atexport.models")))
+        print(json.dumps({{"out": out, "loaded": loaded}}))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert doc["loaded"] == [], f"the runtime loaded {doc['loaded']}"
+    assert all(len(v) == 3 for v in doc["out"].values())
+    assert doc["out"]["swapped"] == ["b"] * 3
+    assert doc["out"]["separable"] == doc["out"]["fused"]  # same weights, two export forms
