@@ -68,7 +68,8 @@ def main(argv=None):
     from PIL import Image
     from skimage import data as skdata
 
-    from atexport.benchmark import benchmark, describe_machine, machine_line
+    from atexport.benchmark import benchmark
+    from atexport.utils.machine import describe_machine, machine_line
     from atexport.checkpoint import build_model, load_checkpoint
     from atexport.data import eval_transform, load_dataset
     from atexport.runtime import Preprocessor, load_model
