@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from atexport.adapters.base import (
+    FamilyConfig,
     AdapterFamily,
-    config_from_dict,
-    placed_blocks,
     register_family,
 )
 from atexport.errors import BadInputError, IncompatibleCheckpointError
@@ -30,7 +29,7 @@ INITS = ("zero", "small")
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(FamilyConfig):
     """AdapterTune hyper-parameters (paper defaults).
 
     Attributes:
@@ -72,14 +71,6 @@ class AdapterConfig:
         if d["materialised_from"] is None:  # the record of plain AdapterTune runs stays as it always was
             d.pop("materialised_from")
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AdapterConfig:
-        return config_from_dict(cls, dict(d))
-
-    def placed(self, depth: int) -> list[int]:
-        """Indices of the blocks that carry an adapter."""
-        return placed_blocks(depth, self.every)
 
     def num_params(self, dim: int, depth: int) -> int:
         """Trainable adapter parameters: ``2*D*r + r + D`` per adapter."""

@@ -38,18 +38,17 @@ Trainable parameters (d = D/heads, e = router_dim, L adapted blocks, B = L route
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from atexport.adapters.base import (
+    FamilyConfig,
     AdapterFamily,
     check_positive_float,
     check_positive_int,
-    config_from_dict,
-    placed_blocks,
     register_family,
 )
 from atexport.adapters.routing import routing_margins  # noqa: F401  (re-exported: phase 1's home)
@@ -57,7 +56,7 @@ from atexport.errors import BadInputError, IncompatibleCheckpointError
 
 
 @dataclass
-class AdapterXConfig:
+class AdapterXConfig(FamilyConfig):
     """Adapter-X hyper-parameters (see the module docstring for what each one decides).
 
     Attributes:
@@ -104,16 +103,6 @@ class AdapterXConfig:
             raise BadInputError("adapterx adapter: router_noise must be a number >= 0.")
         if self.kind != "adapterx":
             raise BadInputError(f"AdapterXConfig is the 'adapterx' family, got kind {self.kind!r}.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AdapterXConfig:
-        return config_from_dict(cls, dict(d))
-
-    def placed(self, depth: int) -> list[int]:
-        return placed_blocks(depth, self.every)
 
     def sub_dim(self, dim: int) -> int:
         if dim % self.heads:

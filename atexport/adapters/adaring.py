@@ -30,7 +30,7 @@ columns of ``up``), so the ONNX graph, swap, multi-task bank, FP16/INT8 and Tens
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,9 @@ from torch import nn
 
 from atexport.adapters.adaptertune import AdapterConfig, wrap_blocks
 from atexport.adapters.base import (
+    FamilyConfig,
     AdapterFamily,
     check_positive_int,
-    config_from_dict,
-    placed_blocks,
     register_family,
 )
 from atexport.errors import BadInputError, IncompatibleCheckpointError
@@ -51,7 +50,7 @@ CORES = ("down_layer", "down_dim", "down_rank", "up_layer", "up_dim", "up_rank")
 
 
 @dataclass
-class AdaRingConfig:
+class AdaRingConfig(FamilyConfig):
     """AdaRing hyper-parameters.
 
     Attributes:
@@ -88,16 +87,6 @@ class AdaRingConfig:
                     f"adaring adapter: the largest of group_ranks {self.group_ranks} must equal rank {self.rank} "
                     f"(the size of the shared rank core); pass --rank {max(self.group_ranks)}."
                 )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AdaRingConfig:
-        return config_from_dict(cls, dict(d))
-
-    def placed(self, depth: int) -> list[int]:
-        return placed_blocks(depth, self.every)
 
     def layer_ranks(self, layers: int) -> list[int]:
         """The rank of each of the ``layers`` adapted layers (contiguous groups, earlier ones one larger)."""

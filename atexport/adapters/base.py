@@ -60,6 +60,24 @@ def placed_blocks(depth: int, every: int) -> list[int]:
     return [i for i in range(depth) if i % every == 0]
 
 
+class FamilyConfig:
+    """What every family's config dataclass shares: its record (``to_dict``/``from_dict``, unknown keys refused)
+    and the placement ``every`` (an adapter on block ``i`` when ``i % every == 0``)."""
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return config_from_dict(cls, dict(d))
+
+    def placed(self, depth: int) -> list[int]:
+        """Indices of the blocks that carry an adapter."""
+        return placed_blocks(depth, self.every)
+
+
 class AdapterFamily:
     """One adapter method. Subclasses override what differs from the defaults.
 

@@ -21,18 +21,17 @@ Export, chosen by ``merge`` (recorded in the checkpoint):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from atexport.adapters.base import (
+    FamilyConfig,
     AdapterFamily,
     check_positive_float,
     check_positive_int,
-    config_from_dict,
-    placed_blocks,
     register_family,
 )
 from atexport.errors import BadInputError, IncompatibleCheckpointError
@@ -41,7 +40,7 @@ TARGETS = ("q", "k", "v")
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(FamilyConfig):
     """LoRA hyper-parameters.
 
     Attributes:
@@ -77,16 +76,6 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return self.lora_alpha / self.rank
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LoRAConfig:
-        return config_from_dict(cls, dict(d))
-
-    def placed(self, depth: int) -> list[int]:
-        return placed_blocks(depth, self.every)
 
     def num_params(self, dim: int, depth: int) -> int:
         return len(self.placed(depth)) * len(self.targets) * 2 * dim * self.rank

@@ -17,11 +17,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from atexport import __version__
 from atexport.artifact.bank import LAYOUT, PAD_LOGIT, TASK_AXIS, TASK_INPUT, bank_manifest, mixed_task_ids
 from atexport.artifact.fit import check_same_family
 from atexport.artifact.tasks import default_task_name
-from atexport.errors import AtexportError, BadInputError, require
+from atexport.errors import BadInputError, require
 from atexport.export.multitask.edit import task_entry
 from atexport.export.onnx import ExportResult, export_record
 
@@ -94,7 +93,7 @@ def _set_task_axis(proto, names) -> None:
 
 
 def _multitask_metadata(ckpts, names, *, batch, manifest, max_classes, layout, extra):
-    from atexport.export.onnx import BATCH_AXIS
+    from atexport.export.module import BATCH_AXIS
     from atexport.artifact.metadata import ModelMetadata
 
     first = ckpts[0]
@@ -174,15 +173,9 @@ def export_multitask(
             ``<stem>.failed.onnx`` and nothing is written at ``output``.
     """
     from atexport.checkpoint import Checkpoint, load_checkpoint
-    from atexport.export.onnx import (
-        MIN_OPSET,
-        PROTOBUF_LIMIT,
-        bind_initializers,
-        check_manifest,
-        export_module,
-        load_export_config,
-        op_counts,
-    )
+    from atexport.artifact.onnx import check_manifest
+    from atexport.export.module import MIN_OPSET, bind_initializers, export_module, finish_proto
+    from atexport.export.onnx import load_export_config, op_counts
     from atexport.export.multitask.modules import build_multitask_model
     from atexport.export.write import write_verified
     from atexport.utils.io import check_writable
@@ -222,7 +215,6 @@ def export_multitask(
             raise BadInputError(f"-o {output}: that is a checkpoint; choose another output path.")
     require("onnx", "exporting ONNX models", "onnx")
     require("onnxscript", "the PyTorch ONNX exporter (torch.onnx.export(dynamo=True))", "onnx")
-    import onnx
     import torch
 
     say(f"building {ckpts[0].model.backbone} with a bank of {len(ckpts)} tasks ...")
@@ -267,16 +259,8 @@ def export_multitask(
                                layout=layout, extra=extra)
     from atexport.artifact.metadata import write_onnx_metadata
 
-    proto.producer_name, proto.producer_version = "atexport", __version__
-    proto.doc_string = (f"{ckpts[0].model.backbone} {ckpts[0].regime}, {len(ckpts)} tasks "
-                        f"({', '.join(names[:8])}{'...' if len(names) > 8 else ''}), exported by atexport {__version__}")
-    write_onnx_metadata(proto, meta)
-    if proto.ByteSize() > PROTOBUF_LIMIT:
-        raise BadInputError(f"the multi-task model is {proto.ByteSize() / 1e9:.1f} GB, over protobuf's 2 GB limit.")
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as e:
-        raise AtexportError(f"the multi-task model fails onnx.checker ({str(e).splitlines()[0][:300]}); a bug.") from e
+    finish_proto(proto, meta, f"{ckpts[0].model.backbone} {ckpts[0].regime}, {len(ckpts)} tasks "
+                 f"({', '.join(names[:8])}{'...' if len(names) > 8 else ''})", "the multi-task model")
 
     result = MultiTaskResult(path=None, metadata=meta, nodes=nodes, simplifier=simplifier if do_simplify else None)
     data = proto.SerializeToString()
