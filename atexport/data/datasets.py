@@ -102,7 +102,7 @@ class FileImageDataset(ImageDataset):
         self.files = [str(f) for f in files]
 
     def load(self, i: int):
-        from atexport.runtime.preprocess import open_image
+        from atexport.utils.images import open_image
 
         return open_image(self.files[i])
 
@@ -127,7 +127,7 @@ class ArrayImageDataset(ImageDataset):
     def load(self, i: int):
         from PIL import Image
 
-        from atexport.runtime.preprocess import to_rgb
+        from atexport.utils.images import to_rgb
 
         img = to_rgb(Image.fromarray(self.images[i]))
         if self.upscale and img.size != (self.upscale, self.upscale):

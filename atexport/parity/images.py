@@ -82,7 +82,7 @@ def load_images(source: str | os.PathLike | Iterable, limit: int | None = None) 
     """
     from PIL import Image
 
-    from atexport.runtime.preprocess import open_image
+    from atexport.utils.images import open_image
 
     if isinstance(source, (str, os.PathLike)):
         folder = Path(source)

@@ -155,7 +155,7 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def _folder(cs: CalibrationSet) -> list:
-    from atexport.runtime.preprocess import open_image
+    from atexport.utils.images import open_image
 
     folder = _folder_path(cs)
     if not folder.is_dir():
