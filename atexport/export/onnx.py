@@ -356,7 +356,6 @@ def export_onnx(
         ckpt, input_name="input", output_name="logits", batch=batch, separable=separable,
         manifest=manifest, task=task, extra=extra,
     )
-    from atexport.artifact.metadata import write_onnx_metadata
 
     finish_proto(proto, meta, f"{ckpt.model.backbone} {ckpt.regime} task {task!r}", "the exported model")
 
@@ -378,18 +377,10 @@ def export_onnx(
                 batch_sizes=sizes, tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape,
             )
         seconds["verify"] = time.perf_counter() - t0
-        meta.extra["parity"] = [r.to_dict() for r in result.parity]
-        write_onnx_metadata(proto, meta)
-        data = proto.SerializeToString()
-    seconds["total"] = time.perf_counter() - t_start
-    result.seconds = seconds
-    result.size_bytes = len(data)
 
-    from atexport.export.write import write_verified
+    from atexport.export.write import write_export
 
-    result.path = write_verified(
-        data, output, result.parity,
-        f"the exported model does not match PyTorch within the {par.get('precision', 'fp32')} tolerances",
-        verify=verify, failed_path=failed_path_for(output), result=result,
-    )
+    write_export(proto, data, result, output,
+                 f"the exported model does not match PyTorch within the {par.get('precision', 'fp32')} tolerances",
+                 verify=verify, seconds=seconds, t_start=t_start, failed_path=failed_path_for(output))
     return result

@@ -68,3 +68,32 @@ def write_verified(
         raise err
     return atomic_write_bytes(output, data)
 
+
+
+def write_export(proto, data: bytes, result, output, what: str, *, verify: bool, seconds: dict, t_start: float,
+                 failed_path=None, only_failed: bool = False) -> Path:
+    """The end of an ONNX export: record the parity rows in the model's metadata (when verified), fill
+    ``result``'s timings and size, and :func:`write_verified` the file.
+
+    Args:
+        proto: the exported ``onnx.ModelProto`` (its metadata is ``result.metadata``).
+        data: ``proto`` serialized as it was verified (serialized again only when the rows are recorded).
+        result: the export's result (``metadata``, ``parity``; ``seconds``, ``size_bytes``, ``path`` are set).
+        output, what, failed_path, only_failed: as in :func:`write_verified`.
+        verify: whether the parity rows were computed.
+        seconds: the timings so far; ``total`` is added from ``t_start`` (``time.perf_counter()``).
+    """
+    import time
+
+    from atexport.artifact.metadata import write_onnx_metadata
+
+    if verify:
+        result.metadata.extra["parity"] = [r.to_dict() for r in result.parity]
+        write_onnx_metadata(proto, result.metadata)
+        data = proto.SerializeToString()
+    seconds["total"] = time.perf_counter() - t_start
+    result.seconds = seconds
+    result.size_bytes = len(data)
+    result.path = write_verified(data, output, result.parity or [], what, verify=verify, failed_path=failed_path,
+                                 result=result, only_failed=only_failed)
+    return result.path

@@ -4,7 +4,7 @@
 exports it with :func:`atexport.export.onnx.export_module` (bank tensors lifted to graph inputs with
 initializers, the task axis made symbolic), writes the metadata (tasks, manifest, padding), and checks
 every task's rows of mixed-task batches against that task's own single-task PyTorch model before
-writing through :func:`atexport.export.write.write_verified`.
+writing through :func:`atexport.export.write.write_export`.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def export_multitask(
     from atexport.export.module import MIN_OPSET, bind_initializers, export_module, finish_proto
     from atexport.export.onnx import load_export_config, op_counts
     from atexport.export.multitask.modules import build_multitask_model
-    from atexport.export.write import write_verified
+    from atexport.export.write import write_export
     from atexport.utils.io import check_writable
 
     say = log or (lambda *_: None)
@@ -257,7 +257,6 @@ def export_multitask(
     }
     meta = _multitask_metadata(ckpts, names, batch=batch, manifest=manifest, max_classes=max_classes,
                                layout=layout, extra=extra)
-    from atexport.artifact.metadata import write_onnx_metadata
 
     finish_proto(proto, meta, f"{ckpts[0].model.backbone} {ckpts[0].regime}, {len(ckpts)} tasks "
                  f"({', '.join(names[:8])}{'...' if len(names) > 8 else ''})", "the multi-task model")
@@ -269,17 +268,10 @@ def export_multitask(
         t0 = time.perf_counter()
         result.parity = _verify_against_single_task(data, meta, ckpts, backbone_weights, images, par, in_shape, batch)
         seconds["verify"] = time.perf_counter() - t0
-        meta.extra["parity"] = [r.to_dict() for r in result.parity]
-        write_onnx_metadata(proto, meta)
-        data = proto.SerializeToString()
-    seconds["total"] = time.perf_counter() - t_start
-    result.seconds = seconds
-    result.size_bytes = len(data)
-    result.path = write_verified(
-        data, output, result.parity or [],
-        "the multi-task model does not match the tasks' own PyTorch models within the "
-        f"{par.get('precision', 'fp32')} tolerances", verify=verify, result=result, only_failed=True,
-    )
+    write_export(proto, data, result, output,
+                 "the multi-task model does not match the tasks' own PyTorch models within the "
+                 f"{par.get('precision', 'fp32')} tolerances", verify=verify, seconds=seconds, t_start=t_start,
+                 only_failed=True)
     return result
 
 
