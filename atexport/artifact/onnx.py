@@ -63,3 +63,27 @@ def failed_path_for(output: str | os.PathLike) -> "os.PathLike":
 
     p = Path(output)
     return p.with_name(f"{p.stem}.failed{p.suffix or '.onnx'}")
+
+
+def with_outputs(proto, tensors):
+    """A copy of ``proto`` whose graph also outputs ``tensors`` (their types from shape inference): Polygraphy's
+    "mark outputs", for comparing two graphs tensor by tensor."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is best effort; unknown types default to float
+        inferred = model
+    types = {}
+    for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        types[vi.name] = vi.type.tensor_type.elem_type
+    for init in inferred.graph.initializer:
+        types.setdefault(init.name, init.data_type)
+    have = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(t, types.get(t) or onnx.TensorProto.FLOAT, None))
+            have.add(t)
+    return model

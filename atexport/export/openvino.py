@@ -117,12 +117,15 @@ def _move_ir(xml: Path, target: Path) -> Path:
 def _verify(src: Path, xml: Path, meta, precision: str, images, par: Mapping, threads, say):
     """Parity of the IR in OpenVINO against ONNX Runtime on the source ONNX file."""
     from atexport.artifact.bank import task_input
+    from atexport.export.precision.calibration import holdout_for
+    from atexport.export.precision.common import judged_images
     from atexport.parity import check_parity
     from atexport.parity.images import photo_batch
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
     from atexport.runtime.openvino import OpenVINORunner
 
-    photos = photo_batch(meta.preprocess, extra=images, max_images=par.get("max_images"))
+    photos = photo_batch(meta.preprocess, max_images=par.get("max_images"))
+    judged, judged_name = judged_images(meta, images, *holdout_for(meta, say))
     batch = meta.input["shape"][0]
     sizes = [int(batch)] if isinstance(batch, int) else [int(b) for b in par.get("batch_sizes", [1, 4])]
     in_shape = [int(v) for v in meta.preprocess["input_size"]]
@@ -130,7 +133,8 @@ def _verify(src: Path, xml: Path, meta, precision: str, images, par: Mapping, th
     if isinstance(random_inputs, Mapping):
         random_inputs = random_inputs.get(precision, random_inputs.get("int8" if precision.startswith("int8") else "fp16", 8))
     tolerance_key = "int8" if precision.startswith("int8") else precision
-    say(f"checking OpenVINO {precision} parity against ONNX Runtime on {len(photos)} photos ...")
+    what = f"{len(judged)} in-domain images ({judged_name}) and " if judged is not None else ""
+    say(f"checking OpenVINO {precision} parity against ONNX Runtime on {what}{len(photos)} photos ...")
     ref = OnnxRuntimeRunner(str(src), name="onnxruntime", optimization=par.get("optimization", "all"))
     cand = OpenVINORunner(str(xml), precision=precision, threads=threads, name=f"openvino-{precision}")
     with ref, cand:
@@ -141,7 +145,8 @@ def _verify(src: Path, xml: Path, meta, precision: str, images, par: Mapping, th
             pairs = [(f" {t['name']}", r, c) for (t, r), (_, c) in zip(task_runners(meta, ref), task_runners(meta, cand))]
         rows = []
         for suffix, r, c in pairs:
-            rows += check_parity(r, c, photos, tolerance_key, random_inputs=int(random_inputs or 0), input_shape=in_shape,
+            rows += check_parity(r, c, photos, tolerance_key, judged=judged, judged_name=judged_name,
+                                 random_inputs=int(random_inputs or 0), input_shape=in_shape,
                                  seed=int(par.get("seed", 0)), batch_sizes=sizes,
                                  tolerances=par.get("tolerances", "tolerances"), label=f"openvino {precision}{suffix}")
         return rows, cand.describe(), cand.int8_layers, cand.inference_precision

@@ -34,6 +34,8 @@ def check_parity(
     images: np.ndarray | None,
     precision: str = "fp32",
     *,
+    judged: np.ndarray | None = None,
+    judged_name: str = "held-out",
     random_inputs: int = 8,
     input_shape: Sequence[int] | None = None,
     seed: int = 0,
@@ -43,13 +45,21 @@ def check_parity(
     feeds: dict | None = None,
     label: str = "",
 ) -> list[ParityResult]:
-    """Compare ``candidate`` with ``reference`` on photos and seeded random inputs, per batch size.
+    """Compare ``candidate`` with ``reference`` on in-domain images, photos and seeded random inputs.
+
+    When in-domain images are given (``judged``: a calibration set's held-out images, the user's own
+    images), they decide: their row is judged by the full rule of :func:`~atexport.parity.compare.compare`
+    (tie-aware top-1 flips, cosine outliers, with confidence bounds) at the largest batch size, and the
+    photos and random inputs become smoke rows (magnitude only) at every batch size. Without them, the
+    photos and random inputs are judged.
 
     Args:
         reference: usually a :class:`~atexport.runtime.torch.TorchRunner` on the FP32 model.
         candidate: the artifact's runner (ONNX Runtime, TensorRT...).
         images: preprocessed photos, float32 NCHW (see :func:`photo_batch`), or ``None``.
-        precision: which row of the tolerance table applies (``fp32``, ``fp16``, ``int8``).
+        precision: which row of the tolerance table applies (``fp32``, ``fp16``, ``bf16``, ``int8``).
+        judged: preprocessed in-domain images, or ``None`` / empty.
+        judged_name: the name of their row (``held-out digits``).
         random_inputs: how many seeded random inputs to add (0: none).
         input_shape: (C, H, W) of the random inputs; taken from ``images`` when omitted.
         seed: seed of the random inputs.
@@ -68,24 +78,30 @@ def check_parity(
         if precision not in table:
             raise BadInputError(f"no tolerances for precision {precision!r} in {tolerances}.yaml; have {sorted(table)}.")
         tolerance = table[precision]
+    has_judged = judged is not None and len(judged) > 0
     sets = []
+    if has_judged:
+        sets.append((judged_name, np.ascontiguousarray(judged, dtype=np.float32), True))
+        input_shape = input_shape or judged.shape[1:]
     if images is not None and len(images):
-        sets.append(("photos", np.ascontiguousarray(images, dtype=np.float32)))
+        sets.append(("photos", np.ascontiguousarray(images, dtype=np.float32), not has_judged))
         input_shape = input_shape or images.shape[1:]
     if random_inputs:
         if input_shape is None:
             raise BadInputError("check_parity needs input_shape (C, H, W) for random inputs when no images are given.")
-        sets.append(("random", random_batch(random_inputs, input_shape, seed)))
+        sets.append(("random", random_batch(random_inputs, input_shape, seed), not has_judged))
     if not sets:
         raise BadInputError("check_parity has nothing to compare: no images and random_inputs=0.")
-    results = []
+    sizes = [int(bs) for bs in batch_sizes]
+    if any(bs < 1 for bs in sizes):
+        raise BadInputError(f"parity batch sizes must be >= 1, got {sizes}.")
+    # The in-domain decisions are judged once, at the largest batch size; the other rows at every size.
+    runs = [(max(sizes), *sets[0])] if has_judged else []
+    runs += [(bs, *s) for bs in sizes for s in sets[1 if has_judged else 0:]]
     prefix = f"{label} " if label else ""
-    for bs in batch_sizes:
-        bs = int(bs)
-        if bs < 1:
-            raise BadInputError(f"parity batch size must be >= 1, got {bs}.")
-        for kind, x in sets:
-            ref = run_batched(reference, x, bs, feeds=feeds)
-            cand = run_batched(candidate, x, bs, feeds=feeds)
-            results.append(compare(ref, cand, tolerance, name=f"{prefix}{kind} (batch {bs})"))
+    results = []
+    for bs, kind, x, judge in runs:
+        ref = run_batched(reference, x, bs, feeds=feeds)
+        cand = run_batched(candidate, x, bs, feeds=feeds)
+        results.append(compare(ref, cand, tolerance, name=f"{prefix}{kind} (batch {bs})", judged=judge))
     return results

@@ -27,10 +27,10 @@ import numpy as np
 from atexport.artifact.fit import match_tasks
 from atexport.errors import BadInputError, ParityError
 from atexport.parity.compare import ParityResult, compare
+from atexport.parity.tolerances import Tolerances
 from atexport.verify.verify import (
     BackendResult,
     LoadedArtifact,
-    Tolerances,
     _run,
     check_precision_and_preprocess,
     name_artifacts,

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from atexport.artifact.onnx import with_outputs
 from atexport.errors import AtexportError, BadInputError
 
 _PASS = ("Cast", "Identity", "QuantizeLinear", "DequantizeLinear")
@@ -269,29 +270,6 @@ def locate_stages(proto, ln_calls: list[str], adapters: dict[int, bool]) -> list
     return stages
 
 
-def _with_outputs(proto, tensors: list[str]):
-    """A copy of ``proto`` whose graph also outputs ``tensors`` (their types from shape inference)."""
-    import onnx
-
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shape inference is best effort; unknown types default to float
-        inferred = model
-    types = {}
-    for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
-        types[vi.name] = vi.type.tensor_type.elem_type
-    for init in inferred.graph.initializer:
-        types.setdefault(init.name, init.data_type)
-    have = {o.name for o in model.graph.output}
-    for t in tensors:
-        if t not in have:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(t, types.get(t) or onnx.TensorProto.FLOAT, None))
-            have.add(t)
-    return model
-
-
 def _metrics(ref: np.ndarray, cand: np.ndarray, scale: float) -> tuple[float, float, float]:
     ref = np.asarray(ref, np.float64).reshape(len(ref), -1)
     cand = np.asarray(cand, np.float64).reshape(len(cand), -1)
@@ -306,15 +284,9 @@ def _metrics(ref: np.ndarray, cand: np.ndarray, scale: float) -> tuple[float, fl
 
 
 def _per_block_tolerance(precision: str, tolerances="tolerances", tolerance: float | None = None) -> float:
-    if tolerance is not None:
-        return float(tolerance)
-    from atexport import configs
+    from atexport.parity.tolerances import per_block_tolerance
 
-    data = tolerances if isinstance(tolerances, dict) else configs.load("export_configs", tolerances)
-    table = data.get("per_block_max_rel") or {}
-    if precision not in table:
-        raise BadInputError(f"no per-block tolerance for {precision!r} (per_block_max_rel in {tolerances}); have {sorted(table)}.")
-    return float(table[precision])
+    return float(tolerance) if tolerance is not None else per_block_tolerance(precision, tolerances)
 
 
 def compare_blocks(
@@ -366,7 +338,7 @@ def compare_blocks(
         else:
             torch_vals[stage] = ref[stage]
     fixed = proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value or None
-    marked = _with_outputs(proto, [t for _s, t, _i in located])
+    marked = with_outputs(proto, [t for _s, t, _i in located])
     out_name = proto.graph.output[0].name
     names = list(dict.fromkeys([t for _s, t, _i in located] + [out_name]))
     runner = OnnxRuntimeRunner(marked.SerializeToString(), threads=threads, name=label)

@@ -28,6 +28,7 @@ import numpy as np
 from atexport.errors import BadInputError, IncompatibleCheckpointError, ParityError
 from atexport.artifact.fit import check_exported_from
 from atexport.parity.compare import ParityResult, Tolerance, compare
+from atexport.parity.tolerances import Tolerances, resolve_tolerances  # noqa: F401 - part of verify's API
 from atexport.utils.progress import Progress
 from atexport.runtime.artifacts import Artifact, LoadedArtifact, artifacts, read_artifact
 
@@ -176,59 +177,6 @@ class VerifyResult:
 
 # --------------------------------------------------------------------------------------------------
 # Tolerances
-
-
-@dataclass
-class Tolerances:
-    """The resolved limits of one verification."""
-
-    logits: dict[str, Tolerance]
-    per_block: dict[str, float]
-    preprocess_max_abs: float
-    source: str
-
-    def to_dict(self) -> dict:
-        return {"logits": {k: asdict(v) for k, v in self.logits.items()}, "per_block_max_rel": self.per_block,
-                "preprocess_max_abs": self.preprocess_max_abs, "source": self.source}
-
-
-def resolve_tolerances(tolerances: str | os.PathLike | Mapping = "tolerances",
-                       overrides: Mapping[str, Any] | None = None) -> Tolerances:
-    """Load a tolerance table (name in ``export_configs/``, YAML path, or dict) and apply overrides.
-
-    Args:
-        tolerances: the table.
-        overrides: ``{"int8.min_cosine": 0.99, "per_block.fp16": 0.02, "preprocess_max_abs": 1e-3}``.
-    """
-    from atexport import configs
-
-    data = dict(tolerances) if isinstance(tolerances, Mapping) else configs.load("export_configs", tolerances)
-    source = str(data.get("_source", "dict"))
-    table = data.get("tolerances", {})
-    if not isinstance(table, dict) or not table:
-        raise BadInputError(f"--tolerances {source}: no 'tolerances:' table (fp32, fp16, int8 limits) in it.")
-    logits = {k: Tolerance.from_dict(v) for k, v in table.items() if isinstance(v, dict)}
-    per_block = {k: float(v) for k, v in (data.get("per_block_max_rel") or {}).items()}
-    pre = float(data.get("preprocess_max_abs", 1e-4))
-    for key, value in (overrides or {}).items():
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise BadInputError(f"--tol {key}={value}: the value must be a number.") from None
-        parts = str(key).split(".")
-        if parts == ["preprocess_max_abs"]:
-            pre = value
-        elif len(parts) == 2 and parts[0] == "per_block":
-            per_block[parts[1]] = value
-        elif len(parts) == 2 and parts[0] in logits and parts[1] in Tolerance.__dataclass_fields__:
-            setattr(logits[parts[0]], parts[1], value)
-        else:
-            fields = ", ".join(Tolerance.__dataclass_fields__)
-            raise BadInputError(
-                f"--tol {key}: unknown tolerance; use PRECISION.FIELD (precisions {sorted(logits)}, fields {fields}), "
-                "per_block.PRECISION or preprocess_max_abs."
-            )
-    return Tolerances(logits, per_block, pre, source)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from atexport import configs
-from atexport.errors import BadInputError, MissingDependencyError
+from atexport.errors import AtexportError, BadInputError, MissingDependencyError
 from atexport.utils.images import IMAGE_SUFFIXES
 from atexport.utils.io import canonical_json
 
@@ -58,6 +58,8 @@ class CalibrationSet:
             then from the working directory.
         dataset: data set name for ``source: dataset``.
         min_images: below this many images a :class:`CalibrationWarning` is issued.
+        holdout: in-domain images kept out of calibration, on which the precision parity check judges the
+            model's decisions (:meth:`split_indices`; a small source keeps a quarter of its images out).
         source_file: the YAML file the definition came from, if any.
     """
 
@@ -69,6 +71,7 @@ class CalibrationSet:
     path: str | None = None
     dataset: str | None = None
     min_images: int = 64
+    holdout: int = 128
     source_file: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -77,6 +80,8 @@ class CalibrationSet:
             raise BadInputError(f"calibration set {self.name!r}: source {self.source!r} is not one of {SOURCES}.")
         if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
             raise BadInputError(f"calibration set {self.name!r}: count must be a positive integer, got {self.count!r}.")
+        if not isinstance(self.holdout, int) or isinstance(self.holdout, bool) or self.holdout < 0:
+            raise BadInputError(f"calibration set {self.name!r}: holdout must be an integer >= 0, got {self.holdout!r}.")
         if self.source == "folder" and not self.path:
             raise BadInputError(f"calibration set {self.name!r}: source 'folder' needs a 'path'.")
         if self.source == "dataset" and not self.dataset:
@@ -86,19 +91,47 @@ class CalibrationSet:
         return {k: v for k, v in asdict(self).items() if v not in (None, {}) or k == "path"}
 
     # ----------------------------------------------------------------------------------------------
-    def images(self) -> list:
-        """The selected images, as RGB PIL images (deterministic for a given definition)."""
-        loader = {"digits": _digits, "photos": _photos, "folder": _folder, "dataset": _dataset}[self.source]
-        return loader(self)
+    def split_indices(self, pool: int) -> tuple[list[int], list[int]]:
+        """``(calibration, held-out)`` indices into a source of ``pool`` images, disjoint and seeded.
 
-    def batch(self, preprocess: dict) -> np.ndarray:
+        The calibration images are the first ``count`` of a seeded permutation (as before held-out images
+        existed, so calibration caches stay valid); the held-out images are the next ``holdout``. A source
+        too small for both keeps a quarter of its images (at most ``holdout``) out of calibration instead.
+        """
+        order = [int(i) for i in np.random.default_rng(self.seed).permutation(pool)]
+        if pool >= self.count + self.holdout:
+            calib, held = order[: self.count], order[self.count : self.count + self.holdout]
+        else:
+            n_held = min(self.holdout, pool // 4)
+            calib, held = order[: min(self.count, pool - n_held)], order[pool - n_held :] if n_held else []
+        return sorted(calib), sorted(held)
+
+    def images(self, part: str = "calibration") -> list:
+        """The selected images, as RGB PIL images (deterministic for a given definition).
+
+        Args:
+            part: ``calibration`` (the images the ranges are measured on) or ``holdout`` (in-domain images
+                never used to calibrate: what the precision parity check judges).
+        """
+        if part not in ("calibration", "holdout"):
+            raise BadInputError(f"calibration set part {part!r}: expected 'calibration' or 'holdout'.")
+        loader = {"digits": _digits, "photos": _photos, "folder": _folder, "dataset": _dataset}[self.source]
+        n, get = loader(self)
+        calib, held = self.split_indices(n)
+        return [get(i) for i in (calib if part == "calibration" else held)]
+
+    def batch(self, preprocess: dict, part: str = "calibration") -> np.ndarray:
         """The selected images through the model's preprocessing: a float32 NCHW batch.
 
-        Warns (:class:`CalibrationWarning`) when fewer than ``min_images`` images are available.
+        Warns (:class:`CalibrationWarning`) when fewer than ``min_images`` calibration images are available.
+        A held-out part may be empty (a ``(0, C, H, W)`` batch).
         """
         from atexport.runtime.preprocess import Preprocessor
 
-        imgs = self.images()
+        imgs = self.images(part)
+        if part == "holdout":
+            size = [int(v) for v in preprocess["input_size"]]
+            return Preprocessor(preprocess)(imgs) if imgs else np.zeros((0, *size), np.float32)
         if not imgs:
             raise BadInputError(f"calibration set {self.name!r} yielded no images.")
         if len(imgs) < self.min_images:
@@ -112,14 +145,7 @@ class CalibrationSet:
         return Preprocessor(preprocess)(imgs)
 
 
-def _select(n_total: int, count: int, seed: int) -> list[int]:
-    """``count`` indices of ``range(n_total)`` drawn without replacement, in a seeded order."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n_total)
-    return sorted(int(i) for i in order[: min(count, n_total)])
-
-
-def _digits(cs: CalibrationSet) -> list:
+def _digits(cs: CalibrationSet):
     """scikit-learn's digits with *the training data's split* (:mod:`atexport.data`): ``train`` is the pool
     ``atexport train --dataset digits`` trains and validates on, ``test`` its fixed test split, so the
     calibration images of a digits model are never the images it is scored on."""
@@ -130,14 +156,14 @@ def _digits(cs: CalibrationSet) -> list:
     entry, _ = dataset_entry("digits")
     # 8x8 -> 64x64 (as training does) so the model's own resize sees an image, not a few pixels.
     ds = entry.build(cs.split, Path("."), False, size=int(cs.extra.get("size", 64)))
-    return [ds[i][0] for i in _select(len(ds), cs.count, cs.seed)]
+    return len(ds), lambda i: ds[i][0]
 
 
-def _photos(cs: CalibrationSet) -> list:
+def _photos(cs: CalibrationSet):
     from atexport.parity import sample_images
 
     imgs = sample_images()
-    return [imgs[i] for i in _select(len(imgs), cs.count, cs.seed)]
+    return len(imgs), imgs.__getitem__
 
 
 def _folder_path(cs: CalibrationSet) -> Path:
@@ -154,7 +180,7 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _folder(cs: CalibrationSet) -> list:
+def _folder(cs: CalibrationSet):
     from atexport.utils.images import open_image
 
     folder = _folder_path(cs)
@@ -163,10 +189,10 @@ def _folder(cs: CalibrationSet) -> list:
     files = list_images(folder)
     if not files:
         raise BadInputError(f"calibration set {cs.name!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}.")
-    return [open_image(files[i]) for i in _select(len(files), cs.count, cs.seed)]
+    return len(files), lambda i: open_image(files[i])
 
 
-def _dataset(cs: CalibrationSet) -> list:
+def _dataset(cs: CalibrationSet):
     try:
         from atexport.data import load_dataset
     except ImportError:
@@ -175,7 +201,7 @@ def _dataset(cs: CalibrationSet) -> list:
             "calibrate on a folder of images instead (--calib DIR)."
         ) from None
     ds = load_dataset(cs.dataset, cs.split)
-    return [ds[i][0].convert("RGB") for i in _select(len(ds), cs.count, cs.seed)]
+    return len(ds), lambda i: ds[i][0].convert("RGB")
 
 
 def available_sets() -> list[str]:
@@ -188,6 +214,7 @@ def load_calibration_set(
     count: int | None = None,
     seed: int | None = None,
     min_images: int | None = None,
+    holdout: int | None = None,
 ) -> CalibrationSet:
     """Resolve ``--calib``: a set name in ``calibration/``, a YAML path, a folder of images, or a dict.
 
@@ -196,6 +223,7 @@ def load_calibration_set(
         count: override the number of images.
         seed: override the selection seed.
         min_images: override the warning threshold.
+        holdout: override the number of held-out images (0: judge precision on photos and ``--images`` only).
     """
     if isinstance(spec, CalibrationSet):
         cs = CalibrationSet(**{**asdict(spec)})
@@ -227,6 +255,8 @@ def load_calibration_set(
         cs.seed = int(seed)
     if min_images is not None:
         cs.min_images = int(min_images)
+    if holdout is not None:
+        cs.holdout = holdout
     cs.__post_init__()
     return cs
 
@@ -396,3 +426,24 @@ def as_jsonable(obj: Any):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def holdout_for(meta, say=None) -> tuple[np.ndarray | None, str | None]:
+    """The held-out images of the calibration set an INT8 model's metadata records (through the model's
+    preprocessing) and the set's name, so every later check of that model (OpenVINO, TensorRT, a re-check)
+    judges it on the same in-domain images; ``(None, None)`` for a model without one, or when the set can
+    no longer be read (a moved folder: said through ``say``, and the photos are judged instead)."""
+    rec = ((getattr(meta, "extra", None) or {}).get("precision") or {}).get("calibration") or {}
+    if not isinstance(rec, dict) or rec.get("source") in (None, "array") or not rec.get("held_out"):
+        return None, None
+    known = set(CalibrationSet.__dataclass_fields__) - {"extra", "source_file"}
+    spec = {**(rec.get("extra") or {}), **{k: v for k, v in rec.items() if k in known}}
+    try:
+        cs = load_calibration_set(spec)
+        if rec.get("source_file"):
+            cs.source_file = rec["source_file"]
+        return cs.batch(meta.preprocess, "holdout"), cs.name
+    except AtexportError as e:
+        if say:
+            say(f"the held-out images of calibration set {rec.get('name')!r} cannot be read ({e}); judging on photos.")
+        return None, None

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from atexport import configs
 from atexport.artifact.bank import task_input
 from atexport.errors import BadInputError
@@ -157,8 +159,30 @@ def carry_over(model, src) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def precision_parity(data: bytes, src_model, meta, precision: str, reference, images, par: dict, say):
-    """Parity of ``data`` against ``reference`` (a Runner) or, by default, the FP32 ONNX model in ORT."""
+def judged_images(meta, images, holdout=None, holdout_name: str | None = None, max_images: int | None = None):
+    """The in-domain images a precision check judges, and their row name: a calibration set's held-out
+    images and the user's ``images`` (a folder or a list), or ``(None, "")`` when there are none."""
+    from atexport.parity import photo_batch
+
+    parts, names = [], []
+    if holdout is not None and len(holdout):
+        parts.append(np.ascontiguousarray(holdout, np.float32))
+        names.append(f"held-out {holdout_name}" if holdout_name else "held-out")
+    if images is not None:
+        parts.append(photo_batch(meta.preprocess, extra=images, max_images=max_images, samples=False))
+        names.append("images")
+    if not parts:
+        return None, ""
+    return np.concatenate(parts), " + ".join(names)
+
+
+def precision_parity(data: bytes, src_model, meta, precision: str, reference, images, par: dict, say,
+                     holdout=None, holdout_name: str | None = None):
+    """Parity of ``data`` against ``reference`` (a Runner) or, by default, the FP32 ONNX model in ORT.
+
+    In-domain images (``holdout``: the calibration set's held-out images; ``images``: the user's) are
+    judged; photos and random inputs are then smoke checks (see :func:`atexport.parity.check_parity`).
+    """
     from atexport.parity import check_parity, photo_batch
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
 
@@ -168,10 +192,13 @@ def precision_parity(data: bytes, src_model, meta, precision: str, reference, im
     else:
         ref_label = getattr(reference, "name", "reference")
     in_shape = [int(v) for v in meta.preprocess["input_size"]]
-    photos = photo_batch(meta.preprocess, extra=images, max_images=par.get("max_images"))
+    photos = photo_batch(meta.preprocess, max_images=par.get("max_images"))
+    judged, judged_name = judged_images(meta, images, holdout, holdout_name)
     batch = meta.input["shape"][0]
     sizes = [int(batch)] if isinstance(batch, int) else [int(b) for b in par.get("batch_sizes", [1, 4])]
-    say(f"checking {precision} parity against {ref_label} on {len(photos)} photos ...")
+    what = f"{len(judged)} in-domain images ({judged_name}) and {len(photos)} photos" if judged is not None \
+        else f"{len(photos)} photos"
+    say(f"checking {precision} parity against {ref_label} on {what} ...")
     with reference as ref, OnnxRuntimeRunner(data, name=f"onnx-{precision}", optimization=par.get("optimization", "all")) as cand:
         pairs = [("", ref, cand)]
         if task_input(meta):  # multi-task model: every task on its own (its task_id fed, its logits only)
@@ -181,7 +208,7 @@ def precision_parity(data: bytes, src_model, meta, precision: str, reference, im
         rows = []
         for suffix, r, c in pairs:
             rows += check_parity(
-                r, c, photos, precision,
+                r, c, photos, precision, judged=judged, judged_name=judged_name,
                 random_inputs=per_precision(par.get("random_inputs", 0), precision),
                 input_shape=in_shape, seed=int(par.get("seed", 0)), batch_sizes=sizes,
                 tolerances=par.get("tolerances", "tolerances"), label=precision + suffix,
@@ -197,7 +224,7 @@ def per_precision(value, precision: str) -> int:
 
 
 def finish(model, meta, output, result: PrecisionResult, *, verify: bool, src_model, reference, images,
-           par: dict, say) -> PrecisionResult:
+           par: dict, say, holdout=None, holdout_name: str | None = None) -> PrecisionResult:
     """Write the metadata into ``model``, check parity, then write ``output`` (or ``.failed.onnx`` and raise)."""
     from atexport.artifact.metadata import write_onnx_metadata
     from atexport.export.write import write_verified
@@ -206,15 +233,28 @@ def finish(model, meta, output, result: PrecisionResult, *, verify: bool, src_mo
     write_onnx_metadata(model, meta)
     if verify:
         t0 = time.perf_counter()
-        result.parity, result.reference = precision_parity(model.SerializeToString(), src_model, meta, precision, reference,
-                                                 images, par, say)
+        result.parity, result.reference = precision_parity(model.SerializeToString(), src_model, meta, precision,
+                                                           reference, images, par, say, holdout, holdout_name)
         result.seconds["verify"] = time.perf_counter() - t0
         meta.extra.setdefault("precision", {})["parity"] = [r.to_dict() for r in result.parity]
         meta.extra["precision"]["reference"] = result.reference
         write_onnx_metadata(model, meta)
-    result.path = write_verified(
-        model.SerializeToString(), output, result.parity,
-        f"the {precision} model does not match {result.reference} within the {precision} tolerances",
-        verify=verify, failed_path=failed_path_for(output), result=result,
-    )
+    what = f"the {precision} model does not match {result.reference} within the {precision} tolerances"
+    if verify and not result.passed:
+        what += _where_it_breaks(model, src_model, meta, precision, images, holdout, par)
+    result.path = write_verified(model.SerializeToString(), output, result.parity, what, verify=verify,
+                                 failed_path=failed_path_for(output), result=result)
     return result
+
+
+def _where_it_breaks(model, src_model, meta, precision: str, images, holdout, par: dict) -> str:
+    """``"; <sentence naming the first bad layer>"`` for a model that failed parity, or ``""``."""
+    from atexport.export.precision.locate import locate_break
+    from atexport.parity import photo_batch
+
+    batch, _ = judged_images(meta, images, holdout)
+    if batch is None:
+        batch = photo_batch(meta.preprocess, max_images=8)
+    where = locate_break(src_model, model, batch, precision, tolerances=par.get("tolerances", "tolerances"),
+                         tasks=task_input(meta))
+    return f"; {where.rstrip('.')}" if where else ""

@@ -98,20 +98,21 @@ def int8_options(cfg: Mapping, *, target: str | None, method: str | None, op_pol
                        keep_float_cfg=kf_cfg, op_types=list(i8.get("op_types", LINEAR_OPS)))
 
 
-def calibration_batch(calibration, meta, *, count: int | None, ccfg: Mapping, say) -> tuple[np.ndarray, dict]:
-    """The calibration images through the model's own preprocessing, and their description for the metadata.
+def calibration_batch(calibration, meta, *, count: int | None, ccfg: Mapping, say) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """The calibration images and the held-out images through the model's own preprocessing, and the
+    set's description for the metadata.
 
     ``calibration`` is a set name, a YAML path, a folder, a :class:`~atexport.export.precision.calibration.CalibrationSet`,
-    a dict, or an already preprocessed float32 batch.
+    a dict, or an already preprocessed float32 batch (which has no held-out part: ``None``).
     """
     from atexport.export.precision import calibration as calib
 
     if isinstance(calibration, np.ndarray):
         batch = np.ascontiguousarray(calibration, dtype=np.float32)
-        return batch, {"name": "array", "source": "array", "images": int(len(batch))}
+        return batch, None, {"name": "array", "source": "array", "images": int(len(batch))}
     cs = calib.load_calibration_set(calibration, count=count, min_images=ccfg.get("min_images"))
-    say(f"loading calibration images ({cs.name}: {cs.source}, up to {cs.count}) ...")
-    return cs.batch(meta.preprocess), cs.to_dict()
+    say(f"loading calibration images ({cs.name}: {cs.source}, up to {cs.count}, {cs.holdout} held out) ...")
+    return cs.batch(meta.preprocess), cs.batch(meta.preprocess, "holdout"), cs.to_dict()
 
 
 def calibration_settings(opts: Int8Request, calib_ops, ccfg: Mapping) -> dict:
@@ -313,17 +314,20 @@ def quantize_int8(
     calib_ops = opts.op_types if linear else None
 
     t0 = time.perf_counter()
-    batch, cs_desc = calibration_batch(calibration, meta, count=count, ccfg=ccfg, say=say)
+    batch, holdout, cs_desc = calibration_batch(calibration, meta, count=count, ccfg=ccfg, say=say)
+    seconds = {"load_images": time.perf_counter() - t0}
+    in_batch = meta.input["shape"][0]
+    fixed = int(in_batch) if isinstance(in_batch, int) else None
+    work = src
     dsha = calib.data_hash(batch)
     calib_settings = calibration_settings(opts, calib_ops, ccfg)
-    mhash = calib.model_hash(src)
+    mhash = calib.model_hash(work)
     key = calib.CacheKey(model_sha256=mhash, data_sha256=dsha, settings=calib_settings)
     cache_path = None if cache is False else Path(cache) if cache not in (None, True) else calib.default_cache_path(out)
-    seconds = {"load_images": time.perf_counter() - t0}
 
     with tempfile.TemporaryDirectory(prefix="atexport-int8-") as tmp:
         model_path = Path(tmp) / "fp32.onnx"
-        onnx.save(src, str(model_path))
+        onnx.save(work, str(model_path))
         ranges, status, calib_seconds = activation_ranges(model_path, batch, meta, opts, calib_ops, ccfg, key=key,
                                                           cache_path=cache_path, cs_desc=cs_desc, say=say)
         if calib_seconds is not None:
@@ -336,17 +340,16 @@ def quantize_int8(
     kf_info = None
     if opts.keep_float[0] != "none":
         t0 = time.perf_counter()
-        in_batch = meta.input["shape"][0]
         kf_info = apply_keep_float(
-            model, src, plain, *opts.keep_float, opts.keep_float_cfg, batch,
-            fixed=int(in_batch) if isinstance(in_batch, int) else None, tasks=task_input(meta),
+            model, work, plain, *opts.keep_float, opts.keep_float_cfg, batch, fixed=fixed, tasks=task_input(meta),
             cache_path=cache_path, cache_key=key, quant_settings=opts.settings, say=say)
         seconds["keep_float"] = time.perf_counter() - t0
     check_int8_model(model, opts, meta)
 
     report = _graph_report(model, opts, plain, swap_linear, rewired, kf_info)
     calibration_info = dict(cs_desc)
-    calibration_info.update(images=int(len(batch)), data_sha256=dsha, method=opts.method,
+    calibration_info.update(images=int(len(batch)), held_out=0 if holdout is None else int(len(holdout)),
+                            data_sha256=dsha, method=opts.method,
                             cache=str(cache_path) if cache_path else None, cache_status=status)
     meta.precision = "int8"
     meta.extra = dict(meta.extra or {})
@@ -356,7 +359,7 @@ def quantize_int8(
     result = PrecisionResult(path=None, precision="int8", metadata=meta, graph=report, calibration=calibration_info,
                              seconds=seconds)
     finish(model, meta, out, result, verify=verify, src_model=src, reference=reference, images=images,
-           par=cfg["parity"], say=say)
+           par=cfg["parity"], say=say, holdout=holdout, holdout_name=cs_desc.get("name"))
     result.seconds["total"] = time.perf_counter() - t_start
     return result
 

@@ -33,7 +33,11 @@ def verify_engine(engine_path: str | os.PathLike, reference, onnx_reference: str
     par = load_precision_config()["parity"]
     if reference is None or meta.tasks:  # a multi-task engine is checked against its own ONNX model, task by task
         reference = OnnxRuntimeRunner(str(onnx_reference), name=f"onnx {os.path.basename(str(onnx_reference))}")
-    photos = photo_batch(meta.preprocess, extra=images, max_images=par.get("max_images"))
+    from atexport.export.precision.calibration import holdout_for
+    from atexport.export.precision.common import judged_images
+
+    photos = photo_batch(meta.preprocess, max_images=par.get("max_images"))
+    judged, judged_name = judged_images(meta, images, *holdout_for(meta, log))
     b = meta.input["shape"][0]
     sizes = [int(b)] if isinstance(b, int) else [int(x) for x in par.get("batch_sizes", [1, 4])]
     if batch_range is not None:
@@ -49,7 +53,7 @@ def verify_engine(engine_path: str | os.PathLike, reference, onnx_reference: str
             pairs = [(f" {t['name']}", r, c) for (t, r), (_, c) in zip(task_runners(meta, ref), task_runners(meta, cand))]
         rows = []
         for suffix, r, c in pairs:
-            rows += check_parity(r, c, photos, precision, random_inputs=ri,
+            rows += check_parity(r, c, photos, precision, judged=judged, judged_name=judged_name, random_inputs=ri,
                                  input_shape=[int(v) for v in meta.preprocess["input_size"]],
                                  batch_sizes=sizes, label=f"trt {precision}{suffix}")
         return rows
