@@ -294,3 +294,41 @@ def count_params(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable, "share": trainable / total if total else 0.0}
+
+
+def inject_activation_outliers(model, factor: float = 50.0, channels: int = 2, blocks=None, seed: int = 0) -> dict:
+    """Give a ViT the massive activations of pretrained ones without changing what it computes.
+
+    For each chosen block, ``channels`` channels of ``norm1`` and ``norm2`` get their gain and bias
+    multiplied by ``factor`` (20-100 is what pretrained ViTs show), and the matching input columns of
+    ``attn.qkv`` and ``mlp.fc1`` are divided by it: the LayerNorm outputs carry outlier channels while
+    the FP32 function is unchanged up to rounding. A test and benchmark model for INT8 (random-init and
+    small trained ViTs have none of these outliers).
+
+    Args:
+        model: a timm ViT (blocks with ``norm1``/``attn.qkv`` and ``norm2``/``mlp.fc1``), changed in place.
+        factor: the outlier factor.
+        channels: outlier channels per LayerNorm.
+        blocks: block indices (default: all).
+        seed: seed of the channel choice.
+
+    Returns:
+        ``{block index: {"norm1": [channels], "norm2": [channels]}}``.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed))
+    chosen = {}
+    for i, blk in enumerate(model.blocks):
+        if blocks is not None and i not in blocks:
+            continue
+        inner = getattr(blk, "block", blk)  # atexport wraps adapter blocks
+        chosen[i] = {}
+        for norm, linear in ((inner.norm1, inner.attn.qkv), (inner.norm2, inner.mlp.fc1)):
+            idx = torch.randperm(norm.weight.shape[0], generator=g)[:channels]
+            with torch.no_grad():
+                norm.weight[idx] *= factor
+                norm.bias[idx] *= factor
+                linear.weight[:, idx] /= factor
+            chosen[i]["norm1" if norm is inner.norm1 else "norm2"] = idx.tolist()
+    return chosen

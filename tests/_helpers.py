@@ -82,3 +82,35 @@ def real_photos():
 
 def random_inputs(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
+
+
+def make_outlier_checkpoint(folder: Path, factor: float = 50.0, num_classes: int = 10, seed: int = 0,
+                            weight_seed: int = 1, scale: float = 0.1) -> Path:
+    """A tiny-ViT checkpoint whose backbone has the massive LayerNorm-output channels of pretrained ViTs
+    (:func:`atexport.models.inject_activation_outliers`), saved as a local backbone file beside it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from atexport.adapter import AdapterConfig, inject_adapters
+    from atexport.checkpoint import Checkpoint, save_checkpoint, trainable_state
+    from atexport.models import backbone_fingerprint, create_backbone, inject_activation_outliers, preprocess_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = tiny_spec(num_classes, seed)
+    model = create_backbone(spec)
+    inject_activation_outliers(model, factor=factor)
+    weights = folder / "outlier_backbone.safetensors"
+    save_file(model.state_dict(), str(weights))
+    spec.source = {"kind": "file", "path": str(weights)}
+    fp = backbone_fingerprint(model)
+    cfg = AdapterConfig(rank=4, every=1)
+    inject_adapters(model, cfg)
+    g = torch.Generator().manual_seed(weight_seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapter." in name or name.startswith("head."):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    ckpt = Checkpoint(model=spec, adapter=cfg, regime="adapter", fingerprint=fp,
+                      state_dict=trainable_state(model, "adapter"), preprocess=preprocess_config(model))
+    return Path(save_checkpoint(ckpt, folder / "outlier.pt"))

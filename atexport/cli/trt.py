@@ -46,6 +46,10 @@ def echo_refit(result) -> None:
               help="INT8: Linear layers left in float: auto (the most sensitive ones, measured on the calibration "
                    "images, within a latency budget), none, N (the N most sensitive), or comma-separated layer names "
                    "or globs (head,*.adapter.*) [default: from export_configs/precision.yaml].")
+@click.option("--int8-smooth", "int8_smooth", default=None, metavar="off|ALPHA",
+              help="INT8: SmoothQuant-style migration of activation outliers into the weights, folded into LayerNorm "
+                   "and Linear (exact in FP32), where a LayerNorm's channels are uneven: off, or the alpha (0-1) "
+                   "[default: from export_configs/precision.yaml].")
 @click.option("--target", type=click.Choice(["tensorrt", "cpu"]), default="tensorrt", show_default=True,
               help="INT8 flavour: symmetric S8S8 for TensorRT, or U8S8 for ONNX Runtime on CPU (no engine).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
@@ -68,7 +72,7 @@ def echo_refit(result) -> None:
               help="Build the engine: yes (TensorRT and a GPU required), auto (where they exist, else stop after "
                    "the precision ONNX), no (precision ONNX only).")
 def trt_cmd(onnx_path, ckpt, precision, calib, calib_count, calib_method, calib_cache, no_calib_cache, int8_keep_float,
-            target, output,
+            int8_smooth, target, output,
             onnx_out, batch, workspace, timing_cache, refit, version_compatible, hardware_compatible, opt_level,
             images, backbone_weights, no_verify, build):
     """Make an FP16 or INT8 ONNX model, verify it, and build a TensorRT engine from exactly that model.
@@ -91,7 +95,8 @@ def trt_cmd(onnx_path, ckpt, precision, calib, calib_count, calib_method, calib_
 
     # Both option groups validate every value here, whatever --build says (a bad --batch fails before any work).
     int8 = Int8Options(calib=calib, count=calib_count, method=calib_method,
-                       cache=False if no_calib_cache else calib_cache, keep_float=int8_keep_float, target=target)
+                       cache=False if no_calib_cache else calib_cache, keep_float=int8_keep_float, smooth=int8_smooth,
+                       target=target)
     engine = EngineOptions(batch=batch, workspace_gb=workspace, refit=refit, version_compatible=version_compatible,
                            hardware_compatible=hardware_compatible, timing_cache=timing_cache,
                            optimization_level=opt_level)

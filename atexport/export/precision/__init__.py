@@ -84,6 +84,7 @@ INT8_OPTIONS = (
     ("method", "--calib-method"),
     ("cache", "--calib-cache"),  # cache=False is --no-calib-cache
     ("keep_float", "--int8-keep-float"),
+    ("smooth", "--int8-smooth"),
     ("target", "--target"),
     ("op_policy", "op_policy"),
 )
@@ -97,7 +98,7 @@ def check_precision_flags(precision: str, **options) -> None:
     Args:
         precision: ``fp32``, ``fp16`` or ``int8``.
         **options: the options given, by their :func:`convert_precision` keyword (``calibration``, ``count``,
-            ``method``, ``cache``, ``keep_float``, ``target``, ``op_policy``, ``block_ops``, ``keep_io_types``);
+            ``method``, ``cache``, ``keep_float``, ``smooth``, ``target``, ``op_policy``, ``block_ops``, ``keep_io_types``);
             ``None`` means not given.
 
     Raises:
@@ -123,8 +124,8 @@ def check_precision_flags(precision: str, **options) -> None:
 
 
 def convert_precision(onnx_in, precision: str, onnx_out=None, *, calibration=None, count=None, method=None,
-                      cache=None, keep_float=None, target=None, op_policy=None, block_ops=None, keep_io_types=None,
-                      **common) -> PrecisionResult:
+                      cache=None, keep_float=None, smooth=None, target=None, op_policy=None, block_ops=None,
+                      keep_io_types=None, **common) -> PrecisionResult:
     """Convert an FP32 atexport ONNX model to ``fp16`` (:func:`to_fp16`) or ``int8`` (:func:`quantize_int8`).
 
     Options of the other precision are refused (:func:`check_precision_flags`), and so is ``fp32``
@@ -133,13 +134,13 @@ def convert_precision(onnx_in, precision: str, onnx_out=None, *, calibration=Non
     Args:
         onnx_in, onnx_out: the FP32 model and the output path (default beside it).
         precision: ``fp16`` or ``int8``.
-        calibration, count, method, cache, keep_float, target, op_policy: INT8 only (see :func:`quantize_int8`);
+        calibration, count, method, cache, keep_float, smooth, target, op_policy: INT8 only (see :func:`quantize_int8`);
             ``calibration`` is required for INT8.
         block_ops, keep_io_types: FP16 only (see :func:`to_fp16`).
         **common: ``verify``, ``reference``, ``images``, ``config``, ``log``.
     """
     int8 = {"calibration": calibration, "count": count, "method": method, "cache": cache, "keep_float": keep_float,
-            "target": target, "op_policy": op_policy}
+            "smooth": smooth, "target": target, "op_policy": op_policy}
     fp16 = {"block_ops": block_ops, "keep_io_types": keep_io_types}
     check_precision_flags(precision, **int8, **fp16)
     if precision == "fp32":
@@ -152,4 +153,4 @@ def convert_precision(onnx_in, precision: str, onnx_out=None, *, calibration=Non
             "(a folder of the task's images)."
         )
     return quantize_int8(onnx_in, onnx_out, calibration, count=count, method=method, cache=cache, keep_float=keep_float,
-                         target=target, op_policy=op_policy or "linear", **common)
+                         smooth=smooth, target=target, op_policy=op_policy or "linear", **common)

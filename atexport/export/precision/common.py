@@ -81,6 +81,16 @@ class PrecisionResult:
                 f"calibrated: {c.get('name')} ({c.get('images')} images, {c.get('method')}), "
                 f"cache {c.get('cache_status')} [{c.get('cache')}]"
             )
+        sm = g.get("smoothed")
+        if sm is not None:
+            done = sm["smoothed"]
+            shown = ", ".join(f"{d['layer']} ({d['ratio']:g}x)" for d in done[:6]) + (
+                f" and {len(done) - 6} more" if len(done) > 6 else "")
+            lines.append(f"smoothed:   {len(done)} LayerNorms (SmoothQuant alpha {sm['alpha']:g}, where channel max/median "
+                         f">= {sm['min_ratio']:g}){': ' + shown if done else ': none had outlier channels'}")
+            if sm["skipped"]:
+                lines.append("            not smoothable: " + "; ".join(f"{k['layer']} ({k['reason']})" for k in sm["skipped"][:3])
+                             + (f"; {len(sm['skipped']) - 3} more" if len(sm["skipped"]) > 3 else ""))
         kf = g.get("kept_float")
         if kf:
             shown = ", ".join(kf["layers"][:8]) + (f" and {len(kf['layers']) - 8} more" if len(kf["layers"]) > 8 else "")

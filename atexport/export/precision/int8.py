@@ -56,6 +56,8 @@ class Int8Request:
     keep_float: tuple  # (kind, value) from parse_keep_float
     keep_float_cfg: dict  # the preset's int8.keep_float section
     op_types: list
+    smooth: float | None = None  # SmoothQuant alpha, None: off
+    smooth_min_ratio: float = 8.0
 
 
 def int8_settings(target: str, int8: dict) -> dict:
@@ -74,7 +76,23 @@ def int8_settings(target: str, int8: dict) -> dict:
     }
 
 
-def int8_options(cfg: Mapping, *, target: str | None, method: str | None, op_policy: str, keep_float) -> Int8Request:
+def parse_smooth(value) -> float | None:
+    """``--int8-smooth``: ``off``/``none``/``0`` (no smoothing) or an alpha in (0, 1]; ``None`` stays ``None``."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("off", "none", ""):
+        return None
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"--int8-smooth {value}: expected off or an alpha between 0 and 1 (e.g. 0.5).") from None
+    if not 0.0 <= alpha <= 1.0 or isinstance(value, bool):
+        raise BadInputError(f"--int8-smooth {value}: expected off or an alpha between 0 and 1 (e.g. 0.5).")
+    return alpha or None
+
+
+def int8_options(cfg: Mapping, *, target: str | None, method: str | None, op_policy: str, keep_float,
+                 smooth=None) -> Int8Request:
     """Validate an INT8 request against the preset ``cfg``; every bad value is a :class:`BadInputError`."""
     i8, ccfg = cfg["int8"], cfg["calibration"]
     target = "tensorrt" if target is None else target
@@ -94,8 +112,15 @@ def int8_options(cfg: Mapping, *, target: str | None, method: str | None, op_pol
         raise BadInputError(f"int8.keep_float.sensitivity {kf_cfg.get('sensitivity')!r}: expected one of {SENSITIVITY_MODES}.")
     if str(kf_cfg.get("rank_by", "sensitivity")) not in RANK_BY:
         raise BadInputError(f"int8.keep_float.rank_by {kf_cfg.get('rank_by')!r}: expected one of {RANK_BY}.")
+    sm_cfg = dict(i8.get("smooth") or {})
+    alpha = parse_smooth(sm_cfg.get("alpha", "off") if smooth is None else smooth)
+    if op_policy != "linear" and alpha is not None:
+        if smooth is not None:
+            raise BadInputError("--int8-smooth applies to the Linear-only policy; op_policy 'all' quantizes LayerNorm too.")
+        alpha = None
     return Int8Request(target=target, method=method, op_policy=op_policy, settings=settings, keep_float=kf,
-                       keep_float_cfg=kf_cfg, op_types=list(i8.get("op_types", LINEAR_OPS)))
+                       keep_float_cfg=kf_cfg, op_types=list(i8.get("op_types", LINEAR_OPS)), smooth=alpha,
+                       smooth_min_ratio=float(sm_cfg.get("min_ratio", 8.0)))
 
 
 def calibration_batch(calibration, meta, *, count: int | None, ccfg: Mapping, say) -> tuple[np.ndarray, np.ndarray | None, dict]:
@@ -258,6 +283,7 @@ def quantize_int8(
     method: str | None = None,
     op_policy: str = "linear",
     keep_float=None,
+    smooth=None,
     count: int | None = None,
     cache: str | os.PathLike | bool | None = None,
     verify: bool = True,
@@ -284,6 +310,9 @@ def quantize_int8(
             :func:`~atexport.export.precision.inspect.layer_names`). Sensitivity is each layer's effect on the
             logit error on calibration images, cached with the calibration. Default from the preset
             (``int8.keep_float``).
+        smooth: SmoothQuant-style outlier migration folded into LayerNorm and Linear weights before calibration
+            (:mod:`~atexport.export.precision.smooth`): ``"off"`` or an alpha in (0, 1]; default from the preset
+            (``int8.smooth``). Only LayerNorms whose output channels are uneven are smoothed.
         count: override the calibration set's image count.
         cache: calibration cache file; default ``<output stem>.calib.json``; ``False`` disables it.
         verify, reference, images, config, log: as in :func:`~atexport.export.precision.to_fp16`.
@@ -300,7 +329,7 @@ def quantize_int8(
 
     cfg = load_precision_config(config)
     ccfg = cfg["calibration"]
-    opts = int8_options(cfg, target=target, method=method, op_policy=op_policy, keep_float=keep_float)
+    opts = int8_options(cfg, target=target, method=method, op_policy=op_policy, keep_float=keep_float, smooth=smooth)
     t_start = time.perf_counter()
     src, where, meta = read_fp32(onnx_in)
     out = prepare_output(onnx_in, onnx_out, "int8")
@@ -318,7 +347,14 @@ def quantize_int8(
     seconds = {"load_images": time.perf_counter() - t0}
     in_batch = meta.input["shape"][0]
     fixed = int(in_batch) if isinstance(in_batch, int) else None
-    work = src
+    work, smoothed = src, None  # the FP32 model that is calibrated and quantized (smoothed, or the input)
+    if opts.smooth is not None:
+        from atexport.export.precision.smooth import smooth_model
+
+        t0 = time.perf_counter()
+        work, smoothed = smooth_model(src, batch, alpha=opts.smooth, min_ratio=opts.smooth_min_ratio,
+                                      swappable=swappable, fixed=fixed, tasks=task_input(meta))
+        seconds["smooth"] = time.perf_counter() - t0
     dsha = calib.data_hash(batch)
     calib_settings = calibration_settings(opts, calib_ops, ccfg)
     mhash = calib.model_hash(work)
@@ -346,7 +382,7 @@ def quantize_int8(
         seconds["keep_float"] = time.perf_counter() - t0
     check_int8_model(model, opts, meta)
 
-    report = _graph_report(model, opts, plain, swap_linear, rewired, kf_info)
+    report = _graph_report(model, opts, plain, swap_linear, rewired, kf_info, smoothed)
     calibration_info = dict(cs_desc)
     calibration_info.update(images=int(len(batch)), held_out=0 if holdout is None else int(len(holdout)),
                             data_sha256=dsha, method=opts.method,
@@ -364,7 +400,7 @@ def quantize_int8(
     return result
 
 
-def _graph_report(model, opts: Int8Request, plain, swap_linear, rewired: int, kf_info) -> dict:
+def _graph_report(model, opts: Int8Request, plain, swap_linear, rewired: int, kf_info, smoothed) -> dict:
     """The graph summary of an INT8 model (result and metadata)."""
     s = opts.settings
     report: dict[str, Any] = {
@@ -378,6 +414,8 @@ def _graph_report(model, opts: Int8Request, plain, swap_linear, rewired: int, kf
     if kf_info is not None:
         report["kept_float"] = {"layers": kf_info["layers"], "float_share": kf_info["float_share"],
                                 "requested": kf_info["requested"]}
+    if smoothed is not None:
+        report["smoothed"] = smoothed
     if swap_linear:
         report["swappable"] = f"{len(swap_linear)} layers using swappable tensors kept float (tensors FP32)"
     return report
@@ -399,6 +437,7 @@ def _int8_record(opts: Int8Request, calibration_info: dict, calib_settings: dict
         "model_sha256": mhash,
         "swappable": "layers using them kept float; tensors FP32" if swap_linear else None,
         "keep_float": kf_info,
+        "smooth": {"alpha": opts.smooth, "min_ratio": opts.smooth_min_ratio} if opts.smooth is not None else None,
         "graph": report,
         "config_source": cfg.get("_source"),
     }

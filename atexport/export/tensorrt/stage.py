@@ -36,6 +36,7 @@ class Int8Options:
         method: ``minmax``, ``percentile`` or ``entropy`` (default: from ``export_configs/precision.yaml``).
         cache: calibration cache file; ``False``: neither read nor write one.
         keep_float: Linear layers left in float (``auto``, ``none``, N, or names/globs).
+        smooth: SmoothQuant outlier migration: ``off`` or an alpha in (0, 1] (default: from the preset).
         target: ``tensorrt`` (symmetric S8S8) or ``cpu`` (U8S8 for ONNX Runtime; no engine is built).
     """
 
@@ -44,6 +45,7 @@ class Int8Options:
     method: str | None = None
     cache: str | os.PathLike | bool | None = None
     keep_float: Any = None
+    smooth: Any = None
     target: str = "tensorrt"
 
     def __post_init__(self):
@@ -59,7 +61,7 @@ class Int8Options:
         named = (("--calib", self.calib is not None), ("--calib-count", self.count is not None),
                  ("--calib-method", self.method is not None), ("--calib-cache", self.cache not in (None, False)),
                  ("--no-calib-cache", self.cache is False), ("--int8-keep-float", self.keep_float is not None),
-                 ("--target", self.target != "tensorrt"))
+                 ("--int8-smooth", self.smooth is not None), ("--target", self.target != "tensorrt"))
         return [flag for flag, on in named if on]
 
 
@@ -225,7 +227,7 @@ def export_tensorrt(onnx: str | os.PathLike | None = None, ckpt=None, *, precisi
         kwargs = {"verify": verify, "reference": reference, "images": images, "log": log}
         if precision == "int8":
             kwargs.update(target=int8.target, method=int8.method, count=int8.count, cache=int8.cache,
-                          keep_float=int8.keep_float)
+                          keep_float=int8.keep_float, smooth=int8.smooth)
         result.precision = convert_precision(onnx, precision, precision_output, calibration=int8.calib, **kwargs)
         result.precision_onnx = Path(result.precision.path)
         say(result.precision.summary())
