@@ -208,28 +208,28 @@ def test_report_on_two_runs_matches_their_metrics(sweep, tmp_path):
               "backends": [{"name": "onnxruntime", "precision": "int8", "accuracy": 0.46875, "agreement": 0.9375}]}
     (a / "verify").mkdir(exist_ok=True)
     (a / "verify" / "verify.json").write_text(json.dumps(verify))
-    res = build_report([a, b], tmp_path / "report.md")
+    res = build_report([a, b], tmp_path / "rep")
     rows = {r["method"]: r["cells"]["digits"] for r in res.summary["rows"]}
     assert set(rows) == {"adaptertune r2", "adaptertune r4"}
     for name, folder in (("adaptertune r2", a), ("adaptertune r4", b)):
         m = load_checkpoint(folder / "run.pt").metrics
         assert rows[name]["values"] == [m["test_top1"]] and rows[name]["trainable"] == m["params"]["trainable"]
-    md = (tmp_path / "report.md").read_text()
+    md = (tmp_path / "rep" / "report.md").read_text()
     assert f"{rows['adaptertune r2']['mean']:.2f} +- 0.00 (n=1)" in md
     assert "| onnxruntime | int8 | 46.88 | 93.75 |" in md
     curves = res.files["curves"]
     assert len(curves) == 2
     for p in curves:
         png_is_not_blank(p)
-    history = json.loads((tmp_path / "report.json").read_text())["runs"][0]["history"]
+    history = json.loads((tmp_path / "rep" / "report.json").read_text())["runs"][0]["history"]
     assert [h["train_loss"] for h in history] == [json.loads(l)["train_loss"]
                                                   for l in (a / "metrics.jsonl").read_text().splitlines()[:-1]]
 
 
 def test_report_groups_seeds(sweep, tmp_path):
-    r = CliRunner().invoke(cli, ["report", str(sweep.output / "adaptertune_r2_e1"), "-o", str(tmp_path / "r.md")])
+    r = CliRunner().invoke(cli, ["report", str(sweep.output / "adaptertune_r2_e1"), "-o", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
-    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+    (row,) = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
     cell = row["cells"]["digits"]
     assert cell["n"] == 2 and cell["mean"] == pytest.approx(sweep.summary["series"][0]["cells"][0]["mean"])
 
@@ -240,16 +240,16 @@ def test_report_groups_seeds(sweep, tmp_path):
 ])
 def test_report_refuses_folders_without_runs(tmp_path, make, match):
     with pytest.raises(BadInputError, match=match):
-        build_report([make(tmp_path)], tmp_path / "r.md")
+        build_report([make(tmp_path)], tmp_path / "r")
 
 
 def test_without_matplotlib_json_and_markdown_are_still_written(sweep, tmp_path, monkeypatch):
     from atexport.analysis import plots
 
     monkeypatch.setattr(plots, "matplotlib_or_none", lambda: None)
-    res = build_report([sweep.output / "adaptertune_r2_e1"], tmp_path / "r.md")
-    assert res.notes == [plots.NO_PLOT] and (tmp_path / "r.md").is_file() and (tmp_path / "r.json").is_file()
-    assert not (tmp_path / "r_curves").exists()
+    res = build_report([sweep.output / "adaptertune_r2_e1"], tmp_path / "r")
+    assert res.notes == [plots.NO_PLOT] and (tmp_path / "r" / "report.md").is_file()
+    assert (tmp_path / "r" / "report.json").is_file() and not (tmp_path / "r" / "curves").exists()
     an = analyze_checkpoint(_set_rank3(make_checkpoint(tmp_path / "run.pt", rank=8)), tmp_path / "an")
     assert an.notes == [plots.NO_PLOT] and "plot" not in an.files and (tmp_path / "an" / "spectrum.json").is_file()
 
