@@ -76,13 +76,14 @@ _RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # w
 
 def _check_preprocess(pp: dict) -> None:
     try:
-        ok_stats = all(len(pp[k]) == 3 for k in ("mean", "std")) and all(float(x) > 0 for x in pp["std"])
+        ok_stats = (all(len(pp[k]) == 3 for k in ("mean", "std")) and all(float(x) > 0 for x in pp["std"])
+                    and all(math.isfinite(float(x)) for k in ("mean", "std") for x in pp[k]))
         ok_crop = 0 < float(pp["crop_pct"]) <= 1
     except (TypeError, ValueError):
         ok_stats = ok_crop = False
     if not (ok_stats and ok_crop and pp["interpolation"] in _RESAMPLE):
         raise BadInputError(
-            f"--preprocess: {pp} is not a valid transform (mean/std: three numbers, std > 0; crop_pct in "
+            f"--preprocess: {pp} is not a valid transform (mean/std: three finite numbers, std > 0; crop_pct in "
             f"(0, 1]; interpolation one of {', '.join(_RESAMPLE)})."
         )
 
