@@ -179,6 +179,7 @@ def create_backbone(spec: ModelSpec, weights: str | Path | None = None):
                 torch.nn.init.zeros_(head.bias)
         else:
             raise IncompatibleCheckpointError(f"unknown backbone source {source!r}.")
+    check_input_geometry(model, spec)  # before any weights: a size the backbone cannot take is the user's to fix
     if kind == "file":
         path = source.get("path")
         if not path or not Path(path).is_file():
@@ -200,7 +201,6 @@ def create_backbone(spec: ModelSpec, weights: str | Path | None = None):
                 f"--backbone-weights {path} does not fit {spec.backbone} {spec.model_args or ''}: "
                 f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}."
             )
-    check_input_geometry(model, spec)
     return model
 
 

@@ -319,3 +319,43 @@ def test_other_adapter_families_sweep_and_analyze(tmp_path):
     assert names["adapterx"] == [f"shared.adapter.experts[{k}]" for k in range(4)]
     assert names["lora"] == ["blocks.0.attn.qkv.adapter.q", "blocks.0.attn.qkv.adapter.v",
                              "blocks.1.attn.qkv.adapter.q", "blocks.1.attn.qkv.adapter.v"]
+
+
+def _fake_run(folder, config: str, top1: float) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config)
+    (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "train_top1": 50.0}) + "\n"
+                                          + json.dumps({"event": "test", "epoch": 1, "test_top1": top1}) + "\n")
+
+
+def test_report_never_averages_runs_of_different_backbones(tmp_path):
+    """N10: one row per backbone (name and architecture overrides), seeds of one backbone averaged."""
+    common = "dataset: digits\nbackbone: vit_tiny_patch16_224\nrank: 4\n"
+    _fake_run(tmp_path / "runs" / "a0", common + "seed: 0\nmodel_args: {depth: 1}\n", 60.0)
+    _fake_run(tmp_path / "runs" / "a1", common + "seed: 1\nmodel_args: {depth: 1}\n", 70.0)
+    _fake_run(tmp_path / "runs" / "b0", common + "seed: 0\nmodel_args: {depth: 2}\n", 90.0)
+    _fake_run(tmp_path / "runs" / "c0", "dataset: digits\nbackbone: vit_small_patch16_224\nrank: 4\nseed: 0\n", 80.0)
+    res = build_report([tmp_path / "runs"], tmp_path / "rep", curves=False)
+    rows = {r["backbone"]: r["cells"]["digits"] for r in res.summary["rows"]}
+    assert {k: (v["n"], v["mean"]) for k, v in rows.items()} == {
+        "vit_tiny_patch16_224 (depth=1)": (2, 65.0), "vit_tiny_patch16_224 (depth=2)": (1, 90.0),
+        "vit_small_patch16_224": (1, 80.0)}
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| backbone | method | digits |" in md and "vit_small_patch16_224" in md
+
+
+def test_report_of_sweep_runs_tells_backbones_apart_by_their_weights(sweep, tmp_path):
+    """N10: runs of one name whose backbone weights differ (run.pt fingerprints) are two rows."""
+    import shutil
+
+    import torch
+
+    a = sweep.output / "adaptertune_r2_e1" / "seed_0"
+    b = tmp_path / "other" / "seed_0"
+    shutil.copytree(a, b)
+    doc = torch.load(b / "run.pt", weights_only=True)
+    doc["backbone"]["fingerprint"] = "f" * 64
+    torch.save(doc, b / "run.pt")
+    res = build_report([a, b], tmp_path / "rep", curves=False)
+    labels = sorted(r["backbone"] for r in res.summary["rows"])
+    assert len(labels) == 2 and any("[weights ffffffff]" in x for x in labels), labels
