@@ -75,18 +75,18 @@ def read_run(folder: Path) -> dict:
         verify.append(read_verify(v))
     return {"folder": str(folder), "method": method_of(cfg, folder), "dataset": str(cfg.get("dataset")),
             "backbone": backbone_of(cfg, ck), "fingerprint": ck["fingerprint"] if ck else None,
-            "seed": cfg.get("seed"), "config": cfg, "history": metrics.history,
+            "seed": _int_key(cfg, "seed", folder, None, minimum=0), "config": cfg, "history": metrics.history,
             "test_top1": test.get("test_top1") if test else None, "test_epoch": test.get("epoch") if test else None,
             "finished": test is not None, "params": ck["params"] if ck else None, "verify": verify}
 
 
-def _int_key(cfg: dict, key: str, folder: Path, default=None):
+def _int_key(cfg: dict, key: str, folder: Path, default=None, minimum: int = 1):
     v = cfg.get(key, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise BadInputError(f"{folder / CONFIG}: {key} is {v!r}, not a positive integer; retrain the run, or "
-                            "restore the file.")
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise BadInputError(f"{folder / CONFIG}: {key} is {str(v)[:40]!r}, not a whole number >= {minimum}; retrain "
+                            "the run, or restore the file.")
     return v
 
 
