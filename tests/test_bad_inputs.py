@@ -19,6 +19,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from _bad_builders import (
+    NO_FLAGS, _first_adapter_nan, ckpt_with, edit_run_pt, fake_run, import_official, official_ckpt,
+    sweep_cell,
+)
 from _helpers import make_checkpoint
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -162,81 +166,6 @@ def read_only_dir(d: Path) -> None:
 
 def blocking_file(d: Path) -> None:
     (d / "afile").write_text("not a folder")
-
-
-FINISHED = '{"epoch": 1, "train_loss": 1.0, "train_top1": 50.0}\n{"event": "test", "epoch": 1, "test_top1": 60.0}\n'
-
-
-def fake_run(name: str = "run", *, metrics: str = FINISHED, config: str = "dataset: digits\nbackbone: "
-             "vit_tiny_patch16_224\nrank: 4\nseed: 0\n", verify: str | None = None, run_pt=None) -> Callable:
-    """``d/<name>/`` holding a run's text files (and ``run_pt``'s bytes as run.pt)."""
-    def build(d: Path) -> None:
-        r = d / name
-        r.mkdir(parents=True, exist_ok=True)
-        (r / "config.yaml").write_text(config)
-        (r / "metrics.jsonl").write_text(metrics)
-        if verify is not None:
-            (r / "verify.json").write_text(verify)
-        if run_pt is not None:
-            (r / "run.pt").write_bytes(run_pt)
-    return build
-
-
-def sweep_cell(fn: Callable) -> Callable:
-    """Edit cell r1/seed_0 of the copied tiny sweep (``d/sw``): ``fn(cell folder, sweep folder)``."""
-    def build(d: Path) -> None:
-        fn(d / "sw" / "adaptertune_r1_e1" / "seed_0", d / "sw")
-    return build
-
-
-def edit_run_pt(path: Path, fn: Callable) -> None:
-    import torch
-
-    doc = torch.load(path, weights_only=True)
-    fn(doc)
-    torch.save(doc, path)
-
-
-def ckpt_with(fn: Callable, name: str = "k.pt") -> Callable:
-    """A tiny checkpoint ``d/<name>`` edited by ``fn(dict)``."""
-    def build(d: Path) -> None:
-        make_checkpoint(d / name, num_classes=5, weight_seed=5)
-        edit_run_pt(d / name, fn)
-    return build
-
-
-def _first_adapter_nan(doc) -> None:
-    key = next(k for k in sorted(doc["state_dict"]) if ".adapter." in k and k.endswith("weight"))
-    doc["state_dict"][key].view(-1)[0] = float("nan")
-
-
-OFFICIAL_ARGS = "{{img_size: 32, patch_size: 8, depth: 4, embed_dim: 64, num_heads: 2}}"
-
-
-def official_ckpt(nan: bool = False) -> Callable:
-    """``d/off.pt``: an official-layout AdapterTune checkpoint of the tiny ViT (optionally a NaN adapter)."""
-    def build(d: Path) -> None:
-        import torch
-
-        from _helpers import TINY_ARGS, TINY_BACKBONE
-        from atexport.adapter import AdapterConfig, inject_adapters
-        from atexport.models import ModelSpec, create_backbone
-
-        model = create_backbone(ModelSpec(TINY_BACKBONE, 3, dict(TINY_ARGS)))
-        inject_adapters(model, AdapterConfig(rank=2, every=1))
-        sd = model.state_dict()
-        if nan:
-            _first_adapter_nan({"state_dict": sd})
-        torch.save({"model": sd, "epoch": 9}, d / "off.pt")
-    return build
-
-
-def import_official(*extra: str, model_args: str = OFFICIAL_ARGS) -> list:
-    return ["import-official", "--ckpt", "{d}/off.pt", "--backbone", "vit_tiny_patch16_224", "--backbone-weights",
-            "{d}/off.pt", "--model-args", model_args, "-o", "{d}/x.pt", *extra]
-
-
-NO_FLAGS = ("weights_only=False", "allow_pickle", "--ckpt", "--resume")  # files found in folders name no flag
 
 
 QUICK_TRAIN = ["train", "--epochs", "1", "--warmup-epochs", "0", "--limit-train", "32", "--limit-eval", "16",
@@ -408,6 +337,9 @@ CASES = [
          never=NO_FLAGS, unchanged=["{d}/sw/sweep.json"], sweep=True),
     Case("sweep-cell-run-pt-empty", [*SWEEP, "--ranks", "1,2", "-o", "{d}/sw"], 2, "run.pt",
          sweep_cell(lambda c, sw: (c / "run.pt").write_bytes(b"")), never=NO_FLAGS, sweep=True),
+    Case("sweep-cell-last-pt-empty", [*SWEEP, "--ranks", "1,2", "-o", "{d}/sw"], 2, "last.pt",
+         sweep_cell(lambda c, sw: ((c / "last.pt").write_bytes(b""), (c / "metrics.jsonl").write_text(""))),
+         never=NO_FLAGS, sweep=True),
     # N11: an unwritable sweep folder
     Case("sweep-output-unwritable", [*SWEEP, "--ranks", "1", "-o", "{d}/ro/sw"], 2, "-o", read_only_dir,
          ["{d}/ro/sw"], skip="root ignores folder permissions" if ROOT else None),
@@ -447,6 +379,8 @@ CASES = [
     Case("import-official-input-smaller-than-patch",
          import_official(model_args="{{img_size: 4, patch_size: 8, depth: 4, embed_dim: 64, num_heads: 2}}"), 2,
          "patch", official_ckpt(), ["{d}/x.pt"]),
+    Case("import-official-preprocess-input-size", import_official("--preprocess", "{{input_size: [3, 48, 48]}}"), 2,
+         "input_size", official_ckpt(), ["{d}/x.pt"]),
     # N6: a diverged run has no spectrum
     Case("analyze-nan-adapter", ["analyze", "--ckpt", "{d}/k.pt", "-o", "{d}/an"], 2, "NaN",
          ckpt_with(_first_adapter_nan), ["{d}/an"]),

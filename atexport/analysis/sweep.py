@@ -278,10 +278,16 @@ def _check_same_settings(cell_cfg, folder: Path, state: str) -> None:
     checks = []
     if saved_path.is_file():
         checks.append((saved_path, read_run_config(saved_path)))
-    if state == "finished":
-        from atexport.checkpoint import load_checkpoint
+    from atexport.checkpoint import load_checkpoint
 
+    if state == "finished":
         checks.append((folder / "run.pt", load_checkpoint(folder / "run.pt", flag=None, layout="trained").config))
+    else:  # interrupted: last.pt is read here, so that its damage is named by path (the sweep has no --resume)
+        last = load_checkpoint(folder / "last.pt", flag=None, layout="trained")
+        if not last.resume:
+            raise IncompatibleCheckpointError(f"{folder / 'last.pt'} holds no resume state; delete {folder} to "
+                                              "retrain the cell.")
+        checks.append((folder / "last.pt", last.config))
     for path, saved in checks:
         diffs = cell_cfg.differences(saved)
         if diffs:

@@ -60,6 +60,17 @@ def resolve_import_preprocess(preprocess, timm_config: dict) -> tuple[dict, str]
             "e.g. '{crop_pct: 1.0, interpolation: bicubic}'."
         )
     _check_preprocess(pp)
+    takes = [int(v) for v in timm_config["input_size"]]
+    try:
+        given = [int(v) for v in pp["input_size"]]
+    except (TypeError, ValueError):
+        given = None
+    if given != takes:
+        raise BadInputError(
+            f"--preprocess input_size {pp['input_size']}: the backbone takes {takes} (its img_size); an input of "
+            "another size cannot run through it. Drop input_size from --preprocess, or build the backbone at that "
+            "size with --model-args '{img_size: N}' if it was trained so."
+        )
     c, h, w = pp["input_size"]
     size = math.floor(h / pp["crop_pct"])
     line = (f"preprocessing: {what}: resize {size} + center crop {h}x{w}, {pp['interpolation']}, "
