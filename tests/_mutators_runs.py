@@ -185,9 +185,10 @@ def read_metrics_file(data: bytes, ctx: RunContext) -> None:
 def read_config_file(data: bytes, ctx: RunContext) -> None:
     from atexport.analysis.sweep import _check_same_settings
 
-    folder = _run_folder(ctx, "fuzz_config", {"metrics.jsonl": _metrics_text(ctx.metrics_lines), "config.yaml": data})
+    folder = _run_folder(ctx, "fuzz_config", {"metrics.jsonl": _metrics_text(ctx.metrics_lines), "config.yaml": data,
+                                              "run.pt": ctx.run_pt})
     _report(folder)
-    _check_same_settings(ctx.cell_cfg, folder, "interrupted")
+    _check_same_settings(ctx.cell_cfg, folder, "finished")
 
 
 def read_verify_file(data: bytes, ctx: RunContext) -> None:
