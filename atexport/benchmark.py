@@ -411,6 +411,21 @@ def benchmark(
         torch.set_num_threads(prev_threads)
 
 
+# Bytes per input value a timed batch costs: its float64 draw and float32 copy, and activations of a ViT
+# (tokens x width per block, attention maps) that are at least a few dozen times the image itself.
+BENCH_BYTES_PER_VALUE = 64
+
+
+def check_batch_memory(sizes, shape) -> None:
+    """Refuse, before allocating, batch sizes whose inputs and activations cannot fit this machine's memory."""
+    from atexport.utils.machine import check_memory
+
+    per_image = int(np.prod([int(v) for v in shape])) * BENCH_BYTES_PER_VALUE
+    b = max(int(v) for v in sizes)
+    check_memory(b * per_image, f"--batch {b}: a batch of {b:,} images of {'x'.join(map(str, shape))}",
+                 "use a smaller --batch")
+
+
 def _run_benchmark(models, ckpts, loaded, devices, sizes, runs, warmup, torch_compile, threads, providers, seed,
                    output_json, say, plan=None, notes=None) -> BenchResult:
     import torch
@@ -438,6 +453,7 @@ def _run_benchmark(models, ckpts, loaded, devices, sizes, runs, warmup, torch_co
         notes.append(f"batch {min(sizes)} holds fewer samples than the {len(plan.names)} tasks: its batches mix "
                      f"only the first {min(sizes)} (ids 0 1 2 ... per batch).")
     row_task = None if plan is None else plan.row_task
+    check_batch_memory(sizes, shape)
     inputs = {b: rng.standard_normal((b, *shape)).astype(np.float32) for b in sizes}
 
     def add(name, backend, precision, device, runner, b, path=None, sync=None):

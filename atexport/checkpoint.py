@@ -168,14 +168,18 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | Path, flag: str = "--ckpt", layout: str = "export") -> Checkpoint:
+def load_checkpoint(path: str | Path, flag: str | None = "--ckpt", layout: str = "export") -> Checkpoint:
     """Load and validate an atexport checkpoint; never unpickles code.
+
+    Messages name ``flag`` and the path; ``flag=None`` for a ``run.pt`` found inside a folder the user gave
+    (a sweep cell, a report's run): then the path alone, never a flag the user did not type.
 
     ``layout="export"`` (default) gives the adapter family's export layout (:meth:`Checkpoint.for_export`:
     AdaRing as materialised AdapterTune tensors), what every export, swap, task and verify stage reads;
     ``layout="trained"`` gives the tensors as trained (resuming a run).
     """
     path = require_file(path, flag, "checkpoint")
+    where = f"{flag} {path}" if flag else str(path)
     try:
         # never torch's advice to re-run with weights_only=False (running the file's pickled code)
         d = load_torch_file(path, flag, "atexport checkpoint")
@@ -187,11 +191,11 @@ def load_checkpoint(path: str | Path, flag: str = "--ckpt", layout: str = "expor
         hint = ""
         if isinstance(d, dict) and isinstance(d.get("model"), dict):
             hint = " It looks like an official AdapterTune checkpoint: convert it with 'atexport import-official'."
-        raise BadInputError(f"{flag} {path}: not an atexport checkpoint (no '{FORMAT}' format tag).{hint}")
-    _check_record(d, f"{flag} {path}")
+        raise BadInputError(f"{where}: not an atexport checkpoint (no '{FORMAT}' format tag).{hint}")
+    _check_record(d, f"{where}")
     if d.get("format_version", 0) > FORMAT_VERSION:
         raise IncompatibleCheckpointError(
-            f"{flag} {path}: checkpoint format v{d.get('format_version')} is newer than this atexport "
+            f"{where}: checkpoint format v{d.get('format_version')} is newer than this atexport "
             f"({__version__}, reads v{FORMAT_VERSION}); upgrade atexport."
         )
     if layout not in ("export", "trained"):
@@ -199,7 +203,7 @@ def load_checkpoint(path: str | Path, flag: str = "--ckpt", layout: str = "expor
     try:
         ckpt = Checkpoint(
             model=ModelSpec.from_dict(d["model"]),
-            adapter=adapter_config_from_dict(d.get("adapter"), f"{flag} {path}"),
+            adapter=adapter_config_from_dict(d.get("adapter"), f"{where}"),
             regime=d["regime"],
             fingerprint=d["backbone"]["fingerprint"],
             state_dict=d["state_dict"],
@@ -211,7 +215,7 @@ def load_checkpoint(path: str | Path, flag: str = "--ckpt", layout: str = "expor
             path=Path(path),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise BadInputError(f"{flag} {path}: damaged atexport checkpoint (missing field {e}).") from None
+        raise BadInputError(f"{where}: damaged atexport checkpoint (missing field {e}).") from None
     return ckpt.for_export() if layout == "export" else ckpt
 
 
@@ -345,6 +349,16 @@ def import_official(
             "backbone (with its pretrained tag) it was trained on, or pass --backbone-weights with the "
             "official checkpoint itself."
         )
+    state = trainable_state(model, "adapter")
+    bad = [k for k, v in state.items() if not bool(v.isfinite().all())]
+    if bad:
+        raise BadInputError(
+            f"--ckpt {path}: tensors {bad[:3]} hold NaN or infinite values (the official run diverged, or the file "
+            "is damaged); nothing was written. Convert a checkpoint of an earlier, finite epoch."
+        )
+    from atexport.models import check_forward
+
+    check_forward(model, preprocess_config(model)["input_size"], f"--model-args {dict(model_args or {})} of {backbone}")
     if backbone_weights is not None:
         spec.source = {"kind": "file", "path": str(backbone_weights)}
     return Checkpoint(
@@ -352,7 +366,7 @@ def import_official(
         adapter=cfg,
         regime="adapter",
         fingerprint=backbone_fingerprint(model),
-        state_dict=trainable_state(model, "adapter"),
+        state_dict=state,
         preprocess=preprocess_config(model),
         config={"imported_from": str(path)},
     )

@@ -179,6 +179,7 @@ def create_backbone(spec: ModelSpec, weights: str | Path | None = None):
                 torch.nn.init.zeros_(head.bias)
         else:
             raise IncompatibleCheckpointError(f"unknown backbone source {source!r}.")
+    check_input_geometry(model, spec)  # before any weights: a size the backbone cannot take is the user's to fix
     if kind == "file":
         path = source.get("path")
         if not path or not Path(path).is_file():
@@ -201,6 +202,65 @@ def create_backbone(spec: ModelSpec, weights: str | Path | None = None):
                 f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}."
             )
     return model
+
+
+def _pair(v) -> tuple[int, int] | None:
+    try:
+        t = tuple(int(x) for x in (v if isinstance(v, (tuple, list)) else (v, v)))
+    except (TypeError, ValueError):
+        return None
+    return t if len(t) == 2 else None
+
+
+def check_input_geometry(model, spec: ModelSpec) -> None:
+    """Refuse an input size the backbone cannot take: smaller than its patch (no token at all).
+
+    Raises:
+        BadInputError: naming the input size and the patch, and what to pass instead.
+    """
+    pe = getattr(model, "patch_embed", None)
+    img, patch = _pair(getattr(pe, "img_size", None)), _pair(getattr(pe, "patch_size", None))
+    if img is None or patch is None:
+        return
+    if any(i < p for i, p in zip(img, patch)):
+        raise BadInputError(
+            f"{spec.backbone}: an input of {img[0]}x{img[1]} px is smaller than its {patch[0]}x{patch[1]} px patch, "
+            f"so the image holds no patch; give an input size of at least {max(patch)} px, a multiple of the patch "
+            f"(--img-size, or model_args.img_size), or a smaller patch (--patch-size)."
+        )
+
+
+def check_forward(model, input_size, what: str) -> None:
+    """Run one zero image of ``input_size`` through ``model``: refuse a size the backbone cannot take.
+
+    Raises:
+        BadInputError: naming ``what`` (the flags that set the size) and the backbone's own reason.
+    """
+    import torch
+
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *[int(v) for v in input_size]))
+    except (RuntimeError, ValueError, AssertionError, TypeError, IndexError) as e:
+        raise BadInputError(f"{what}: the backbone cannot take an input of {list(input_size)} "
+                            f"({error_reason(e)}); give the input size it was trained at.") from None
+
+
+def backbone_dims(backbone: str, model_args: dict | None = None) -> tuple[int, int]:
+    """``(width, blocks)`` of a timm ViT, built on the meta device (no memory, no weights): for sizing
+    adapters before anything is allocated."""
+    import torch
+
+    timm = _timm()
+    _check_name(backbone)
+    spec = ModelSpec(backbone, 1, dict(model_args or {}))
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(backbone.split(".")[0], pretrained=False, num_classes=0, **spec.model_args)
+    except (TypeError, AssertionError, ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise _model_args_error(spec, e) from None
+    check_input_geometry(model, spec)
+    return int(getattr(model, "embed_dim", 0) or 0), len(getattr(model, "blocks", ()) or ())
 
 
 def backbone_tensors(model) -> dict:

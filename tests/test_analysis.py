@@ -208,28 +208,28 @@ def test_report_on_two_runs_matches_their_metrics(sweep, tmp_path):
               "backends": [{"name": "onnxruntime", "precision": "int8", "accuracy": 0.46875, "agreement": 0.9375}]}
     (a / "verify").mkdir(exist_ok=True)
     (a / "verify" / "verify.json").write_text(json.dumps(verify))
-    res = build_report([a, b], tmp_path / "report.md")
+    res = build_report([a, b], tmp_path / "rep")
     rows = {r["method"]: r["cells"]["digits"] for r in res.summary["rows"]}
     assert set(rows) == {"adaptertune r2", "adaptertune r4"}
     for name, folder in (("adaptertune r2", a), ("adaptertune r4", b)):
         m = load_checkpoint(folder / "run.pt").metrics
         assert rows[name]["values"] == [m["test_top1"]] and rows[name]["trainable"] == m["params"]["trainable"]
-    md = (tmp_path / "report.md").read_text()
+    md = (tmp_path / "rep" / "report.md").read_text()
     assert f"{rows['adaptertune r2']['mean']:.2f} +- 0.00 (n=1)" in md
     assert "| onnxruntime | int8 | 46.88 | 93.75 |" in md
     curves = res.files["curves"]
     assert len(curves) == 2
     for p in curves:
         png_is_not_blank(p)
-    history = json.loads((tmp_path / "report.json").read_text())["runs"][0]["history"]
+    history = json.loads((tmp_path / "rep" / "report.json").read_text())["runs"][0]["history"]
     assert [h["train_loss"] for h in history] == [json.loads(l)["train_loss"]
                                                   for l in (a / "metrics.jsonl").read_text().splitlines()[:-1]]
 
 
 def test_report_groups_seeds(sweep, tmp_path):
-    r = CliRunner().invoke(cli, ["report", str(sweep.output / "adaptertune_r2_e1"), "-o", str(tmp_path / "r.md")])
+    r = CliRunner().invoke(cli, ["report", str(sweep.output / "adaptertune_r2_e1"), "-o", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
-    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+    (row,) = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
     cell = row["cells"]["digits"]
     assert cell["n"] == 2 and cell["mean"] == pytest.approx(sweep.summary["series"][0]["cells"][0]["mean"])
 
@@ -240,16 +240,16 @@ def test_report_groups_seeds(sweep, tmp_path):
 ])
 def test_report_refuses_folders_without_runs(tmp_path, make, match):
     with pytest.raises(BadInputError, match=match):
-        build_report([make(tmp_path)], tmp_path / "r.md")
+        build_report([make(tmp_path)], tmp_path / "r")
 
 
 def test_without_matplotlib_json_and_markdown_are_still_written(sweep, tmp_path, monkeypatch):
     from atexport.analysis import plots
 
     monkeypatch.setattr(plots, "matplotlib_or_none", lambda: None)
-    res = build_report([sweep.output / "adaptertune_r2_e1"], tmp_path / "r.md")
-    assert res.notes == [plots.NO_PLOT] and (tmp_path / "r.md").is_file() and (tmp_path / "r.json").is_file()
-    assert not (tmp_path / "r_curves").exists()
+    res = build_report([sweep.output / "adaptertune_r2_e1"], tmp_path / "r")
+    assert res.notes == [plots.NO_PLOT] and (tmp_path / "r" / "report.md").is_file()
+    assert (tmp_path / "r" / "report.json").is_file() and not (tmp_path / "r" / "curves").exists()
     an = analyze_checkpoint(_set_rank3(make_checkpoint(tmp_path / "run.pt", rank=8)), tmp_path / "an")
     assert an.notes == [plots.NO_PLOT] and "plot" not in an.files and (tmp_path / "an" / "spectrum.json").is_file()
 
@@ -319,3 +319,43 @@ def test_other_adapter_families_sweep_and_analyze(tmp_path):
     assert names["adapterx"] == [f"shared.adapter.experts[{k}]" for k in range(4)]
     assert names["lora"] == ["blocks.0.attn.qkv.adapter.q", "blocks.0.attn.qkv.adapter.v",
                              "blocks.1.attn.qkv.adapter.q", "blocks.1.attn.qkv.adapter.v"]
+
+
+def _fake_run(folder, config: str, top1: float) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config)
+    (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "train_top1": 50.0}) + "\n"
+                                          + json.dumps({"event": "test", "epoch": 1, "test_top1": top1}) + "\n")
+
+
+def test_report_never_averages_runs_of_different_backbones(tmp_path):
+    """N10: one row per backbone (name and architecture overrides), seeds of one backbone averaged."""
+    common = "dataset: digits\nbackbone: vit_tiny_patch16_224\nrank: 4\n"
+    _fake_run(tmp_path / "runs" / "a0", common + "seed: 0\nmodel_args: {depth: 1}\n", 60.0)
+    _fake_run(tmp_path / "runs" / "a1", common + "seed: 1\nmodel_args: {depth: 1}\n", 70.0)
+    _fake_run(tmp_path / "runs" / "b0", common + "seed: 0\nmodel_args: {depth: 2}\n", 90.0)
+    _fake_run(tmp_path / "runs" / "c0", "dataset: digits\nbackbone: vit_small_patch16_224\nrank: 4\nseed: 0\n", 80.0)
+    res = build_report([tmp_path / "runs"], tmp_path / "rep", curves=False)
+    rows = {r["backbone"]: r["cells"]["digits"] for r in res.summary["rows"]}
+    assert {k: (v["n"], v["mean"]) for k, v in rows.items()} == {
+        "vit_tiny_patch16_224 (depth=1)": (2, 65.0), "vit_tiny_patch16_224 (depth=2)": (1, 90.0),
+        "vit_small_patch16_224": (1, 80.0)}
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| backbone | method | digits |" in md and "vit_small_patch16_224" in md
+
+
+def test_report_of_sweep_runs_tells_backbones_apart_by_their_weights(sweep, tmp_path):
+    """N10: runs of one name whose backbone weights differ (run.pt fingerprints) are two rows."""
+    import shutil
+
+    import torch
+
+    a = sweep.output / "adaptertune_r2_e1" / "seed_0"
+    b = tmp_path / "other" / "seed_0"
+    shutil.copytree(a, b)
+    doc = torch.load(b / "run.pt", weights_only=True)
+    doc["backbone"]["fingerprint"] = "f" * 64
+    torch.save(doc, b / "run.pt")
+    res = build_report([a, b], tmp_path / "rep", curves=False)
+    labels = sorted(r["backbone"] for r in res.summary["rows"])
+    assert len(labels) == 2 and any("[weights ffffffff]" in x for x in labels), labels

@@ -19,6 +19,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from _bad_builders import (
+    NO_FLAGS, _first_adapter_nan, ckpt_with, edit_run_pt, fake_run, import_official, official_ckpt,
+    sweep_cell,
+)
 from _helpers import make_checkpoint
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -47,7 +51,36 @@ def models(tmp_path_factory, tiny_ckpt):
     _edit_metadata(d / "sep.onnx", d / "sep_manifest.onnx",
                    lambda m: m["manifest"]["head.weight"].update(shape=[4, m["manifest"]["head.weight"]["shape"][1]]))
     _edit_metadata(d / "sep.onnx", d / "sep_list_doc.onnx", edits["list_doc"])
+    _ir_with_metadata(d / "fused.onnx", d / "four_classes.xml", edits["four_classes"])
     return d
+
+
+def _ir_with_metadata(src: Path, dst: Path, fn: Callable) -> None:
+    """An OpenVINO IR of ``src`` whose atexport metadata (rt_info) is edited by ``fn``."""
+    import openvino as ov
+
+    from atexport.runtime.openvino import read_metadata, read_ov_model
+
+    model = read_ov_model(src)
+    doc = read_metadata(model).to_dict()
+    fn(doc)
+    model.set_rt_info(json.dumps(doc), "atexport")
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+
+
+SWEEP = ["sweep", "--dataset", "digits", "--epochs", "1", "--warmup-epochs", "0", "--limit-train", "32",
+         "--limit-eval", "16", "--no-progress", "--workers", "0", "--set", "model_args.depth=1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+    """A finished sweep (ranks 1 and 2, seed 0, one epoch of 32 digits) made by the CLI, copied per row."""
+    from atexport.cli import cli
+
+    out = tmp_path_factory.mktemp("bad_sweep") / "sw"
+    r = CliRunner().invoke(cli, [*SWEEP, "--ranks", "1,2", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
 
 
 def _edit_metadata(src: Path, dst: Path, fn: Callable) -> None:
@@ -152,6 +185,8 @@ class Case:
     absent: list = field(default_factory=list)  # paths (with placeholders) that must not exist afterwards
     never: tuple = ("weights_only=False", "allow_pickle")  # advice that must never be printed
     skip: str | None = None
+    unchanged: list = field(default_factory=list)  # paths whose bytes must be the same afterwards
+    sweep: bool = False  # start from a copy of the tiny finished sweep at {d}/sw
 
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
@@ -261,9 +296,115 @@ CASES = [
          skip=None if "CUDAExecutionProvider" not in _ort_providers() else "CUDA provider present"),
     Case("provider-unknown", ["predict", "--model", "{m}/fused.onnx", "--provider", "NoSuchExecutionProvider",
                               "{d}/ok.png"], 2, "not an ONNX Runtime execution provider", small_png),
+    # ---- issue 22 ----
+    # N9: a report never overwrites its inputs; it writes a folder
+    Case("report-o-metrics-jsonl", ["report", "{d}/run", "-o", "{d}/run/metrics.jsonl"], 2, "not a folder",
+         fake_run(), unchanged=["{d}/run/metrics.jsonl"]),
+    Case("report-o-run-pt", ["report", "{d}/run", "-o", "{d}/run/run.pt"], 2, "folder", fake_run(),
+         ["{d}/run/run.pt"]),
+    Case("report-o-run-folder", ["report", "{d}/run", "-o", "{d}/run"], 2, "run folder", fake_run(),
+         ["{d}/run/report.md", "{d}/run/report.json"]),
+    # N8: run files that parse but hold the wrong types; nothing of the report is written
+    Case("report-metrics-line-list", ["report", "{d}/run", "-o", "{d}/rep"], 2, "metrics.jsonl",
+         fake_run(metrics="[1, 2]\n"), ["{d}/rep"]),
+    Case("report-test-score-abc", ["report", "{d}/run", "-o", "{d}/rep"], 2, "test_top1",
+         fake_run(metrics='{"epoch": 1, "train_loss": 1.0}\n{"event": "test", "epoch": 1, "test_top1": "abc"}\n'),
+         ["{d}/rep"]),
+    Case("report-config-list", ["report", "{d}/run", "-o", "{d}/rep"], 2, "config.yaml",
+         fake_run(config="- 1\n- 2\n"), ["{d}/rep"]),
+    Case("report-config-invalid", ["report", "{d}/run", "-o", "{d}/rep"], 2, "not valid YAML",
+         fake_run(config="rank: [1\n"), ["{d}/rep"]),
+    Case("report-config-rank-text", ["report", "{d}/run", "-o", "{d}/rep"], 2, "rank",
+         fake_run(config="dataset: digits\nrank: abc\n"), ["{d}/rep"]),
+    Case("report-verify-list", ["report", "{d}/run", "-o", "{d}/rep"], 2, "verify report",
+         fake_run(verify="[1]"), ["{d}/rep"]),
+    Case("report-verify-accuracy-text", ["report", "{d}/run", "-o", "{d}/rep"], 2, "accuracy",
+         fake_run(verify='{"backends": [{"name": "ort", "accuracy": "abc"}]}'), ["{d}/rep"]),
+    # N14: a run.pt found in a folder is named by its path, never by a flag the user did not give
+    Case("report-run-pt-empty", ["report", "{d}/run", "-o", "{d}/rep"], 2, "run.pt", fake_run(run_pt=b""),
+         ["{d}/rep"], never=NO_FLAGS),
+    # N16, N17, N14: sweep cells whose files are another run's or damaged
+    Case("sweep-cell-run-pt-of-another-cell", [*SWEEP, "--ranks", "1,2", "-o", "{d}/sw"], 3, "another run",
+         sweep_cell(lambda c, sw: (c / "run.pt").write_bytes((sw / "adaptertune_r2_e1/seed_0/run.pt").read_bytes())),
+         never=NO_FLAGS, unchanged=["{d}/sw/sweep.json"], sweep=True),
+    Case("sweep-cell-config-damaged", [*SWEEP, "--ranks", "1,2", "-o", "{d}/sw"], 2, "config.yaml",
+         sweep_cell(lambda c, sw: (c / "config.yaml").write_text("rank: [1\n")), never=NO_FLAGS,
+         unchanged=["{d}/sw/sweep.json"], sweep=True),
+    Case("sweep-cell-config-list", [*SWEEP, "--ranks", "1,2", "-o", "{d}/sw"], 2, "config.yaml",
+         sweep_cell(lambda c, sw: (c / "config.yaml").write_text("- 1\n")), never=NO_FLAGS, sweep=True),
+    Case("sweep-cell-run-pt-params-list", [*SWEEP, "--ranks", "1,2", "-o", "{d}/sw"], 2, "damaged metrics",
+         sweep_cell(lambda c, sw: edit_run_pt(c / "run.pt", lambda doc: doc["metrics"].update(params=[1]))),
+         never=NO_FLAGS, unchanged=["{d}/sw/sweep.json"], sweep=True),
+    Case("sweep-cell-run-pt-empty", [*SWEEP, "--ranks", "1,2", "-o", "{d}/sw"], 2, "run.pt",
+         sweep_cell(lambda c, sw: (c / "run.pt").write_bytes(b"")), never=NO_FLAGS, sweep=True),
+    Case("sweep-cell-last-pt-empty", [*SWEEP, "--ranks", "1,2", "-o", "{d}/sw"], 2, "last.pt",
+         sweep_cell(lambda c, sw: ((c / "last.pt").write_bytes(b""), (c / "metrics.jsonl").write_text(""))),
+         never=NO_FLAGS, sweep=True),
+    # N11: an unwritable sweep folder
+    Case("sweep-output-unwritable", [*SWEEP, "--ranks", "1", "-o", "{d}/ro/sw"], 2, "-o", read_only_dir,
+         ["{d}/ro/sw"], skip="root ignores folder permissions" if ROOT else None),
+    Case("sweep-output-under-a-file", [*SWEEP, "--ranks", "1", "-o", "{d}/afile/sw"], 2, "cannot create",
+         blocking_file),
+    # N12 (+ N13: a family's own keys reach that family in a sweep): sizes refused before any allocation
+    Case("sweep-ranks-huge", [*SWEEP, "--ranks", "100000000", "-o", "{d}/sw"], 2, "needs about", absent=["{d}/sw"]),
+    Case("sweep-adaring-ring-rank-huge", [*SWEEP, "--adapter", "adaring", "--set", "adapter.ring_rank=100000",
+                                          "--ranks", "2", "-o", "{d}/sw"], 2, "ring_rank=100000", absent=["{d}/sw"]),
+    Case("train-rank-huge", ["--rank", "100000000"], 2, "needs about", absent=["{d}/run"]),
+    Case("adaring-ring-rank-huge", ["--set", "adapter.kind=adaring", "--set", "adapter.ring_rank=100000"], 2,
+         "needs about", absent=["{d}/run"]),
+    Case("adapterx-experts-huge", ["--set", "adapter.kind=adapterx", "--set", "adapter.experts=10000000"], 2,
+         "experts=10000000", absent=["{d}/run"]),
+    Case("bench-batch-huge", ["bench", "--ckpt", "{ckpt}", "--onnx", "{m}/fused.onnx", "--batch", "1000000"], 2,
+         "needs about"),
+    # N19, N20, N21: family settings that are not finite numbers
+    Case("adaring-alpha-abc", ["--set", "adapter.kind=adaring", "--set", "adapter.alpha=abc"], 2, "adapter.alpha",
+         absent=["{d}/run"]),
+    Case("adapterx-alpha-abc", ["--set", "adapter.kind=adapterx", "--set", "adapter.alpha=abc"], 2, "adapter.alpha",
+         absent=["{d}/run"]),
+    Case("adapterx-router-noise-nan", ["--set", "adapter.kind=adapterx", "--set", "adapter.router_noise=.nan"], 2,
+         "router_noise", absent=["{d}/run"]),
+    Case("lora-alpha-inf", ["--set", "adapter.kind=lora", "--set", "adapter.lora_alpha=.inf"], 2, "lora_alpha",
+         absent=["{d}/run"]),
+    # N7: an unknown family is named where it came from
+    Case("adapter-kind-unknown-set", ["--set", "adapter.kind=nosuch"], 2, "--set adapter.kind", absent=["{d}/run"]),
+    Case("adapter-kind-unknown-ckpt", ["export-task", "--ckpt", "{d}/k.pt", "-o", "{d}/x.npz"], 2,
+         "records the adapter family", ckpt_with(lambda doc: doc["adapter"].update(kind="nosuch")), ["{d}/x.npz"]),
+    # N23: an input the backbone's patch cannot cover
+    Case("img-size-1", ["--img-size", "1"], 2, "patch", absent=["{d}/run"]),
+    Case("patch-larger-than-image", ["--patch-size", "64"], 2, "patch", absent=["{d}/run"]),
+    # N22, N24: import-official keeps no NaN and no input size the backbone cannot take
+    Case("import-official-nan-weights", import_official(), 2, "NaN", official_ckpt(nan=True), ["{d}/x.pt"]),
+    Case("import-official-nan-mean", import_official("--preprocess", "{{mean: [.nan, 0.5, 0.5]}}"), 2, "mean",
+         official_ckpt(), ["{d}/x.pt"]),
+    Case("import-official-input-smaller-than-patch",
+         import_official(model_args="{{img_size: 4, patch_size: 8, depth: 4, embed_dim: 64, num_heads: 2}}"), 2,
+         "patch", official_ckpt(), ["{d}/x.pt"]),
+    Case("import-official-preprocess-input-size", import_official("--preprocess", "{{input_size: [3, 48, 48]}}"), 2,
+         "input_size", official_ckpt(), ["{d}/x.pt"]),
+    # N6: a diverged run has no spectrum
+    Case("analyze-nan-adapter", ["analyze", "--ckpt", "{d}/k.pt", "-o", "{d}/an"], 2, "NaN",
+         ckpt_with(_first_adapter_nan), ["{d}/an"]),
+    # N2: one graph-vs-metadata check in every backend (ONNX -> IR, IR predict, OpenVINO predict, triton)
+    Case("openvino-metadata-4-classes", ["openvino", "--onnx", "{m}/four_classes.onnx", "-o", "{d}/x.xml"], 2,
+         "logits", absent=["{d}/x.xml", "{d}/x.bin", "{d}/x.failed.xml"]),
+    Case("predict-openvino-metadata-4-classes", ["predict", "--model", "{m}/four_classes.onnx", "--backend",
+                                                 "openvino", "{d}/ok.png"], 2, "logits", small_png),
+    Case("predict-ir-metadata-4-classes", ["predict", "--model", "{m}/four_classes.xml", "{d}/ok.png"], 2, "logits",
+         small_png),
+    Case("triton-ir-metadata-4-classes", ["triton", "--model", "{m}/four_classes.xml", "-o", "{d}/repo"], 2,
+         "logits", absent=["{d}/repo"]),
+    Case("triton-onnx-metadata-4-classes", ["triton", "--model", "{m}/four_classes.onnx", "-o", "{d}/repo"], 2,
+         "logits", absent=["{d}/repo"]),
+    # N1, N5: advice names commands that exist, and the file the user gave
+    Case("openvino-int8-on-fp32", ["openvino", "--onnx", "{m}/fused.onnx", "--precision", "int8", "-o",
+                                   "{d}/x.xml"], 2, "atexport trt --onnx", absent=["{d}/x.xml"],
+         never=("onnx-precision",)),
+    Case("triton-engine-backend-openvino", ["triton", "--model", "{d}/x.engine", "--backend", "openvino", "-o",
+                                            "{d}/repo"], 2, "MODEL.onnx",
+         lambda d: (d / "x.engine").write_bytes(b"\0" * 16), ["{d}/repo"], never=("x.engine'",)),
 ]
 
-_TRAIN_FLAGS = ("--set", "--lr", "--alpha")
+_TRAIN_FLAGS = ("--set", "--lr", "--alpha", "--rank", "--img-size", "--patch-size")
 
 
 def _argv(case: Case, d: Path, m: Path, ckpt: Path, nan: Path) -> list[str]:
@@ -274,7 +415,9 @@ def _argv(case: Case, d: Path, m: Path, ckpt: Path, nan: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case, tmp_path, models, tiny_ckpt, nan_ckpt, monkeypatch):
+def test_bad_input(case, tmp_path, models, tiny_ckpt, nan_ckpt, monkeypatch, request):
+    import shutil
+
     from atexport.cli import cli
 
     if case.skip:
@@ -282,8 +425,11 @@ def test_bad_input(case, tmp_path, models, tiny_ckpt, nan_ckpt, monkeypatch):
     monkeypatch.chdir(tmp_path)
     d = tmp_path / "case"
     d.mkdir()
+    if case.sweep:
+        shutil.copytree(request.getfixturevalue("tiny_sweep"), d / "sw")
     if case.build is not None:
         case.build(d)
+    kept = {p: Path(p.format(d=d)).read_bytes() for p in case.unchanged}
     argv = _argv(case, d, models, tiny_ckpt, nan_ckpt)
     result = CliRunner().invoke(cli, argv, catch_exceptions=True)
     out = result.output  # stdout and stderr, as a terminal shows them
@@ -296,6 +442,8 @@ def test_bad_input(case, tmp_path, models, tiny_ckpt, nan_ckpt, monkeypatch):
         assert advice not in out, out
     for p in case.absent:
         assert not Path(p.format(d=d)).exists(), f"{p} was left behind"
+    for p, data in kept.items():
+        assert Path(p.format(d=d)).read_bytes() == data, f"{p} was changed"
     leftovers = [p.name for p in d.rglob(".*.tmp")]
     assert not leftovers, f"temporary files left behind: {leftovers}"
 
@@ -351,3 +499,64 @@ def test_a_failed_run_leaves_no_output_folder_but_a_diverged_one_keeps_its_best_
     r = CliRunner().invoke(cli, ["train", "--dataset", "digits", "-o", str(tmp_path / "run"), *QUICK_TRAIN[1:],
                                  "--set", "model_args.no_such_arg=1"])
     assert r.exit_code == 2 and not (tmp_path / "run").exists(), r.output
+
+
+# ------------------------------------------------------------------------------------------ issue 22 (not refusals)
+
+
+def test_a_finished_cell_with_a_damaged_metrics_file_is_resumed_and_written_again(tiny_sweep, tmp_path):
+    """N18: the cell is resumed from last.pt, its metrics.jsonl rewritten, and the summary keeps its rank."""
+    import shutil
+
+    from atexport.artifact.runfiles import read_metrics
+    from atexport.cli import cli
+
+    sw = tmp_path / "sw"
+    shutil.copytree(tiny_sweep, sw)
+    cell = sw / "adaptertune_r1_e1" / "seed_0"
+    want = read_metrics(cell / "metrics.jsonl")
+    for damage in ("", "[1, 2]\n", '{"epoch": 1}\n{"event": "test", "test_top1": "abc"}\n'):
+        (cell / "metrics.jsonl").write_text(damage)
+        r = CliRunner().invoke(cli, [*SWEEP, "--ranks", "1,2", "-o", str(sw)])
+        assert r.exit_code == 0 and "trained 1 cells" in r.output, r.output
+        got = read_metrics(cell / "metrics.jsonl")
+        assert got.finished and got.test["test_top1"] == want.test["test_top1"]
+        assert [h["epoch"] for h in got.history] == [h["epoch"] for h in want.history]
+        summary = json.loads((sw / "sweep.json").read_text())
+        assert summary["complete"] and [c["n"] for c in summary["series"][0]["cells"]] == [1, 1]
+    again = CliRunner().invoke(cli, [*SWEEP, "--ranks", "1,2", "-o", str(sw)])
+    assert "trained 0 cells, skipped 2" in again.output, again.output
+
+
+def test_load_model_takes_one_provider_as_a_string(models):
+    """N15: a provider given as a string is one provider, not a list of letters."""
+    from atexport.runtime import load_model
+
+    m = load_model(models / "fused.onnx", providers="CPUExecutionProvider")
+    assert len(m.predict(np.zeros((1, 3, 32, 32), np.float32))) == 1
+
+
+def test_openvino_errors_name_the_input_not_a_temporary_ir(models):
+    """N3: a runner made on a temporary IR names the file the user gave."""
+    from atexport.errors import BadInputError
+    from atexport.runtime.openvino import OpenVINORunner
+
+    with pytest.raises(BadInputError) as e:
+        OpenVINORunner(str(models / "four_classes.xml"), where="--onnx user.onnx (as an OpenVINO fp32 IR)").activate()
+    assert "--onnx user.onnx" in str(e.value) and "four_classes.xml" not in str(e.value)
+
+
+def test_a_killed_openvino_run_leaves_a_folder_the_next_run_removes(models, tmp_path):
+    """N4: the IR is written in a temporary folder named like atomic writes' files; a dead writer's is removed."""
+    from atexport.export.openvino import to_openvino
+
+    dead = tmp_path / ".m.xml.999999999.abcd1234.tmp"  # what SIGKILL during 'atexport openvino' leaves
+    dead.mkdir()
+    (dead / "m.xml").write_text("<net/>")
+    (dead / "m.bin").write_bytes(b"\0" * 64)
+    live = tmp_path / f".m.xml.{os.getppid()}.abcd1234.tmp"  # a live process's conversion in progress
+    live.mkdir()
+    res = to_openvino(models / "fused.onnx", tmp_path / "m.xml", verify=False, cache_dir=False)
+    assert res.path == tmp_path / "m.xml" and (tmp_path / "m.bin").is_file()
+    assert not dead.exists() and live.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [live.name]

@@ -1,7 +1,8 @@
 """Every file format atexport reads, mutated a few hundred times: each mutation loads or ends in AtexportError.
 
-Formats and mutations are in ``tests/_mutators.py`` (``bench/fuzz_formats.py`` runs thousands). A crash
-(any exception other than atexport's own) is a reader that lets damage through to a traceback.
+Formats and mutations are in ``tests/_mutators.py`` (``bench/fuzz_formats.py`` runs thousands) and, for
+the files of run folders and sweep cells and an OpenVINO IR's metadata, ``tests/_mutators_runs.py``. A
+crash (any exception other than atexport's own) is a reader that lets damage through to a traceback.
 """
 
 from __future__ import annotations
@@ -11,26 +12,43 @@ import collections
 import pytest
 
 from _mutators import FORMATS, build_context, fuzz, run_one
+from _mutators_runs import RUN_FORMATS, build_run_context
 
 # Mutations per format in the suite (seeded: the same files every run).
-COUNTS = {"metadata": 400, "sidecar": 300, "task_npz": 300, "run_pt": 250, "calibration_cache": 300, "recipe": 250}
+COUNTS = {"metadata": 400, "sidecar": 300, "task_npz": 300, "run_pt": 250, "calibration_cache": 300, "recipe": 250,
+          "metrics_jsonl": 250, "run_config": 200, "verify_json": 200, "sweep_cell": 150, "openvino_metadata": 250}
+ALL = {**FORMATS, **RUN_FORMATS}
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory, tiny_ckpt):
+def base_ctx(tmp_path_factory, tiny_ckpt):
     return build_context(tmp_path_factory.mktemp("fuzz"), tiny_ckpt)
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.fixture(scope="module")
+def run_ctx(tmp_path_factory, tiny_ckpt):
+    from atexport.export.onnx import export_onnx
+
+    d = tmp_path_factory.mktemp("fuzz_runs")
+    export_onnx(tiny_ckpt, d / "fused.onnx", verify=False)
+    return build_run_context(d, tiny_ckpt, d / "fused.onnx")
+
+
+@pytest.fixture
+def ctx(request, name):
+    return request.getfixturevalue("run_ctx" if name in RUN_FORMATS else "base_ctx")
+
+
+@pytest.mark.parametrize("name", list(ALL))
 def test_the_unmutated_file_loads(ctx, name):
-    fmt = FORMATS[name]
+    fmt = ALL[name]
     outcome = run_one(fmt, fmt.base(ctx), ctx, "unmutated")
     assert outcome.kind == "ok", outcome
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", list(ALL))
 def test_every_mutation_loads_or_is_refused_by_atexport(ctx, name):
-    fmt = FORMATS[name]
+    fmt = ALL[name]
     counts = collections.Counter()
     crashes = []
     for outcome in fuzz(fmt, ctx, COUNTS[name], seed=0):

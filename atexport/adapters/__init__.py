@@ -42,7 +42,15 @@ __all__ = [
 
 
 def inject_adapters(model, config):
-    """Put ``config``'s family of adapters into a timm ViT, in place; returns the model."""
+    """Put ``config``'s family of adapters into a timm ViT, in place; returns the model.
+
+    Adapters too large for this machine's memory are refused, with the numbers, before any is allocated.
+    """
+    from atexport.adapters.base import check_adapter_memory
+
+    blocks = getattr(model, "blocks", None)
+    if getattr(model, "embed_dim", None) is not None and blocks is not None and hasattr(blocks, "__len__"):
+        check_adapter_memory(config, int(model.embed_dim), len(blocks))
     return family_of(config).inject(model, config)
 
 

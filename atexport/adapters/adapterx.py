@@ -47,6 +47,7 @@ from torch import nn
 from atexport.adapters.base import (
     FamilyConfig,
     AdapterFamily,
+    check_number,
     check_positive_float,
     check_positive_int,
     register_family,
@@ -91,16 +92,11 @@ class AdapterXConfig(FamilyConfig):
         for key in ("rank", "experts", "heads", "router_dim", "prompt_rank", "every"):
             check_positive_int("adapterx", key, getattr(self, key))
         self.tau = check_positive_float("adapterx", "tau", self.tau)
-        self.alpha = float(self.alpha)
+        self.alpha = check_number("adapterx", "alpha", self.alpha)
         for key in ("share_router", "prompt"):
             if not isinstance(getattr(self, key), bool):
                 raise BadInputError(f"adapterx adapter: {key} must be true or false, got {getattr(self, key)!r}.")
-        try:
-            self.router_noise = float(self.router_noise)
-        except (TypeError, ValueError):
-            self.router_noise = -1.0
-        if self.router_noise < 0:
-            raise BadInputError("adapterx adapter: router_noise must be a number >= 0.")
+        self.router_noise = check_number("adapterx", "router_noise", self.router_noise, minimum=0)
         if self.kind != "adapterx":
             raise BadInputError(f"AdapterXConfig is the 'adapterx' family, got kind {self.kind!r}.")
 

@@ -40,6 +40,7 @@ from atexport.adapters.adaptertune import AdapterConfig, wrap_blocks
 from atexport.adapters.base import (
     FamilyConfig,
     AdapterFamily,
+    check_number,
     check_positive_int,
     register_family,
 )
@@ -72,7 +73,7 @@ class AdaRingConfig(FamilyConfig):
     def __post_init__(self):
         for key in ("rank", "ring_rank", "every"):
             check_positive_int("adaring", key, getattr(self, key))
-        self.alpha = float(self.alpha)
+        self.alpha = check_number("adaring", "alpha", self.alpha)
         if self.kind != "adaring":
             raise BadInputError(f"AdaRingConfig is the 'adaring' family, got kind {self.kind!r}.")
         if self.group_ranks is not None:

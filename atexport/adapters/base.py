@@ -188,16 +188,23 @@ def register_family(family: AdapterFamily) -> AdapterFamily:
     return family
 
 
-def get_family(kind: str | None) -> AdapterFamily:
-    """The family registered as ``kind`` (``None``: AdapterTune, for checkpoints from before families)."""
+def get_family(kind: str | None, where: str | None = None) -> AdapterFamily:
+    """The family registered as ``kind`` (``None``: AdapterTune, for checkpoints from before families).
+
+    Args:
+        kind: the family name.
+        where: the file that recorded it (a checkpoint); ``None``: the user gave it (``--adapter`` or
+            ``--set adapter.kind``), and the message says so.
+    """
     kind = DEFAULT_KIND if kind is None else str(kind)
     if kind not in FAMILIES:
         if kind not in _MODULES:
             close = difflib.get_close_matches(kind, KINDS, 1)
-            raise BadInputError(
-                f"--adapter {kind!r}: unknown adapter family; atexport has {', '.join(KINDS)}"
-                + (f" (did you mean {close[0]}?)." if close else ".")
-            )
+            known = f"atexport has {', '.join(KINDS)}" + (f" (did you mean {close[0]}?)" if close else "")
+            if where:
+                raise BadInputError(f"{where}: records the adapter family {kind!r}, which this atexport does not "
+                                    f"know ({known}); it was written by another version, or is damaged.")
+            raise BadInputError(f"unknown adapter family {kind!r} (given with --adapter or --set adapter.kind); {known}.")
         importlib.import_module(_MODULES[kind])
     return FAMILIES[kind]
 
@@ -213,7 +220,7 @@ def adapter_config_from_dict(d: dict | None, where: str = "checkpoint"):
         return None
     if not isinstance(d, dict):
         raise BadInputError(f"{where}: the adapter section must be a mapping, got {d!r}.")
-    return get_family(d.get("kind")).config_cls.from_dict(d)
+    return get_family(d.get("kind"), where).config_cls.from_dict(d)
 
 
 def config_from_dict(cls, d: dict, *, lenient: tuple = ()) -> Any:
@@ -246,14 +253,55 @@ def check_positive_int(kind: str, key: str, value) -> None:
         raise BadInputError(f"{kind} adapter: {key} must be a positive integer, got {value!r}.")
 
 
-def check_positive_float(kind: str, key: str, value) -> float:
+def check_number(kind: str, key: str, value, *, minimum: float | None = None, positive: bool = False) -> float:
+    """``value`` as a finite float, or one :class:`BadInputError` naming ``adapter.KEY`` (never a ValueError).
+
+    The one check of every family's float settings (``alpha``, ``lora_alpha``, ``tau``, ``router_noise``):
+    text, booleans, NaN and infinity are refused, as are values below ``minimum`` or, with ``positive``,
+    not above zero.
+    """
+    import math
+
     try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if isinstance(value, bool) or not v > 0:
-        raise BadInputError(f"{kind} adapter: {key} must be a positive number, got {value!r}.")
+        v = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        v = math.nan
+    want = ("a positive" if positive else "a") + " finite number" + (
+        f" >= {minimum:g}" if minimum is not None else "")
+    if not math.isfinite(v) or (positive and not v > 0) or (minimum is not None and v < minimum):
+        raise BadInputError(f"{kind} adapter: {key} must be {want}, got {value!r} (--set adapter.{key}=...).")
     return v
+
+
+def check_positive_float(kind: str, key: str, value) -> float:
+    return check_number(kind, key, value, positive=True)
+
+
+TRAINING_BYTES_PER_PARAM = 16  # FP32 weight, its gradient, and AdamW's two moments
+
+
+def check_adapter_memory(cfg, dim: int, depth: int, flag: str | None = None) -> None:
+    """Refuse, before any tensor is allocated, adapters whose training would not fit this machine's memory.
+
+    Args:
+        cfg: a family config (its ``num_params(dim, depth)`` gives the count).
+        dim: the backbone's width; ``depth``: its number of blocks.
+        flag: the flag the sizes came from, for the message (default: the family's settings).
+
+    Raises:
+        BadInputError: with the parameter count, the memory it needs and the memory available.
+    """
+    from atexport.utils.machine import check_memory
+
+    if cfg is None:
+        return
+    n = int(cfg.num_params(int(dim), int(depth)))
+    sizes = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)
+                      if isinstance(getattr(cfg, f.name), int) and not isinstance(getattr(cfg, f.name), bool))
+    where = f"{flag}: " if flag else ""
+    check_memory(n * TRAINING_BYTES_PER_PARAM, f"{where}the {family_of(cfg).kind} adapter ({sizes}) has {n:,} trainable "
+                 f"parameters on this backbone (width {dim}, {depth} blocks); training it",
+                 "lower the rank (--rank, --ranks) or the family's sizes (--set adapter.KEY=...)")
 
 
 def check_export_mode(cfg, mode: str, what: str = "this checkpoint") -> None:

@@ -118,6 +118,10 @@ def plot_spectrum(result: dict, path: str | os.PathLike) -> Path | None:
     return _save(fig, path)
 
 
+def _num(v) -> float:
+    return math.nan if v is None else float(v)
+
+
 def plot_curves(name: str, history: list[dict], path: str | os.PathLike) -> Path | None:
     """Loss and top-1 per epoch (train, and validation where recorded) of one run."""
     plt = matplotlib_or_none()
@@ -125,11 +129,11 @@ def plot_curves(name: str, history: list[dict], path: str | os.PathLike) -> Path
         return None
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a1.plot(ep, [h.get("train_loss") for h in history], marker=".", label="train")
-    a2.plot(ep, [h.get("train_top1") for h in history], marker=".", label="train")
+    a1.plot(ep, [_num(h.get("train_loss")) for h in history], marker=".", label="train")
+    a2.plot(ep, [_num(h.get("train_top1")) for h in history], marker=".", label="train")
     if any(h.get("val_loss") is not None for h in history):
-        a1.plot(ep, [h.get("val_loss", math.nan) for h in history], marker=".", label="val")
-        a2.plot(ep, [h.get("val_top1", math.nan) for h in history], marker=".", label="val")
+        a1.plot(ep, [_num(h.get("val_loss")) for h in history], marker=".", label="val")
+        a2.plot(ep, [_num(h.get("val_top1")) for h in history], marker=".", label="val")
     a1.set_xlabel("epoch")
     a1.set_ylabel("loss")
     a2.set_xlabel("epoch")

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atexport.errors import IncompatibleCheckpointError
+from atexport.errors import BadInputError, IncompatibleCheckpointError
 
 ENERGIES = (0.90, 0.95, 0.99)
 DOWN, UP = "down.weight", "up.weight"  # AdapterTune/Adapter-X "...down.weight", LoRA "...q_down.weight"
@@ -100,6 +100,8 @@ def spectrum_of(down, up, alpha: float = 1.0) -> dict:
     u = np.asarray(_numpy(up), dtype=np.float64)
     if d.ndim != 2 or u.ndim != 2 or u.shape[1] != d.shape[0]:
         raise IncompatibleCheckpointError(f"adapter tensors of shapes {u.shape} @ {d.shape} do not multiply.")
+    if not (np.isfinite(d).all() and np.isfinite(u).all() and math.isfinite(alpha)):
+        raise BadInputError("adapter tensors hold NaN or infinite values (a diverged run); they have no spectrum.")
     r = d.shape[0]
     # W = U D has rank <= r: its singular values are those of the small r x r matrix R_u R_d^T.
     _, ru = np.linalg.qr(u)
@@ -167,6 +169,14 @@ def analyze_checkpoint(ckpt: str | os.PathLike, output: str | os.PathLike | None
             f"--ckpt {ck.path}: no low-rank down/up weights found in its {kind} adapters; nothing to analyse."
         )
     alpha = _scale(cfg)
+    import numpy as np
+
+    bad = [name for name, d, u in pairs if not (np.isfinite(_numpy(d)).all() and np.isfinite(_numpy(u)).all())]
+    if bad or not np.isfinite(alpha):
+        raise BadInputError(
+            f"--ckpt {ck.path}: adapter {bad[0] if bad else 'scale'} holds NaN or infinite values (the run diverged); "
+            "there is no spectrum to analyse. Retrain with a lower --lr, or analyse a checkpoint of a finite epoch."
+        )
     adapters = [{"name": name, **spectrum_of(d, u, alpha)} for name, d, u in pairs]
     rank = int(getattr(cfg, "rank", 0) or max(len(a["singular_values"]) for a in adapters))
     rec, why = recommend(adapters, rank)

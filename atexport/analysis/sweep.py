@@ -6,8 +6,12 @@ A sweep trains one run per cell ``(adapter family, rank, every, seed)`` with the
     OUTPUT/<family>_r<rank>_e<every>/seed_<s>/   run.pt, last.pt, metrics.jsonl, config.yaml
 
 It is resumable cell by cell: a finished cell (its ``metrics.jsonl`` ends with the test score) is
-skipped, an interrupted one (a ``last.pt`` without test score) resumes from its last epoch, and a cell
-recorded with other settings is refused rather than mixed in. Under ``torchrun`` every process takes
+skipped, an interrupted one (a ``last.pt`` without test score, or a damaged ``metrics.jsonl``: the resumed
+run writes it again) resumes from its last epoch, and a cell recorded with other settings (its
+``config.yaml`` or its ``run.pt``: a checkpoint copied from another cell) is refused rather than mixed in.
+Cell files are read through their one reader each (:mod:`atexport.artifact.runfiles`, ``load_checkpoint``)
+and errors name the file, never a flag the sweep was not given. Before the first cell trains, every
+cell's adapter is sized against the machine's memory (a rank of 10^8 is refused with the number). Under ``torchrun`` every process takes
 the cells ``i % WORLD_SIZE == RANK`` and trains them alone on its own GPU (``cuda:LOCAL_RANK``); rank 0
 waits for the others and writes the summary. Alone, cells run one after another.
 
@@ -19,7 +23,6 @@ whose mean is within ``tolerance`` points of the best mean of its series.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,17 +73,15 @@ def cell_name(family: str, rank: int, every: int) -> str:
 
 
 def cell_state(folder: Path) -> str:
-    """``finished`` (test score written), ``interrupted`` (a last.pt to resume) or ``new``."""
-    metrics = folder / "metrics.jsonl"
-    if metrics.is_file() and (folder / "run.pt").is_file():
-        for line in reversed(metrics.read_text().splitlines()):
-            if line.strip():
-                try:
-                    if json.loads(line).get("event") == "test":
-                        return "finished"
-                except json.JSONDecodeError:
-                    pass
-                break
+    """``finished`` (test score written), ``interrupted`` (a last.pt to resume) or ``new``.
+
+    A cell whose ``metrics.jsonl`` is missing, empty or damaged is not finished: with its ``last.pt`` it is
+    resumed (the trainer writes ``metrics.jsonl`` again from ``last.pt``), without one it is trained anew.
+    """
+    from atexport.artifact.runfiles import METRICS, metrics_finished
+
+    if (folder / "run.pt").is_file() and (folder / METRICS).is_file() and metrics_finished(folder / METRICS):
+        return "finished"
     return "interrupted" if (folder / "last.pt").is_file() else "new"
 
 
@@ -157,11 +158,18 @@ def run_sweep(
     mine = [c for i, c in enumerate(cells) if i % world == rank]
     # every cell's config is checked before the first one trains (a bad family or key fails at once)
     configs = {c: _cell_config(cfg, *c, out / cell_name(*c[:3]) / f"seed_{c[3]}", world, local_rank) for c in cells}
+    _check_memory(configs.values())
     who = f"[rank {rank}/{world}] " if world > 1 else ""
     group = _join_group(world) if world > 1 else None
     result = SweepResult(out, {})
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInputError(f"-o {out}: cannot create the sweep folder ({e.strerror or e}); choose another -o."
+                                ) from None
+        if not os.access(out, os.W_OK):
+            raise BadInputError(f"-o {out}: the folder is not writable; choose another -o.")
         bar = Progress(len(mine), f"{who}sweep", enabled=cfg.progress, log=log, unit="cell")
         with bar:
             for family, r, e, s in mine:
@@ -241,20 +249,52 @@ def _cell_config(cfg, family, rank, every, seed, folder, world, local_rank):
     return TrainConfig.from_dict(d, source=f"sweep cell {folder}")
 
 
-def _check_same_settings(cell_cfg, folder: Path, state: str) -> None:
-    """Refuse to skip or resume a cell recorded with other settings (its numbers would not fit)."""
-    import yaml
+def _check_memory(configs) -> None:
+    """Size every distinct adapter of the grid against this machine's memory before any cell trains."""
+    from atexport.adapters.base import check_adapter_memory
+    from atexport.models import backbone_dims
 
-    saved_path = folder / "config.yaml"
-    if state == "new" or not saved_path.is_file():
+    dims: dict = {}
+    seen = set()
+    for c in configs:
+        ad = c.adapter_config()
+        if ad is None or repr(ad) in seen:
+            continue
+        seen.add(repr(ad))
+        key = (c.backbone, repr(c.resolved_model_args()))
+        if key not in dims:
+            dims[key] = backbone_dims(c.backbone, c.resolved_model_args())
+        check_adapter_memory(ad, *dims[key], flag="--ranks")
+
+
+def _check_same_settings(cell_cfg, folder: Path, state: str) -> None:
+    """Refuse to skip or resume a cell recorded with other settings (its numbers would not fit): its
+    ``config.yaml``, and for a finished cell the config recorded in its ``run.pt``."""
+    from atexport.artifact.runfiles import CONFIG, read_run_config
+
+    saved_path = folder / CONFIG
+    if state == "new":
         return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    diffs = cell_cfg.differences(saved)
-    if diffs:
-        raise IncompatibleCheckpointError(
-            f"{folder} was trained with other settings ({'; '.join(diffs[:4])}). Sweep into another -o, "
-            f"or delete {folder} to retrain it."
-        )
+    checks = []
+    if saved_path.is_file():
+        checks.append((saved_path, read_run_config(saved_path)))
+    from atexport.checkpoint import load_checkpoint
+
+    if state == "finished":
+        checks.append((folder / "run.pt", load_checkpoint(folder / "run.pt", flag=None, layout="trained").config))
+    else:  # interrupted: last.pt is read here, so that its damage is named by path (the sweep has no --resume)
+        last = load_checkpoint(folder / "last.pt", flag=None, layout="trained")
+        if not last.resume:
+            raise IncompatibleCheckpointError(f"{folder / 'last.pt'} holds no resume state; delete {folder} to "
+                                              "retrain the cell.")
+        checks.append((folder / "last.pt", last.config))
+    for path, saved in checks:
+        diffs = cell_cfg.differences(saved)
+        if diffs:
+            raise IncompatibleCheckpointError(
+                f"{path} was written with other settings than this cell's ({'; '.join(diffs[:4])}): it belongs to "
+                f"another run. Sweep into another -o, or delete {folder} to retrain the cell."
+            )
 
 
 @contextlib.contextmanager
@@ -290,16 +330,39 @@ def _join_group(world: int):
 # Summary
 
 
-def _read_cell(folder: Path) -> dict | None:
-    """Test top-1 and parameter counts of a finished cell (from run.pt's metrics)."""
+def _read_cell(folder: Path, cell_cfg=None) -> dict | None:
+    """Test top-1 and parameter counts of a finished cell (from run.pt's metrics), checked to be this cell's."""
     if cell_state(folder) != "finished":
         return None
     from atexport.checkpoint import load_checkpoint
 
-    m = load_checkpoint(folder / "run.pt").metrics
-    p = m.get("params") or {}
+    run = folder / "run.pt"
+    ck = load_checkpoint(run, flag=None, layout="trained")
+    if cell_cfg is not None:
+        diffs = cell_cfg.differences(ck.config)
+        if diffs:
+            raise IncompatibleCheckpointError(
+                f"{run} belongs to another run ({'; '.join(diffs[:4])}); delete {folder} to retrain the cell.")
+    m = ck.metrics
+    p = m.get("params") if m.get("params") is not None else {}
+    bad = [k for k in ("test_top1", "val_top1") if m.get(k) is not None and not _is_number(m[k])]
+    if not isinstance(p, dict):
+        bad.append("params")
+    else:
+        bad += [f"params.{k}" for k in ("trainable", "share", "full_finetune") if p.get(k) is not None
+                and not _is_number(p[k])]
+    if m.get("test_top1") is None:
+        bad.append("test_top1")
+    if bad:
+        raise BadInputError(f"{run}: damaged metrics ({', '.join(bad)}); delete {folder} to retrain the cell.")
     return {"test_top1": m.get("test_top1"), "val_top1": m.get("val_top1"), "epoch": m.get("epoch"),
             "trainable": p.get("trainable"), "share": p.get("share"), "full_finetune": p.get("full_finetune")}
+
+
+def _is_number(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def summarize_sweep(out: Path, cfg, families, ranks, everies, seeds, tolerance: float) -> dict:
@@ -313,7 +376,9 @@ def summarize_sweep(out: Path, cfg, families, ranks, everies, seeds, tolerance: 
             for r in sorted(ranks):
                 runs = {}
                 for s in seeds:
-                    got = _read_cell(out / cell_name(family, r, e) / f"seed_{s}")
+                    got = _read_cell(out / cell_name(family, r, e) / f"seed_{s}",
+                                     _cell_config(cfg, family, r, e, s, out / cell_name(family, r, e) / f"seed_{s}",
+                                                  1, 0))
                     if got is None:
                         missing.append(f"{cell_name(family, r, e)}/seed_{s}")
                     else:

@@ -9,15 +9,15 @@ COMMANDS = ["report_cmd"]
 
 @click.command("report")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("-o", "--output", default="report.md", show_default=True, type=click.Path(dir_okay=False),
-              help="Markdown report; report.json and <name>_curves/ go beside it.")
+@click.option("-o", "--output", default="report", show_default=True, type=click.Path(),
+              help="Report folder: report.md, report.json and curves/ go into it (never a run's folder).")
 @click.option("--no-curves", is_flag=True, help="Skip the per-run training-curve figures.")
 def report_cmd(run_dirs, output, no_curves):
     """Table of finished runs (method x data set, mean +- std over seeds, parameters), curves, verify results.
 
     \b
     Example:
-      atexport report runs/pets runs/cifar10 runs/sweep -o runs/report.md
+      atexport report runs/pets runs/cifar10 runs/sweep -o runs/report
     """
     from atexport.analysis import build_report
 

@@ -61,6 +61,9 @@ def sweep_cmd(recipe, ranks, everies, families, seeds, tolerance, sets, output, 
     if backbone_weights is not None and pretrained is not None:
         raise BadInputError("--backbone-weights replaces the timm weights; drop --pretrained/--no-pretrained.")
     overrides = parse_set(sets)
+    if families and isinstance(overrides.get("adapter"), dict) and "kind" not in overrides["adapter"]:
+        # --set adapter.KEY=... are the first family's keys (each cell then checks them against its own family)
+        overrides["adapter"] = {**overrides["adapter"], "kind": families[0]}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides.update(pretrained=pretrained, backbone_weights=backbone_weights, regime="adapter")
     if no_progress:

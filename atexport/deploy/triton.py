@@ -220,9 +220,12 @@ def write_triton_repo(
         raise BadInputError(f"--backend {backend}: expected onnxruntime, tensorrt or openvino.")
     natural = {"onnx": "onnxruntime", "engine": "tensorrt", "openvino": "openvino"}[kind]
     if backend is not None and backend != natural:
-        how = {"openvino": f"write its OpenVINO IR with 'atexport openvino --onnx {src}' and give the .xml",
-               "tensorrt": f"build an engine with 'atexport trt --onnx {src}' and give the .engine"}.get(
+        onnx = str(src) if kind == "onnx" else "MODEL.onnx"  # an engine or IR: the .onnx it was made from
+        how = {"openvino": f"write its OpenVINO IR with 'atexport openvino --onnx {onnx}' and give the .xml",
+               "tensorrt": f"build an engine with 'atexport trt --onnx {onnx}' and give the .engine"}.get(
                    backend, "give the .onnx model")
+        if kind != "onnx":
+            how += f" (MODEL.onnx: the ONNX model {src.name} was made from)"
         raise BadInputError(f"--backend {backend}: {src} runs in {natural}; to serve it with {backend}, {how}.")
     if kind == "openvino" and not src.with_suffix(".bin").is_file():
         raise BadInputError(f"--model {src}: its weights {src.with_suffix('.bin').name} are missing beside it.")
@@ -243,6 +246,10 @@ def write_triton_repo(
     if kind == "engine" and instance_kind == "cpu":
         raise BadInputError("--instance-kind cpu: a TensorRT engine runs on the GPU only; use gpu or leave it out.")
     meta, inputs, outputs, profile = _model_io(src, kind)
+    from atexport.artifact.graph import check_graph_fits_metadata
+
+    check_graph_fits_metadata(meta, {t["name"]: t["shape"] for t in inputs}, {t["name"]: t["shape"] for t in outputs},
+                              f"--model {src}")
     name = _sanitize(name) if name else _sanitize(src.stem)
     model_dir = Path(output) / name
     if model_dir.exists() and not force:

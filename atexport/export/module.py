@@ -54,7 +54,8 @@ def _torch_export(model, args, *, input_names, output_names, dynamic_shapes, ops
         msg = (lines[at + 1] if at is not None and at + 1 < len(lines) else (lines or [type(e).__name__])[0])[:400]
         raise AtexportError(
             f"torch.onnx.export (dynamo, opset {opset}) failed: {msg}. "
-            "Check that the opset is one this PyTorch supports."
+            "Check that the opset is one this PyTorch supports, and that the checkpoint's preprocess input_size is "
+            "the size its backbone takes."
         ) from e
     return program.model_proto
 

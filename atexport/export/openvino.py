@@ -19,7 +19,8 @@ the model's ``rt_info`` under ``atexport``, which ``ov.save_model`` writes into 
 ``.bin`` (``compress_to_fp16=False``) for every precision: the precision is a runtime hint, and FP32
 weights keep one IR valid for all of them and keep a separable model's swappable tensors exact.
 
-Writes are atomic (both files go to a temporary folder beside the output, the ``.bin`` is moved first,
+Writes are atomic (both files go to a temporary folder ``.NAME.<pid>.<random>.tmp`` beside the output, which
+the next run removes if this one was killed; the ``.bin`` is moved first,
 the ``.xml`` last); a model that fails parity is kept at ``<stem>.failed.xml`` and nothing is written at
 the output. A compiled-model cache folder (``<stem>.ov_cache/``, OpenVINO's ``CACHE_DIR``) is filled by
 loading the written IR once, so an app that passes the same folder skips compiling; it is only a cache (OpenVINO checks
@@ -136,7 +137,8 @@ def _verify(src: Path, xml: Path, meta, precision: str, images, par: Mapping, th
     what = f"{len(judged)} in-domain images ({judged_name}) and " if judged is not None else ""
     say(f"checking OpenVINO {precision} parity against ONNX Runtime on {what}{len(photos)} photos ...")
     ref = OnnxRuntimeRunner(str(src), name="onnxruntime", optimization=par.get("optimization", "all"))
-    cand = OpenVINORunner(str(xml), precision=precision, threads=threads, name=f"openvino-{precision}")
+    cand = OpenVINORunner(str(xml), precision=precision, threads=threads, name=f"openvino-{precision}",
+                          where=f"--onnx {src} (as an OpenVINO {precision} IR)")
     with ref, cand:
         pairs = [("", ref, cand)]
         if task_input(meta):  # multi-task model: every task on its own (its task_id fed, its logits only)
@@ -186,7 +188,9 @@ def to_openvino(
     """
     from atexport.artifact.onnx import failed_path_for
     from atexport.export.precision import load_precision_config
+    from atexport.utils.io import clean_stale_temps
     from atexport.runtime.openvino import (
+        check_ov_graph,
         is_quantized,
         read_metadata,
         read_ov_model,
@@ -209,6 +213,7 @@ def to_openvino(
     meta = read_metadata(ov_model, where)
     if meta is None:
         raise BadInputError(f"{where}: no atexport metadata (preprocessing, classes); export it with 'atexport onnx'.")
+    check_ov_graph(meta, ov_model, where)
     precision = resolve_precision(precision, is_quantized(ov_model), where)
     out = _check_output(src, output, precision)
     if out.resolve() == src.resolve():
@@ -222,7 +227,10 @@ def to_openvino(
               "openvino": ov.get_version(), "weights": "fp32 (compress_to_fp16=False)",
               "cache_dir": cache.name if cache else None}
     result = OpenVINOResult(path=None, precision=precision, metadata=meta, cache_dir=cache, seconds=seconds)
-    with tempfile.TemporaryDirectory(prefix=f".{out.stem}.", dir=out.parent) as tmp:
+    # named as atomic writes name their temporaries (.NAME.<pid>.<random>.tmp): a run killed here leaves a
+    # folder that the next write of this output removes (clean_stale_temps), as it removes stale files
+    clean_stale_temps(out)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent) as tmp:
         meta.extra["openvino"] = record
         ov_model.set_rt_info(meta.to_json(), "atexport")
         t0 = time.perf_counter()

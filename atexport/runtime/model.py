@@ -419,54 +419,13 @@ def open_onnx(path: Path, providers=None, threads=None, *, flag: str = "--model"
     return meta, runner, mode
 
 
-def _static(shape) -> list[int] | None:
-    """A shape as ints, or ``None`` when any axis is symbolic or unknown."""
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape):
-        return None
-    return [int(v) for v in shape]
-
-
 def check_graph_fits_metadata(meta: ModelMetadata, session, where: str) -> None:
-    """Refuse a model whose graph disagrees with its own metadata (hand-edited metadata, or tensors).
+    """The graph-vs-metadata check (:func:`atexport.artifact.graph.check_graph_fits_metadata`) on an
+    ``onnxruntime.InferenceSession``'s inputs, outputs and overridable initializers."""
+    from atexport.artifact.graph import check_graph_fits_metadata as check
 
-    Checks, where the graph declares static sizes: the logits width against the class count (or, for
-    multi-task models, the largest task), the image input against ``preprocess.input_size``, and every
-    swappable tensor of the manifest against the graph's tensor of that name. Without this, predict
-    would label by index or fail inside ONNX Runtime with a shape error.
-
-    Args:
-        meta: the model's validated metadata.
-        session: its ``onnxruntime.InferenceSession``.
-        where: flag and path for messages.
-    """
-    redo = "re-export the model with atexport (its metadata was edited, or belongs to another model)."
-    outputs = {o.name: o.shape for o in session.get_outputs()}
-    inputs = {i.name: i.shape for i in session.get_inputs()}
-    out_shape = outputs.get((meta.output or {}).get("name")) or next(iter(outputs.values()), None)
-    width = out_shape[-1] if isinstance(out_shape, (list, tuple)) and out_shape else None
-    if isinstance(width, int) and width > 0:
-        if meta.tasks:
-            most = max(int(t["num_classes"]) for t in meta.tasks)
-            if width < most:
-                raise BadInputError(f"{where}: the model computes {width} logits per image but its metadata lists a "
-                                    f"task with {most} classes; {redo}")
-        else:
-            want = meta.num_classes or (len(meta.class_names) if meta.class_names else None)
-            if want and width != want:
-                raise BadInputError(f"{where}: the model computes {width} logits per image but its metadata says "
-                                    f"{want} classes; {redo}")
-    in_shape = _static((inputs.get(meta.input.get("name")) or [None])[1:])
-    want_in = [int(v) for v in meta.preprocess["input_size"]]
-    if in_shape is not None and len(in_shape) == 3 and in_shape != want_in:
-        raise BadInputError(f"{where}: the model takes images of {in_shape} but its metadata preprocesses to "
-                            f"{want_in}; {redo}")
-    tensors = {i.name: i.shape for i in session.get_overridable_initializers()}
-    tensors.update(inputs)
-    for name, e in meta.manifest.items():
-        actual = _static(tensors.get(e.get("initializer", name)))
-        if actual is not None and actual != [int(v) for v in e["shape"]]:
-            raise BadInputError(f"{where}: tensor {e.get('initializer', name)!r} has shape {actual} in the graph but "
-                                f"{e['shape']} in the metadata; {redo}")
+    check(meta, {i.name: i.shape for i in session.get_inputs()}, {o.name: o.shape for o in session.get_outputs()},
+          where, tensors={i.name: i.shape for i in session.get_overridable_initializers()})
 
 
 def _engine_model(path: Path, device: int) -> tuple[ModelMetadata, Runner, str, int | None]:
@@ -540,6 +499,8 @@ def load_model(path: str | os.PathLike, *, task=None, providers: Sequence[str] |
         IncompatibleCheckpointError: the engine was built for another GPU or TensorRT version.
     """
     p = Path(path)
+    if isinstance(providers, str):  # load_model(m, providers="CPUExecutionProvider"): one provider
+        providers = [providers]
     if not p.exists():
         raise BadInputError(f"--model {p}: no such file.")
     if not p.is_file():

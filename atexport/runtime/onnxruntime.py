@@ -39,7 +39,7 @@ def create_session(model, threads: int | None = None, providers=None, optimizati
         src = model
     else:
         src = model.SerializeToString()
-    providers = list(providers or ["CPUExecutionProvider"])
+    providers = [providers] if isinstance(providers, str) else list(providers or ["CPUExecutionProvider"])
     wanted = check_providers(ort, providers)
     try:
         # no silent fallback to CPU (ORT prints an "EP Error" banner and carries on): a provider asked for
@@ -89,6 +89,8 @@ def check_providers(ort, providers) -> list[str]:
             package that brings it.
     """
     names = []
+    if isinstance(providers, str):  # one name, not a sequence of one-letter names
+        providers = [providers]
     for p in providers:
         name = p[0] if isinstance(p, (tuple, list)) and p else p
         if not isinstance(name, str):

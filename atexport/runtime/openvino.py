@@ -140,6 +140,27 @@ def read_metadata(ov_model, where: str = "model"):
     return ModelMetadata.from_json(text, where) if text else None
 
 
+def port_shapes(ports) -> dict[str, list | None]:
+    """``{name: shape}`` of OpenVINO model ports (``None`` for a dynamic axis or rank)."""
+    out: dict[str, list | None] = {}
+    for port in ports:
+        try:
+            name = port.get_any_name()
+        except RuntimeError:  # a port without a name cannot be one the metadata names
+            continue
+        ps = port.get_partial_shape()
+        out[name] = None if ps.rank.is_dynamic else [d.get_length() if d.is_static else None for d in ps]
+    return out
+
+
+def check_ov_graph(meta, ov_model, where: str) -> None:
+    """The graph-vs-metadata check every backend makes (:mod:`atexport.artifact.graph`), on an OpenVINO model
+    (an IR, or an ONNX file as OpenVINO reads it; exposed task weights are inputs)."""
+    from atexport.artifact.graph import check_graph_fits_metadata
+
+    check_graph_fits_metadata(meta, port_shapes(ov_model.inputs), port_shapes(ov_model.outputs), where)
+
+
 def is_quantized(ov_model) -> bool:
     """Whether the model holds Q/DQ (FakeQuantize once read by OpenVINO) layers."""
     return any(op.get_type_name() in ("FakeQuantize", "QuantizeLinear") for op in ov_model.get_ops())
@@ -161,8 +182,9 @@ def resolve_precision(requested: str | None, quantized: bool, where: str, device
         raise BadInputError(f"--precision {requested}: expected one of {', '.join(PRECISIONS)}.")
     if p in QUANTIZED and not quantized:
         raise BadInputError(
-            f"{where} has no Q/DQ layers, so it cannot run in INT8; quantize it first "
-            "('atexport onnx-precision ... --precision int8' writes model.int8.onnx) and give that file."
+            f"--precision {p}: {where} has no Q/DQ layers, so it cannot run in INT8; quantize it first: "
+            "'atexport trt --onnx MODEL.onnx --precision int8 --calib IMAGES --build no' writes MODEL.int8.onnx "
+            "(verified against FP32); give that file."
         )
     if quantized and p not in QUANTIZED:
         raise BadInputError(
@@ -247,7 +269,7 @@ class OpenVINORunner(TaskHolder, Runner):
     def __init__(self, model, precision: str | None = None, threads: int | None = None, device: str = "CPU",
                  cache_dir: str | os.PathLike | None = None, feeds=None, name: str = "openvino",
                  input_name: str | None = None, output_name: str | None = None, swappable: bool = True,
-                 performance_hint: str = "LATENCY"):
+                 performance_hint: str = "LATENCY", where: str | None = None):
         super().__init__()
         if precision is not None and str(precision).lower() not in PRECISIONS:
             raise BadInputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}.")
@@ -261,7 +283,8 @@ class OpenVINORunner(TaskHolder, Runner):
         self.name = name
         self._want_input, self._want_output, self._swappable = input_name, output_name, swappable
         self.performance_hint = str(performance_hint).upper()
-        self.where = str(model) if isinstance(model, (str, os.PathLike)) else "in-memory model"
+        # what messages name: the file the user gave (``where``), not a temporary IR made from it
+        self.where = where or (str(model) if isinstance(model, (str, os.PathLike)) else "in-memory model")
         self.precision: str | None = None
         self.inference_precision: str | None = None
         self.int8_layers: tuple[int, int] = (0, 0)
@@ -296,6 +319,8 @@ class OpenVINORunner(TaskHolder, Runner):
         names = self._swappable_names()
         self._tasks = {None: expose_weights(ov_model, names, self.where) if names else {}}
         self.task = None
+        if self.metadata is not None:
+            check_ov_graph(self.metadata, ov_model, self.where)
         inputs = [i.get_any_name() for i in ov_model.inputs if i.get_any_name() not in self._tasks[None]]
         outputs = [o.get_any_name() for o in ov_model.outputs]
         meta_in = (self.metadata.input or {}).get("name") if self.metadata else None

@@ -157,6 +157,9 @@ class TrainConfig:
             v = getattr(self, k)
             if v is not None and v < 1:
                 raise BadInputError(f"{_flag(k)} must be a positive number of pixels, got {v}.")
+        if self.img_size is not None and self.patch_size is not None and self.patch_size > self.img_size:
+            raise BadInputError(f"--patch-size {self.patch_size} is larger than the image (--img-size {self.img_size}); "
+                                "the image would hold no patch. Give a patch that divides the image size.")
         if self.regime not in REGIMES:
             raise BadInputError(f"--regime must be one of {', '.join(REGIMES)}, got {self.regime!r}.")
         if self.init not in INITS:

@@ -60,6 +60,17 @@ def resolve_import_preprocess(preprocess, timm_config: dict) -> tuple[dict, str]
             "e.g. '{crop_pct: 1.0, interpolation: bicubic}'."
         )
     _check_preprocess(pp)
+    takes = [int(v) for v in timm_config["input_size"]]
+    try:
+        given = [int(v) for v in pp["input_size"]]
+    except (TypeError, ValueError):
+        given = None
+    if given != takes:
+        raise BadInputError(
+            f"--preprocess input_size {pp['input_size']}: the backbone takes {takes} (its img_size); an input of "
+            "another size cannot run through it. Drop input_size from --preprocess, or build the backbone at that "
+            "size with --model-args '{img_size: N}' if it was trained so."
+        )
     c, h, w = pp["input_size"]
     size = math.floor(h / pp["crop_pct"])
     line = (f"preprocessing: {what}: resize {size} + center crop {h}x{w}, {pp['interpolation']}, "
@@ -76,13 +87,14 @@ _RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # w
 
 def _check_preprocess(pp: dict) -> None:
     try:
-        ok_stats = all(len(pp[k]) == 3 for k in ("mean", "std")) and all(float(x) > 0 for x in pp["std"])
+        ok_stats = (all(len(pp[k]) == 3 for k in ("mean", "std")) and all(float(x) > 0 for x in pp["std"])
+                    and all(math.isfinite(float(x)) for k in ("mean", "std") for x in pp[k]))
         ok_crop = 0 < float(pp["crop_pct"]) <= 1
     except (TypeError, ValueError):
         ok_stats = ok_crop = False
     if not (ok_stats and ok_crop and pp["interpolation"] in _RESAMPLE):
         raise BadInputError(
-            f"--preprocess: {pp} is not a valid transform (mean/std: three numbers, std > 0; crop_pct in "
+            f"--preprocess: {pp} is not a valid transform (mean/std: three finite numbers, std > 0; crop_pct in "
             f"(0, 1]; interpolation one of {', '.join(_RESAMPLE)})."
         )
 

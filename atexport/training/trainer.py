@@ -420,9 +420,11 @@ class _Run:
         self.model.load_state_dict(self.best_state, strict=False)
         if self.test_metrics is not None and self.epochs_run == 0:
             metrics = self.test_metrics
-            if env.is_main:
+            if env.is_main:  # metrics.jsonl may be damaged or lost (why a sweep resumes a finished cell): rewrite it
+                self._write_metrics(history, final={"event": "test", "epoch": metrics.get("epoch"), "checkpoint": RUN,
+                                                    **{k: v for k, v in metrics.items() if k.startswith("test_")}})
                 self.log(f"{out} was already complete: test top-1 {metrics['test_top1']:.2f}% "
-                         f"(epoch {metrics.get('epoch')})")
+                         f"(epoch {metrics.get('epoch')}); {METRICS} written again from {LAST} and {RUN}")
         else:
             metrics = self._run_metrics(best_row)
             test = self.evaluate("test")

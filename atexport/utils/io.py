@@ -61,7 +61,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temps(path: str | os.PathLike, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
-    """Delete temporary files of our own naming (``.NAME.<pid>.<random>.tmp``) left beside ``path``.
+    """Delete temporary files and folders of our own naming (``.NAME.<pid>.<random>.tmp``) left beside ``path``.
 
     A write killed with SIGKILL cannot remove its temporary file. The next write of the same target
     removes such files when the process that created them is dead; files without a PID (older atexport
@@ -88,7 +88,8 @@ def clean_stale_temps(path: str | os.PathLike, max_age: float = STALE_TEMP_SECON
         middle = name[len(prefix):-len(".tmp")]
         pid_text = middle.split(".", 1)[0] if "." in middle else ""
         try:
-            if not entry.is_file(follow_symlinks=False):
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if not (is_dir or entry.is_file(follow_symlinks=False)):
                 continue
             age = now - entry.stat(follow_symlinks=False).st_mtime
         except OSError:
@@ -102,7 +103,12 @@ def clean_stale_temps(path: str | os.PathLike, max_age: float = STALE_TEMP_SECON
             stale = True
         if stale:
             with contextlib.suppress(OSError):
-                os.unlink(entry.path)
+                if is_dir:  # a temporary folder (an OpenVINO IR pair is written into one)
+                    import shutil
+
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
                 removed.append(Path(entry.path))
     return removed
 
@@ -155,13 +161,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def require_file(path: str | os.PathLike, flag: str, what: str = "file") -> Path:
-    """Return ``path`` if it is an existing file, else raise a :class:`BadInputError` naming ``flag``."""
+def require_file(path: str | os.PathLike, flag: str | None, what: str = "file") -> Path:
+    """Return ``path`` if it is an existing file, else raise a :class:`BadInputError` naming ``flag`` (when the
+    user gave the file with one) and the path."""
     path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
     if not path.exists():
-        raise BadInputError(f"{flag} {path}: no such {what}.")
+        raise BadInputError(f"{where}: no such {what}.")
     if not path.is_file():
-        raise BadInputError(f"{flag} {path}: not a file.")
+        raise BadInputError(f"{where}: not a file.")
     return path
 
 
@@ -195,7 +203,7 @@ def _unpickle_refused(e: BaseException) -> str | None:
             + "; atexport never unpickles anything else")
 
 
-def load_torch_file(path: str | os.PathLike, flag: str, expect: str) -> object:
+def load_torch_file(path: str | os.PathLike, flag: str | None, expect: str) -> object:
     """``torch.load(path, weights_only=True)`` with one clear :class:`BadInputError` for any unreadable file.
 
     An empty file, a truncated or random one, and a pickle carrying code are each reported by ``flag`` and
@@ -204,7 +212,8 @@ def load_torch_file(path: str | os.PathLike, flag: str, expect: str) -> object:
 
     Args:
         path: the file (already known to exist).
-        flag: the option that named it, e.g. ``"--ckpt"``.
+        flag: the option that named it, e.g. ``"--ckpt"``; ``None`` for a file found inside a folder the
+            user gave (a sweep cell's or a run's), which the message then names alone.
         expect: what it should be, finishing the sentence "not a readable ...", e.g. ``"atexport checkpoint"``.
     """
     import pickle
@@ -212,22 +221,23 @@ def load_torch_file(path: str | os.PathLike, flag: str, expect: str) -> object:
     import torch
 
     path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise BadInputError(f"{flag} {path}: cannot read it ({e.strerror}).") from None
+        raise BadInputError(f"{where}: cannot read it ({e.strerror}).") from None
     if size == 0:
-        raise BadInputError(f"{flag} {path}: the file is empty (0 bytes).")
+        raise BadInputError(f"{where}: the file is empty (0 bytes).")
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it may not parse; the error below says it all.
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
-        raise BadInputError(f"{flag} {path}: not a readable {expect} (it asks for more memory than there is).") from None
+        raise BadInputError(f"{where}: not a readable {expect} (it asks for more memory than there is).") from None
     except (Exception, pickle.UnpicklingError) as e:  # truncated zip, random bytes, code-carrying pickle...
         reason = _unpickle_refused(e) or error_reason(e)
-        raise BadInputError(f"{flag} {path}: not a readable {expect} ({reason}).") from None
+        raise BadInputError(f"{where}: not a readable {expect} ({reason}).") from None
 
 
 

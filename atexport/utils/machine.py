@@ -57,6 +57,51 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the OS can give this process now (``MemAvailable``), or ``None`` where it cannot tell."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(need: int, what: str, fix: str) -> None:
+    """Refuse, before allocating, work that needs more memory than this machine has available.
+
+    Args:
+        need: bytes the work needs (an estimate, from the sizes the user gave).
+        what: what needs it, e.g. ``"--batch 1000000"``.
+        fix: what to do instead, e.g. ``"use a smaller --batch"``.
+
+    Raises:
+        BadInputError: ``need`` exceeds the available memory; the message gives both numbers.
+    """
+    from atexport.errors import BadInputError
+
+    have = available_memory_bytes()
+    if have is not None and need > have:
+        raise BadInputError(f"{what} needs about {format_bytes(need)} of memory, but this machine has "
+                            f"{format_bytes(have)} available; {fix}.")
+
+
+def format_bytes(n: float) -> str:
+    """``1.5 GB``, ``320 MB``, ``2.1e+06 TB`` for sizes beyond any machine."""
+    for unit, size in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20)):
+        if n >= size:
+            v = n / size
+            return f"{v:.3g} {unit}" if v < 1e6 else f"{v:.2e} {unit}"
+    return f"{int(n)} bytes"
+
+
 def _memory_gb() -> float | None:
     try:
         with open("/proc/meminfo") as f:
