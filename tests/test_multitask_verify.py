@@ -114,6 +114,25 @@ def test_each_task_against_its_own_model_and_mixed_batches(vm_ckpts, vm_model, v
     assert "t3" in res.table() and "mixed-task batches" in res.table()
 
 
+def test_bf16_in_openvino_each_task_and_mixed_batches(vm_ckpts, vm_model):
+    """BF16 (OpenVINO; emulated where the CPU has no AMX/AVX512-BF16) on a multi-task model: every task against
+    its own PyTorch model under the bf16 tolerance row, and mixed batches equal to the model's single-task rows."""
+    pytest.importorskip("openvino", reason="the [openvino] extra is not installed")
+    from atexport.parity.tolerances import load_tolerances
+    from atexport.verify import verify
+
+    res = verify(list(vm_ckpts.values()), openvino=vm_model, openvino_precision="bf16", dataset="digits", limit=LIMIT,
+                 batch_size=4)
+    assert res.passed and [t.task for t in res.tasks] == list(CLASSES)
+    bf16 = load_tolerances()["bf16"]
+    for t in res.tasks:
+        (b,) = t.backends
+        assert b.name == "openvino bf16" and b.precision == "bf16" and b.parity.tolerance == bf16
+        assert 0 < b.parity.max_abs <= bf16.max_abs and b.parity.samples == LIMIT
+    assert [(m.name, m.task) for m in res.mixed] == [("openvino bf16", t) for t in CLASSES]
+    assert all(m.passed and m.parity.samples == LIMIT for m in res.mixed)
+
+
 @pytest.mark.parametrize("tensor,cols,why", [
     ("bank.blocks.2.adapter.up.weight", 0, "max abs diff"),  # an adapter slice: the logits move
     ("bank.head.bias", 4, "padded logits are not -10000"),  # a padded column of the 3-class task
