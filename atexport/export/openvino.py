@@ -119,7 +119,7 @@ def _verify(src: Path, xml: Path, meta, precision: str, images, par: Mapping, th
     """Parity of the IR in OpenVINO against ONNX Runtime on the source ONNX file."""
     from atexport.artifact.bank import task_input
     from atexport.export.precision.calibration import holdout_for
-    from atexport.export.precision.common import judged_images
+    from atexport.export.precision.verified import judged_images
     from atexport.parity import check_parity
     from atexport.parity.images import photo_batch
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner

@@ -28,13 +28,8 @@ from atexport.artifact.fit import match_tasks
 from atexport.errors import BadInputError, ParityError
 from atexport.parity.compare import ParityResult, compare
 from atexport.parity.tolerances import Tolerances
-from atexport.verify.verify import (
-    BackendResult,
-    LoadedArtifact,
-    _run,
-    check_precision_and_preprocess,
-    name_artifacts,
-)
+from atexport.runtime.artifacts import LoadedArtifact
+from atexport.verify.common import BackendResult, check_precision_and_preprocess, name_artifacts, run_logits
 
 MIXED_TOLERANCE = "fp32"
 """The tolerance of the mixed-batch check at every precision: a row's logits must not depend on the other
@@ -413,14 +408,14 @@ def _verify_task(ds, ck, reference, loaded, entries, p, bs, id_names, pads, timm
             for i in loaded:
                 b, fixed = _batch_of(i, bs)
                 xw = x_rt[: (b if fixed else min(b, len(x_rt)))]
-                _run(i.runner, xw, b, fixed, np.full(len(xw), entries[id(i)][p]["index"], np.int64), id_names[id(i)])
-        y, t = _run(reference, x_pt, bs, False)
+                run_logits(i.runner, xw, b, fixed, np.full(len(xw), entries[id(i)][p]["index"], np.int64), id_names[id(i)])
+        y, t = run_logits(reference, x_pt, bs, False)
         ref_logits.append(y)
         pt_time += t
         for i in loaded:
             b, fixed = _batch_of(i, bs)
             ids = np.full(len(x_rt), entries[id(i)][p]["index"], np.int64)
-            y, t = _run(i.runner, x_rt, b, fixed, ids, id_names[id(i)])
+            y, t = run_logits(i.runner, x_rt, b, fixed, ids, id_names[id(i)])
             why = _pad_failure(y, c, pads[id(i)])
             if why:
                 pad_fail.setdefault(id(i), why)
@@ -450,7 +445,7 @@ def _mixed_check(item, entries, labels, kept_x, kept_y, bs, tol, id_name, pad) -
     x, ids = np.stack(xs), np.asarray(ids, dtype=np.int64)
     b, fixed = _batch_of(item, bs)
     b = max(2, b) if not fixed else b  # a batch of one mixes nothing
-    y, _ = _run(item.runner, x, b, fixed, ids, id_name)
+    y, _ = run_logits(item.runner, x, b, fixed, ids, id_name)
     in_batch = [labels[p] for p in range(len(idx))] + [
         t["name"] for t in item.meta.tasks if len(idx) == 1 and int(t["index"]) in others]
     rows = []

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from atexport.artifact.onnx import with_outputs
-from atexport.errors import AtexportError, BadInputError
+from atexport.errors import AtexportError
 
 _PASS = ("Cast", "Identity", "QuantizeLinear", "DequantizeLinear")
 _NORM = re.compile(r"^blocks\.(\d+)\.(?:block\.)?norm([12])$")

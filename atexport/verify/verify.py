@@ -19,59 +19,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from atexport.errors import BadInputError, IncompatibleCheckpointError, ParityError
+from atexport.errors import BadInputError, ParityError
 from atexport.artifact.fit import check_exported_from
-from atexport.parity.compare import ParityResult, Tolerance, compare
-from atexport.parity.tolerances import Tolerances, resolve_tolerances  # noqa: F401 - part of verify's API
+from atexport.parity.compare import compare
+from atexport.parity.tolerances import resolve_tolerances  # noqa: F401 - part of verify's API
 from atexport.utils.progress import Progress
-from atexport.runtime.artifacts import Artifact, LoadedArtifact, artifacts, read_artifact
-
-
-@dataclass
-class BackendResult:
-    """The numbers of one backend over the data set.
-
-    Attributes:
-        name: row label, e.g. ``onnxruntime int8``.
-        backend: ``pytorch``, ``onnxruntime``, ``openvino`` or ``tensorrt``.
-        precision: what ran: ``fp32``, ``fp16``, ``int8``; OpenVINO also ``bf16``, ``int8+bf16``.
-        path: the artifact (``None`` for PyTorch).
-        samples: images run.
-        accuracy: top-1 accuracy against the labels.
-        images_per_s: throughput of the inference calls alone (no decoding or preprocessing).
-        parity: logits against PyTorch's, with the tolerance applied (``None`` for PyTorch itself).
-    """
-
-    name: str
-    backend: str
-    precision: str
-    path: str | None
-    samples: int
-    accuracy: float
-    images_per_s: float
-    seconds: float
-    parity: ParityResult | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.parity is None or self.parity.passed
-
-    @property
-    def agreement(self) -> float:
-        return 1.0 if self.parity is None else self.parity.top1_agreement
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["parity"] = self.parity.to_dict() if self.parity else None
-        d["agreement"] = self.agreement
-        d["passed"] = self.passed
-        return d
+from atexport.runtime.artifacts import Artifact, artifacts, read_artifact
+from atexport.verify.common import BackendResult, check_precision_and_preprocess, name_artifacts, run_logits
 
 
 @dataclass
@@ -192,39 +152,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------------
 # Artifacts -> runners
-
-
-def _run(runner, x: np.ndarray, batch: int, fixed: bool, ids: np.ndarray | None = None,
-         id_name: str = "task_id") -> tuple[np.ndarray, float]:
-    """Logits of ``x`` in chunks of ``batch`` (fixed-batch models: padded, then trimmed) and the seconds spent
-    in the runner; ``ids``: per-sample task ids, fed as ``id_name`` (multi-task models)."""
-    from atexport.runtime.batching import run_batched
-
-    spent: list[float] = []
-    per_sample = None if ids is None else {id_name: np.ascontiguousarray(ids, dtype=np.int64)}
-    y = run_batched(runner, x, batch, pad=fixed, per_sample=per_sample, timings=spent)
-    return y, float(sum(spent))
-
-
-# --------------------------------------------------------------------------------------------------
-# verify()
-
-
-def check_precision_and_preprocess(item: LoadedArtifact, ckpt, tol: Tolerances) -> None:
-    """Refuse an artifact with no tolerances for its precision, or with other preprocessing than ``ckpt``."""
-    if item.tolerance not in tol.logits:
-        raise BadInputError(f"{item.artifact.flag} {item.artifact.path}: no tolerances for precision "
-                            f"{item.tolerance!r} in {tol.source}.")
-    if item.meta.preprocess and dict(item.meta.preprocess) != dict(ckpt.preprocess):
-        raise IncompatibleCheckpointError(
-            f"{item.artifact.flag} {item.artifact.path}: its preprocessing differs from --ckpt {ckpt.path}'s.")
-
-
-def name_artifacts(loaded: Sequence[LoadedArtifact]) -> None:
-    """Row labels ``backend precision``, with the file name where two artifacts would share one."""
-    names = [f"{i.backend} {i.precision}" for i in loaded]
-    for i, item in enumerate(loaded):
-        item.name = names[i] if names.count(names[i]) == 1 else f"{names[i]} ({item.artifact.path.name})"
 
 
 def _many(v) -> list:
@@ -401,13 +328,13 @@ def verify(
                 # warm-up, untimed: first calls allocate, pick kernels, build ORT's caches
                 reference.infer(x_pt[: min(bs, len(x_pt))])
                 for i in loaded:
-                    _run(i.runner, x_rt[: (i.batch or min(bs, len(x_rt)))], i.batch or bs, i.pads)
-            y, t = _run(reference, x_pt, bs, False)
+                    run_logits(i.runner, x_rt[: (i.batch or min(bs, len(x_rt)))], i.batch or bs, i.pads)
+            y, t = run_logits(reference, x_pt, bs, False)
             ref_logits.append(y)
             pt_time += t
             for i in loaded:
                 b = i.batch if i.batch and (i.pads or i.batch < bs) else bs
-                y, t = _run(i.runner, x_rt, b, i.pads)
+                y, t = run_logits(i.runner, x_rt, b, i.pads)
                 outs[id(i)].append(y)
                 spent[id(i)] += t
         bar.close()

@@ -26,7 +26,8 @@ def check_precision(candidate: str | os.PathLike, fp32: str | os.PathLike, *, im
     from atexport.artifact.onnx import read_onnx_model
     from atexport.errors import ParityError
     from atexport.export.precision.calibration import holdout_for
-    from atexport.export.precision.common import _where_it_breaks, load_precision_config, precision_parity
+    from atexport.export.precision.common import load_precision_config
+    from atexport.export.precision.verified import _where_it_breaks, precision_parity
     from atexport.parity.compare import format_table
 
     say = log or (lambda *_: None)

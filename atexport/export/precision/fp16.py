@@ -18,11 +18,11 @@ from atexport.errors import AtexportError, BadInputError, require
 from atexport.export.precision.common import (
     PrecisionResult,
     carry_over,
-    finish,
     load_precision_config,
     prepare_output,
     read_fp32,
 )
+from atexport.export.precision.verified import finish
 from atexport.export.precision.inspect import check_fp16_graph, fp16_report, producers, toposort
 
 

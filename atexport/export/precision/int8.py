@@ -36,11 +36,11 @@ from atexport.export.precision.common import (
     TARGETS,
     PrecisionResult,
     carry_over,
-    finish,
     load_precision_config,
     prepare_output,
     read_fp32,
 )
+from atexport.export.precision.verified import finish
 from atexport.export.precision.inspect import check_int8_graph, linear_nodes, producers, prune_qdq, qdq_report
 from atexport.export.precision.keep_float import RANK_BY, SENSITIVITY_MODES, apply_keep_float, parse_keep_float
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from atexport.export.precision.common import LINEAR_OPS
 from atexport.parity.tolerances import per_block_tolerance
 
 IMAGES = 8
@@ -48,7 +47,7 @@ def locate_break(src, candidate, batch: np.ndarray, precision: str, *, tolerance
     """
     import onnx
 
-    from atexport.export.precision.inspect import layer_names
+    from atexport.export.precision.inspect import LINEAR_OPS, layer_names
 
     if isinstance(candidate, (bytes, bytearray)):
         candidate = onnx.load_from_string(bytes(candidate))

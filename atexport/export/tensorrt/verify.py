@@ -34,7 +34,7 @@ def verify_engine(engine_path: str | os.PathLike, reference, onnx_reference: str
     if reference is None or meta.tasks:  # a multi-task engine is checked against its own ONNX model, task by task
         reference = OnnxRuntimeRunner(str(onnx_reference), name=f"onnx {os.path.basename(str(onnx_reference))}")
     from atexport.export.precision.calibration import holdout_for
-    from atexport.export.precision.common import judged_images
+    from atexport.export.precision.verified import judged_images
 
     photos = photo_batch(meta.preprocess, max_images=par.get("max_images"))
     judged, judged_name = judged_images(meta, images, *holdout_for(meta, log))
