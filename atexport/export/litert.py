@@ -35,7 +35,7 @@ def _convert(module, example) -> bytes:
     import tempfile
     from pathlib import Path
 
-    litert_torch = require("litert_torch", "converting models to LiteRT (.tflite)", "litert")
+    litert_torch = require("litert_torch", "converting models to LiteRT (.tflite)", "litert-export")
     with contextlib.redirect_stdout(io.StringIO()), tempfile.TemporaryDirectory() as tmp:
         edge = litert_torch.convert(module, tuple(example))
         path = Path(tmp) / "model.tflite"
@@ -45,7 +45,7 @@ def _convert(module, example) -> bytes:
 
 def quantize_dynamic_range(data: bytes) -> bytes:
     """Dynamic-range INT8 (``ai_edge_quantizer``'s ``dynamic_wi8_afp32`` recipe) of a float ``.tflite``."""
-    require("ai_edge_quantizer", "quantizing LiteRT models", "litert")
+    require("ai_edge_quantizer", "quantizing LiteRT models", "litert-export")
     from ai_edge_quantizer import quantizer, recipe
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -98,7 +98,7 @@ def export_litert(
     Raises:
         BadInputError: unreadable checkpoint, unknown precision, output not a ``.tflite``.
         IncompatibleCheckpointError: fingerprint mismatch, ``separable`` with a full fine-tune.
-        MissingDependencyError: litert-torch or ai-edge-litert is not installed (``pip install 'atexport[litert]'``).
+        MissingDependencyError: litert-torch or ai-edge-litert is not installed (``pip install 'atexport[litert-export]'``).
         ParityError: outside the tolerance; kept at ``<stem>.failed.tflite`` (with its sidecar), nothing at ``output``.
     """
     from atexport.export.edge import (
@@ -115,7 +115,7 @@ def export_litert(
     say = log or (lambda *_: None)
     t_start = time.perf_counter()
     precision = refuse_precision(precision, PRECISIONS)
-    require("litert_torch", "converting models to LiteRT (.tflite)", "litert")
+    require("litert_torch", "converting models to LiteRT (.tflite)", "litert-export")
     require_litert()
     em = prepare(ckpt, output, ".tflite", separable=separable, images=images, task_name=task_name,
                  backbone_weights=backbone_weights, config=config)
