@@ -196,3 +196,23 @@ def test_cli(tiny_ckpt, fused, lt_dir):
     assert "class_" in res.output
     bad = CliRunner().invoke(cli, ["litert", "--ckpt", str(lt_dir / "nope.pt")])
     assert bad.exit_code == 2
+
+
+def test_swap_command_writes_another_default_task(sep, tiny_ckpt_b, torch_logits, lt_dir):
+    from click.testing import CliRunner
+
+    from atexport.cli import cli
+    from atexport.runtime import load_model
+
+    out = lt_dir / "b.tflite"
+    res = CliRunner().invoke(cli, ["swap", "--onnx", str(sep.path), "--ckpt", str(tiny_ckpt_b), "-o", str(out),
+                                   "--verify"])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes() == sep.path.read_bytes() and out.with_name("b.tflite.task.npz").is_file()
+    with load_model(out) as m:
+        assert m.metadata.task == "tiny_b" and m.metadata.extra["swap"]["from_task"] == sep.metadata.task
+        x = m.preprocess(real_photos()[:4])
+        assert np.abs(m.logits(x) - torch_logits(tiny_ckpt_b, x)).max() <= 1e-4
+    fused = CliRunner().invoke(cli, ["swap", "--onnx", str(lt_dir / "fused.tflite"), "--ckpt", str(tiny_ckpt_b),
+                                     "-o", str(lt_dir / "c.tflite")])
+    assert fused.exit_code == 3 and "--separable" in fused.output
