@@ -216,3 +216,22 @@ def test_swap_command_writes_another_default_task(sep, tiny_ckpt_b, torch_logits
     fused = CliRunner().invoke(cli, ["swap", "--onnx", str(lt_dir / "fused.tflite"), "--ckpt", str(tiny_ckpt_b),
                                      "-o", str(lt_dir / "c.tflite")])
     assert fused.exit_code == 3 and "--separable" in fused.output
+
+
+def test_verify_on_a_data_set(lt_dir):
+    from click.testing import CliRunner
+
+    from _helpers import make_checkpoint
+    from atexport.cli import cli
+    from atexport.export.litert import export_litert
+
+    ckpt = make_checkpoint(lt_dir / "digits10.pt", num_classes=10, weight_seed=5)
+    fp32 = export_litert(ckpt, lt_dir / "d10.tflite", verify=False).path
+    int8 = export_litert(ckpt, lt_dir / "d10.int8.tflite", precision="int8", verify=False).path
+    res = CliRunner().invoke(cli, ["verify", "--ckpt", str(ckpt), "--litert", str(fp32), "--litert", str(int8),
+                                   "--dataset", "digits", "--limit", "24", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "litert fp32" in res.output and "litert int8" in res.output
+    bad = CliRunner().invoke(cli, ["verify", "--ckpt", str(ckpt), "--litert", str(lt_dir / "fused.tflite"),
+                                   "--dataset", "digits", "--limit", "4"])
+    assert bad.exit_code in (2, 3), bad.output
