@@ -235,3 +235,14 @@ def test_verify_on_a_data_set(lt_dir):
     bad = CliRunner().invoke(cli, ["verify", "--ckpt", str(ckpt), "--litert", str(lt_dir / "fused.tflite"),
                                    "--dataset", "digits", "--limit", "4"])
     assert bad.exit_code in (2, 3), bad.output
+
+
+def test_bench_rows(tiny_ckpt, fused):
+    from click.testing import CliRunner
+
+    from atexport.cli import cli
+
+    res = CliRunner().invoke(cli, ["bench", "--ckpt", str(tiny_ckpt), "--litert", str(fused.path), "--batch", "1,2",
+                                   "--runs", "3", "--warmup", "1", "--no-openvino"])
+    assert res.exit_code == 0, res.output
+    assert "litert fp32" in res.output and "batch 2 skipped" in res.output
