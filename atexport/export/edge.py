@@ -62,8 +62,9 @@ class EdgeResult:
 
     def summary(self) -> str:
         m = self.metadata
-        lines = [f"model:      {m.backbone['name']} ({m.num_classes} classes), task {m.task!r}, "
-                 f"{'separable' if m.separable else 'fused'}",
+        what = (f"{len(m.tasks)} tasks ({', '.join(t['name'] for t in m.tasks)}), task_id input" if m.tasks else
+                f"{m.num_classes} classes, task {m.task!r}, {'separable' if m.separable else 'fused'}")
+        lines = [f"model:      {m.backbone['name']}, {what}",
                  f"format:     {self.format} {self.precision}, {self.size_bytes / 1e6:.2f} MB, batch 1",
                  "time:       " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())]
         return "\n".join(lines)

@@ -94,13 +94,26 @@ class EdgeRunner(TaskHolder, Runner):
             )
 
     def _infer(self, batch, task: Any = "__current__", **feeds):
-        if feeds:
-            raise BadInputError(f"{self.where}: takes no extra inputs ({sorted(feeds)}).")
+        from atexport.artifact.bank import task_input
+
+        spec = task_input(self.metadata)  # multi-task model: (task input name, tasks)
+        ids = feeds.pop(spec[0], None) if spec else None
+        if feeds or (spec and ids is None):
+            raise BadInputError(f"{self.where}: takes {'a ' + repr(spec[0]) + ' input' if spec else 'no extra inputs'}"
+                                f" (got {sorted(feeds) or 'none'}).")
         weights = self._task_feeds(task) if self._weight_inputs else {}
         if self._weight_inputs and not weights:
             raise BadInputError(f"{self.where}: no task loaded to run; add one with add_task (a task .npz).")
         weights = {self._weight_inputs[k]: v for k, v in weights.items()}
-        rows = [np.asarray(self._run_one(batch[i: i + 1], weights), dtype=np.float32).reshape(1, -1)
+        if ids is not None:
+            ids = np.broadcast_to(np.asarray(ids, dtype=np.int64).reshape(-1), (len(batch),))
+            bad = [int(v) for v in ids if not 0 <= int(v) < spec[1]]
+            if bad:
+                raise BadInputError(f"{self.where}: task id {bad[0]} out of range (it serves {spec[1]} tasks).")
+        key = ((self.metadata.extra or {}).get(self.fmt) or {}).get("task_input")
+        rows = [np.asarray(self._run_one(batch[i: i + 1], weights if ids is None else
+                                         {**weights, key: np.ascontiguousarray(ids[i: i + 1])}),
+                           dtype=np.float32).reshape(1, -1)
                 for i in range(len(batch))]
         width = int((self.metadata.output or {}).get("shape", [1, 0])[-1] or 0)
         return np.concatenate(rows) if rows else np.zeros((0, width), np.float32)

@@ -52,7 +52,7 @@ class ExecuTorchRunner(EdgeRunner):
         except (RuntimeError, ValueError) as e:
             raise BadInputError(f"{self.where}: ExecuTorch cannot load it ({error_reason(e, 300)}).") from None
         n = int(self.method.metadata.num_inputs())
-        want = 1 + len(record.get("weight_inputs") or {})
+        want = 1 + len(record.get("weight_inputs") or {}) + (record.get("task_input") is not None)
         if n != want:
             raise BadInputError(f"{self.where}: the program takes {n} inputs, its metadata describes {want}; "
                                 "re-export it with 'atexport executorch'.")
@@ -61,7 +61,7 @@ class ExecuTorchRunner(EdgeRunner):
         import torch
 
         inputs = [torch.from_numpy(np.ascontiguousarray(x))]
-        inputs += [torch.from_numpy(np.ascontiguousarray(weights[i], dtype=np.float32)) for i in sorted(weights)]
+        inputs += [torch.from_numpy(np.ascontiguousarray(weights[i])) for i in sorted(weights)]  # float32; task_id int64
         try:
             out = self.method.execute(inputs)
         except (RuntimeError, ValueError) as e:

@@ -60,7 +60,9 @@ class LiteRTRunner(EdgeRunner):
             self.signature = self.interpreter.get_signature_runner(record.get("signature", SIGNATURE))
         except (RuntimeError, ValueError) as e:
             raise BadInputError(f"{self.where}: LiteRT cannot load it ({error_reason(e, 300)}).") from None
-        self.input_names = list(self.signature.get_input_details())
+        details = self.signature.get_input_details()
+        self.input_names = list(details)
+        self._dtypes = {k: d["dtype"] for k, d in details.items()}  # e.g. task_id: the converter makes it int32
         outputs = list(self.signature.get_output_details())
         self.input_name = record.get("image_input", self.input_names[0])
         self.output_name = record.get("logits_output", outputs[0])
@@ -72,7 +74,8 @@ class LiteRTRunner(EdgeRunner):
 
     def _run_one(self, x: np.ndarray, weights: dict) -> np.ndarray:
         try:
-            return self.signature(**{self.input_name: x, **weights})[self.output_name]
+            feed = {k: np.asarray(v, dtype=self._dtypes.get(k, np.float32)) for k, v in weights.items()}
+            return self.signature(**{self.input_name: x, **feed})[self.output_name]
         except (RuntimeError, ValueError) as e:
             raise BadInputError(f"{self.where}: LiteRT could not run an image of {tuple(x.shape[1:])} "
                                 f"({error_reason(e, 300)}).") from None
