@@ -96,3 +96,17 @@ def test_cli(tiny_ckpt, sep, et_dir):
     res = CliRunner().invoke(cli, ["predict", "--model", str(sep.path), str(img)])
     assert res.exit_code == 0, res.output
     assert "class_" in res.output
+
+
+def test_multitask_task_id_input(tiny_ckpt, tiny_ckpt_b, et_dir):
+    from atexport.export.edge_multitask import export_multitask_edge
+    from atexport.runtime import load_model
+
+    res = export_multitask_edge([tiny_ckpt, tiny_ckpt_b], et_dir / "tasks.pte", "executorch")
+    assert res.passed and len(res.parity) == 4 and all(r.max_abs <= 1e-4 for r in res.parity)
+    with load_model(res.path) as m:
+        assert (m.backend, m.mode, m.tasks) == ("executorch", "multitask", ["tiny_a", "tiny_b"])
+        x = m.preprocess(real_photos()[:2])
+        got = m.logits(x, task=["tiny_b", "tiny_a"])
+    want = np.stack([_torch_logits(tiny_ckpt_b, x)[0], _torch_logits(tiny_ckpt, x)[1]])
+    assert np.abs(got - want).max() <= 1e-4

@@ -246,3 +246,27 @@ def test_bench_rows(tiny_ckpt, fused):
                                    "--runs", "3", "--warmup", "1", "--no-openvino"])
     assert res.exit_code == 0, res.output
     assert "litert fp32" in res.output and "batch 2 skipped" in res.output
+
+
+def test_multitask_task_id_input(tiny_ckpt, tiny_ckpt_b, lt_dir, torch_logits):
+    from click.testing import CliRunner
+
+    from atexport.cli import cli
+    from atexport.runtime import load_model
+
+    out = lt_dir / "tasks.tflite"
+    res = CliRunner().invoke(cli, ["litert", "--ckpt", str(tiny_ckpt), "--ckpt", str(tiny_ckpt_b), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "litert fp32 tiny_a photos" in res.output and "litert fp32 tiny_b photos" in res.output
+    with load_model(out) as m:
+        assert (m.mode, m.tasks) == ("multitask", ["tiny_a", "tiny_b"])
+        x = m.preprocess(real_photos()[:4])
+        mixed = m.logits(x, task=["tiny_a", "tiny_b", "tiny_b", "tiny_a"])
+        with pytest.raises(BadInputError, match="task=NAME"):
+            m.predict(x)
+    a, b = torch_logits(tiny_ckpt, x), torch_logits(tiny_ckpt_b, x)
+    want = np.stack([a[0], b[1], b[2], a[3]])
+    assert np.abs(mixed - want).max() <= 1e-4
+    sep = CliRunner().invoke(cli, ["litert", "--ckpt", str(tiny_ckpt), "--ckpt", str(tiny_ckpt_b), "-o", str(out),
+                                   "--separable"])
+    assert sep.exit_code == 2 and "--separable is for one --ckpt" in sep.output

@@ -106,7 +106,7 @@ class EdgeRunner(TaskHolder, Runner):
             raise BadInputError(f"{self.where}: no task loaded to run; add one with add_task (a task .npz).")
         weights = {self._weight_inputs[k]: v for k, v in weights.items()}
         if ids is not None:
-            ids = np.broadcast_to(np.asarray(ids, dtype=np.int64).reshape(-1), (len(batch),))
+            ids = np.broadcast_to(np.asarray(ids, dtype=np.int64).reshape(-1), (len(batch),)).copy()
             bad = [int(v) for v in ids if not 0 <= int(v) < spec[1]]
             if bad:
                 raise BadInputError(f"{self.where}: task id {bad[0]} out of range (it serves {spec[1]} tasks).")

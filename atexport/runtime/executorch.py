@@ -60,8 +60,8 @@ class ExecuTorchRunner(EdgeRunner):
     def _run_one(self, x: np.ndarray, weights: dict) -> np.ndarray:
         import torch
 
-        inputs = [torch.from_numpy(np.ascontiguousarray(x))]
-        inputs += [torch.from_numpy(np.ascontiguousarray(weights[i])) for i in sorted(weights)]  # float32; task_id int64
+        inputs = [torch.from_numpy(np.require(x, requirements=["C", "W"]))]  # torch wants writable arrays
+        inputs += [torch.from_numpy(np.require(weights[i], requirements=["C", "W"])) for i in sorted(weights)]
         try:
             out = self.method.execute(inputs)
         except (RuntimeError, ValueError) as e:
