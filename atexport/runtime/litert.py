@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from atexport.errors import BadInputError, require
-from atexport.runtime.edge import EdgeRunner, own_task_path  # noqa: F401  (own_task_path: public here too)
+from atexport.runtime.edge import EdgeRunner
 from atexport.utils.io import error_reason
 
 SIGNATURE = "serving_default"
