@@ -110,3 +110,14 @@ def test_multitask_task_id_input(tiny_ckpt, tiny_ckpt_b, et_dir):
         got = m.logits(x, task=["tiny_b", "tiny_a"])
     want = np.stack([_torch_logits(tiny_ckpt_b, x)[0], _torch_logits(tiny_ckpt, x)[1]])
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_int8_static_calibrated(tiny_ckpt, et_dir, tmp_path):
+    from atexport.export.executorch import export_executorch
+
+    with pytest.raises(BadInputError, match="--calib applies to --precision int8-static"):
+        export_executorch(tiny_ckpt, tmp_path / "m.pte", precision="int8", calib="digits")
+    res = export_executorch(tiny_ckpt, et_dir / "m.int8s.pte", precision="int8-static", calib="digits", calib_count=16)
+    assert res.passed and res.metadata.precision == "int8"
+    record = res.metadata.extra["executorch"]
+    assert record["quantization"].endswith("static") and record["calibration"]["count"] == 16

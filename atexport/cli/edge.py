@@ -25,8 +25,9 @@ def _common(f):
                      help="Local backbone weights, for a backbone not in timm's hub.")(f)
     f = click.option("--separable", is_flag=True,
                      help="Adapter and head tensors as model inputs: swap tasks without re-exporting.")(f)
-    f = click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
-                     help="fp32, or int8 (LiteRT: dynamic-range weights; ExecuTorch: XNNPACK quantizer, dynamic per-channel).")(f)
+    f = click.option("--precision", type=click.Choice(["fp32", "int8", "int8-static"]), default="fp32", show_default=True,
+                     help="fp32, int8 (LiteRT: dynamic-range weights; ExecuTorch: XNNPACK quantizer, dynamic "
+                          "per-channel), or int8-static (ExecuTorch only: static per-channel, calibrated with --calib).")(f)
     return f
 
 
@@ -97,8 +98,11 @@ def litert_cmd(ckpts, output, threads, precision, separable, backbone_weights, t
               help="Checkpoint (run.pt); several make one multi-task model with a task_id input.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Program to write (.pte) [default: <checkpoint stem>.pte beside it].")
+@click.option("--calib", default=None,
+              help="--precision int8-static: calibration set (a name in calibration/, a YAML file or a folder) [digits].")
+@click.option("--calib-count", type=click.IntRange(min=1), default=None, help="Calibration images [the set's].")
 @_common
-def executorch_cmd(ckpts, output, precision, separable, backbone_weights, task_names, max_classes, images, no_verify,
+def executorch_cmd(ckpts, output, calib, calib_count, precision, separable, backbone_weights, task_names, max_classes, images, no_verify,
                    config):
     """Convert a checkpoint to ExecuTorch (.pte with the XNNPACK delegate, Android / iOS) and check it against PyTorch.
 
@@ -109,5 +113,10 @@ def executorch_cmd(ckpts, output, precision, separable, backbone_weights, task_n
       atexport executorch --ckpt cars.pt --ckpt birds.pt -o tasks.pte        # multi-task (task_id input)
       atexport predict --model model.pte photo.jpg      # ExecuTorch's Python runtime needs torch
     """
+    if len(ckpts) > 1 and (precision == "int8-static" or calib or calib_count):
+        from atexport.errors import BadInputError
+
+        raise BadInputError("--precision int8-static and --calib are for one --ckpt (multi-task models: fp32 or int8).")
+    kw = {"calib": calib, "calib_count": calib_count} if len(ckpts) == 1 else {}
     _report(_export("executorch", ckpts, output, precision, separable, backbone_weights, task_names, max_classes,
-                    images, no_verify, config))
+                    images, no_verify, config, **kw))

@@ -10,7 +10,9 @@ when every parity row passes (:mod:`atexport.export.edge`):
 * ``fp32``: float rounding (the ``fp32`` row of ``export_configs/tolerances.yaml``);
 * ``int8``: the XNNPACK quantizer's symmetric per-channel *dynamic* config (weights INT8, activations
   quantized per call; ``torchao`` PT2E ``prepare_pt2e``/``convert_pt2e``), held to the ``int8`` row. No
-  calibration set is needed. In a separable program the task's tensors are inputs and stay float.
+  calibration set is needed. In a separable program the task's tensors are inputs and stay float;
+* ``int8-static``: the same quantizer's *static* per-channel config (activation ranges measured on an
+  atexport calibration set, ``--calib``, through the model's own preprocessing), held to the ``int8`` row.
 
 Separable programs take the task's tensors as method inputs after the image (their positions are the
 metadata's ``extra.executorch.weight_inputs``), rather than ExecuTorch's named-data ``.ptd`` files,
@@ -27,11 +29,12 @@ import time
 from atexport.errors import require
 from atexport.export.edge import EdgeResult
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int8-static")
 
 
-def _lower(module, example, precision: str) -> bytes:
-    """``torch.export`` -> (INT8: XNNPACK quantizer, dynamic per-channel) -> XNNPACK-lowered ``.pte`` bytes."""
+def _lower(module, example, precision: str, calib_batch=None) -> bytes:
+    """``torch.export`` -> (INT8: XNNPACK quantizer, per-channel, dynamic or static with ``calib_batch``) ->
+    XNNPACK-lowered ``.pte`` bytes."""
     import torch
 
     require("executorch", "exporting ExecuTorch programs", "executorch")
@@ -39,16 +42,22 @@ def _lower(module, example, precision: str) -> bytes:
     from executorch.exir import to_edge_transform_and_lower
 
     example = tuple(example)
-    if precision == "int8":
+    if precision in ("int8", "int8-static"):
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
         )
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+        dynamic = precision == "int8"
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
+                                                                                   is_dynamic=dynamic))
         prepared = prepare_pt2e(torch.export.export(module, example).module(), quantizer)
-        prepared(*example)
+        if dynamic or calib_batch is None:
+            prepared(*example)
+        else:  # static: observe the calibration images one by one (the program's batch is 1)
+            for i in range(len(calib_batch)):
+                prepared(torch.from_numpy(calib_batch[i: i + 1]), *example[1:])
         module = convert_pt2e(prepared)
     program = torch.export.export(module, example)
     return bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
@@ -72,6 +81,8 @@ def export_executorch(
     *,
     separable: bool = False,
     precision: str = "fp32",
+    calib=None,
+    calib_count: int | None = None,
     verify: bool = True,
     images=None,
     task_name: str | None = None,
@@ -85,7 +96,11 @@ def export_executorch(
         ckpt: a ``run.pt`` path or a loaded :class:`~atexport.checkpoint.Checkpoint`.
         output: the ``.pte`` to write; default ``<checkpoint stem>.pte`` beside the checkpoint.
         separable: adapter and head tensors as method inputs (swappable tasks, see the module docstring).
-        precision: ``fp32`` or ``int8`` (XNNPACK quantizer, dynamic per-channel).
+        precision: ``fp32``, ``int8`` (XNNPACK quantizer, dynamic per-channel) or ``int8-static`` (static
+            per-channel, calibrated on ``calib``).
+        calib: ``int8-static`` only: the calibration set (a name in ``calibration/``, a YAML path or a
+            folder of images; default ``digits``).
+        calib_count: how many calibration images (default: the set's).
         verify: check parity against PyTorch before writing (on by default).
         images: extra real images for parity.
         task_name: the task's name in the metadata (default: the checkpoint's).
@@ -113,19 +128,34 @@ def export_executorch(
     say = log or (lambda *_: None)
     t_start = time.perf_counter()
     precision = refuse_precision(precision, PRECISIONS)
+    if precision != "int8-static" and (calib is not None or calib_count is not None):
+        from atexport.errors import BadInputError
+
+        raise BadInputError(f"--calib applies to --precision int8-static (static activation ranges); {precision} "
+                            "needs no calibration set.")
     require("executorch", "exporting ExecuTorch programs", "executorch")
     em = prepare(ckpt, output, ".pte", separable=separable, images=images, task_name=task_name,
                  backbone_weights=backbone_weights, config=config)
     say(f"lowering {em.ckpt.model.backbone} to ExecuTorch + XNNPACK ({'separable' if em.names else 'fused'}, "
         f"{precision}) ...")
     t0 = time.perf_counter()
-    data = _lower(module_to_convert(em), em.example, precision)
+    calib_batch, calib_desc = None, None
+    if precision == "int8-static":
+        from atexport.export.precision.calibration import load_calibration_set
+
+        cs = load_calibration_set(calib or "digits", count=calib_count)
+        say(f"loading calibration images ({cs.name}: {cs.source}, up to {cs.count}) ...")
+        calib_batch, calib_desc = cs.batch(em.ckpt.preprocess), cs.to_dict()
+    data = _lower(module_to_convert(em), em.example, precision, calib_batch)
     seconds = {"convert": time.perf_counter() - t0}
     record = {"method": "forward", "image_input": 0, "logits_output": 0, "delegate": "xnnpack",
               "weight_inputs": {n: i + 1 for i, n in enumerate(em.names)},
-              "quantization": "xnnpack symmetric per-channel dynamic" if precision == "int8" else None,
+              "quantization": {"int8": "xnnpack symmetric per-channel dynamic",
+                               "int8-static": "xnnpack symmetric per-channel static"}.get(precision),
+              "calibration": calib_desc,
               "batch": 1, "versions": _versions()}
-    meta = edge_metadata(em, "executorch", precision, record)
+    row = "int8" if precision.startswith("int8") else precision  # metadata precision and tolerance row
+    meta = edge_metadata(em, "executorch", row, record)
     result = EdgeResult(path=None, format="executorch", precision=precision, metadata=meta, seconds=seconds)
     if verify:
         t0 = time.perf_counter()
@@ -133,7 +163,7 @@ def export_executorch(
             if em.names:
                 runner.add_task(weights=dict(zip(em.names, (t.numpy() for t in em.example[1:]))), name="exported")
                 runner.use("exported")
-            result.parity = check_parity_vs_torch(em, runner, precision, f"executorch {precision}", say)
+            result.parity = check_parity_vs_torch(em, runner, row, f"executorch {precision}", say)
         seconds["verify"] = time.perf_counter() - t0
     write_edge(data, result, em.output, verify=verify, t_start=t_start, extra_files=own_task_bytes(em))
     return result
