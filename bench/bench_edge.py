@@ -32,8 +32,10 @@ def say(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def build(ckpt: Path, workdir: Path) -> dict:
-    """Every artifact of ``ckpt``: ``{label: (runner factory, export seconds)}``."""
+def build(ckpt: Path, workdir: Path, refused: dict) -> dict:
+    """Every artifact of ``ckpt``: ``{label: (runner factory, export seconds)}``; an artifact the export
+    refused (parity) goes to ``refused`` with its worst row, and is not timed."""
+    from atexport.errors import ParityError
     from atexport.checkpoint import build_model, load_checkpoint
     from atexport.export.executorch import export_executorch
     from atexport.export.litert import export_litert
@@ -52,12 +54,16 @@ def build(ckpt: Path, workdir: Path) -> dict:
     out["ONNX Runtime FP32"] = (lambda: OnnxRuntimeRunner(str(onnx)), s)
     out["OpenVINO FP32"] = (lambda: OpenVINORunner(str(onnx), precision="fp32"), s)
     for prec in ("fp32", "int8"):
-        say(f"  litert {prec} ...")
-        r = export_litert(ckpt, workdir / f"m.{prec}.tflite", precision=prec)
-        out[f"LiteRT {prec.upper()}"] = ((lambda p=r.path: LiteRTRunner(str(p))), r.seconds["total"])
-        say(f"  executorch {prec} ...")
-        r = export_executorch(ckpt, workdir / f"m.{prec}.pte", precision=prec)
-        out[f"ExecuTorch {prec.upper()}"] = ((lambda p=r.path: ExecuTorchRunner(str(p))), r.seconds["total"])
+        for label, export, suffix, runner in (("LiteRT", export_litert, "tflite", LiteRTRunner),
+                                              ("ExecuTorch", export_executorch, "pte", ExecuTorchRunner)):
+            say(f"  {label} {prec} ...")
+            try:
+                r = export(ckpt, workdir / f"m.{prec}.{suffix}", precision=prec)
+            except ParityError as e:
+                rows = [x for x in e.result.parity if not x.passed]
+                refused[f"{label} {prec.upper()}"] = "; ".join(f"{x.name}: {', '.join(x.failures)}" for x in rows)
+                continue
+            out[f"{label} {prec.upper()}"] = ((lambda p=r.path, R=runner: R(str(p))), r.seconds["total"])
     return out
 
 
@@ -115,15 +121,18 @@ def main():
         from atexport.checkpoint import load_checkpoint
 
         c = load_checkpoint(ck)
-        engines = build(ck, a.workdir / f"m{i}")
+        refused: dict = {}
+        engines = build(ck, a.workdir / f"m{i}", refused)
         shape = [int(v) for v in c.preprocess["input_size"]]
         say(f"{ck}: timing ...")
         row = {"backbone": c.model.backbone, "input": shape, "latency_ms": latency(engines, shape, a.runs),
-               "export_s": {k: round(s, 1) for k, (_, s) in engines.items()}}
+               "export_s": {k: round(s, 1) for k, (_, s) in engines.items()}, "refused": refused}
         if i == 0 and a.ckpt:
             say(f"{ck}: digits top-1 ...")
             row["top1"] = accuracy(ck, engines)
         res["models"][str(ck)] = row
+        if a.json:  # after every model: a later failure keeps what was measured
+            a.json.write_text(json.dumps(res, indent=2))
     lines = [f"Machine: {res['machine']}; {res['date']}; batch 1, median of {a.runs} runs.", ""]
     for ck, row in res["models"].items():
         lines += [f"{row['backbone']} at {row['input'][1]} px ({Path(ck).parent.name}/{Path(ck).name}):", "",
@@ -135,6 +144,8 @@ def main():
             lines.append(f"| {k} | {ms:.2f} | {base / ms:.2f}x | {row['export_s'][k]} |{acc}")
         if "top1" in row:
             lines.append(f"\n(top-1 on {row['top1']['_images']} digits test images)")
+        for k, why in row.get("refused", {}).items():
+            lines.append(f"\n{k}: refused by its export's parity check ({why}).")
         lines.append("")
     print("\n".join(lines))
     if a.json:
