@@ -121,3 +121,21 @@ def test_int8_static_calibrated(tiny_ckpt, et_dir, tmp_path):
     assert res.passed and res.metadata.precision == "int8"
     record = res.metadata.extra["executorch"]
     assert record["quantization"].endswith("static") and record["calibration"]["count"] == 16
+
+
+def test_swap_and_verify(sep, tiny_ckpt_b, et_dir):
+    from click.testing import CliRunner
+
+    from _helpers import make_checkpoint
+    from atexport.cli import cli
+    from atexport.export.executorch import export_executorch
+    from atexport.export.swap import swap
+
+    out = swap(sep.path, tiny_ckpt_b, et_dir / "b.pte", verify=True)
+    assert out.path.read_bytes() == sep.path.read_bytes() and out.metadata.task == "tiny_b" and out.parity
+    ckpt = make_checkpoint(et_dir / "digits10.pt", num_classes=10, weight_seed=5)
+    pte = export_executorch(ckpt, et_dir / "d10.pte", verify=False).path
+    res = CliRunner().invoke(cli, ["verify", "--ckpt", str(ckpt), "--executorch", str(pte), "--dataset", "digits",
+                                   "--limit", "16", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "executorch fp32" in res.output
