@@ -308,6 +308,8 @@ def benchmark(
     onnx_int8=None,
     engine=None,
     openvino: bool | None = None,
+    litert=None,
+    executorch=None,
     batches: Sequence[int] | str = (1, 8),
     runs: int = 50,
     warmup: int = 10,
@@ -336,6 +338,8 @@ def benchmark(
             given as ``onnx`` runs in OpenVINO at its own precision.
         openvino: also time every ONNX artifact in OpenVINO (:func:`openvino_artifacts`): ``None`` when
             openvino is installed, ``True`` required, ``False`` never.
+        litert, executorch: on-device artifacts (``.tflite`` / ``.pte``, sidecars beside them): timed at batch
+            1 only (what they take; larger batches are noted and skipped).
         batches: batch sizes (``"1,8"`` or a list); fixed-batch artifacts run at their own only, engines
             within their optimisation profile.
         runs: timed calls per row.
@@ -370,7 +374,8 @@ def benchmark(
     ckpts = [ck if isinstance(ck, Checkpoint) else load_checkpoint(ck) for ck in _many(ckpt)]
     if not ckpts:
         raise BadInputError("give the checkpoint the artifacts were made from (--ckpt).")
-    loaded = [read_artifact(a, threads, providers) for a in artifacts(onnx, onnx_fp16, onnx_int8, engine)]
+    loaded = [read_artifact(a, threads, providers) for a in artifacts(onnx, onnx_fp16, onnx_int8, engine, litert=litert,
+                                                                          executorch=executorch)]
     ov_notes: list[str] = []
     loaded += openvino_artifacts(loaded, threads, openvino, ov_notes)
     multi = [i for i in loaded if i.meta.tasks]
@@ -504,10 +509,14 @@ def _run_benchmark(models, ckpts, loaded, devices, sizes, runs, warmup, torch_co
 
     names = [f"{i.backend} {i.precision}" for i in loaded]
     for k, i in enumerate(loaded):
-        device = "cuda" if i.backend == "tensorrt" else "cpu" if i.backend == "openvino" else _ort_device(providers)
+        device = "cuda" if i.backend == "tensorrt" else "cpu" if i.backend in ("openvino", "litert", "executorch") \
+            else _ort_device(providers)
         name = names[k] + (f" ({i.artifact.path.name})" if names.count(names[k]) > 1 else "") + label
         with i.runner as r:
             for b in sizes:
+                if i.backend in ("litert", "executorch") and b != 1:
+                    notes.append(f"{i.artifact.path}: an on-device model takes batch 1; batch {b} skipped.")
+                    continue
                 if i.pads and b != i.batch:
                     notes.append(f"{i.artifact.path}: fixed batch {i.batch}; batch {b} skipped.")
                     continue

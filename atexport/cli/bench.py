@@ -18,6 +18,10 @@ COMMANDS = ["bench_cmd"]
 @click.option("--openvino/--no-openvino", "openvino", default=None,
               help="Also time every ONNX model in OpenVINO (fp32 and bf16, or int8 and int8+bf16 for a Q/DQ model; "
                    "bf16 where the CPU has AMX or AVX512-BF16) [default: when openvino is installed].")
+@click.option("--litert", "litert_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="LiteRT .tflite (sidecar beside it), timed at batch 1. Repeatable.")
+@click.option("--executorch", "executorch_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="ExecuTorch .pte (sidecar beside it), timed at batch 1. Repeatable.")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs per row.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs before them.")
@@ -34,7 +38,7 @@ COMMANDS = ["bench_cmd"]
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
               help="Local backbone weights for the checkpoint.")
-def bench_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, openvino, batches, runs, warmup, torch_compile, torch_device,
+def bench_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, openvino, litert_paths, executorch_paths, batches, runs, warmup, torch_compile, torch_device,
               threads, providers, task, mixed, json_path, backbone_weights):
     """Latency (p50/p90/p99) and throughput per backend, precision and batch size, with PyTorch as baseline.
 
@@ -43,6 +47,7 @@ def bench_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, openvino, batches
       atexport bench --ckpt run.pt --onnx model.onnx --onnx-int8 model.int8.onnx --batch 1,8
       atexport bench --ckpt run.pt --engine model.engine --batch 1,8,32 --json bench.json
       atexport bench --ckpt run.pt --onnx model.onnx --torch-compile --runs 100
+      atexport bench --ckpt run.pt --onnx model.onnx --litert model.tflite --executorch model.pte --batch 1
       atexport bench --ckpt run.pt --onnx model.onnx --onnx-int8 model.int8.onnx --no-openvino
       atexport bench --ckpt cars.pt --onnx tasks.onnx --batch 1,8            # one task of a multi-task model
       atexport bench --ckpt cars.pt --ckpt birds.pt --onnx tasks.onnx --mixed --batch 8,32
@@ -52,7 +57,7 @@ def bench_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, openvino, batches
 
     result = benchmark(
         ckpts[0] if len(ckpts) == 1 else list(ckpts), onnx=onnx_paths, onnx_fp16=onnx_fp16, onnx_int8=onnx_int8,
-        engine=engine, openvino=openvino, batches=batches, runs=runs,
+        engine=engine, openvino=openvino, litert=litert_paths, executorch=executorch_paths, batches=batches, runs=runs,
         warmup=warmup, torch_compile=torch_compile, torch_device=torch_device, threads=threads,
         providers=list(providers) or None, backbone_weights=backbone_weights, task=task, mixed=mixed,
         output_json=json_path,

@@ -112,7 +112,8 @@ def _multitask(ckpts, output, max_classes, batch, opset, no_simplify, no_verify,
 
 @click.command("swap")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
-              help="A model exported with 'atexport onnx --separable'.")
+              help="A model exported with 'atexport onnx --separable' (or a separable .tflite / .pte from "
+                   "'atexport litert/executorch --separable').")
 @click.option("--engine", "engine_path", type=click.Path(dir_okay=False), default=None,
               help="Instead of --onnx: a TensorRT engine built with 'atexport trt --refit', refitted without rebuilding.")
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The other task's checkpoint.")
@@ -146,9 +147,12 @@ def swap_cmd(onnx_path, engine_path, ckpt, output, task_name, verify, backbone_w
         return
     if onnx_path is None:
         raise BadInputError("give the model to swap into: --onnx MODEL.onnx, or --engine MODEL.engine (TensorRT).")
-    from atexport.export.swap import swap_onnx
+    from pathlib import Path
 
-    result = swap_onnx(
+    from atexport.export.swap import swap, swap_onnx
+
+    edge = Path(onnx_path).suffix.lower() in (".tflite", ".pte")  # on-device model: a new task file, same artifact
+    result = (swap if edge else swap_onnx)(
         onnx_path, ckpt, output, task_name=task_name, verify=verify, backbone_weights=backbone_weights
     )
     m = result.metadata

@@ -33,7 +33,8 @@ def expand_images(items) -> list[str]:
 
 @click.command("predict")
 @click.option("--model", "model_path", required=True, type=click.Path(),
-              help="An atexport .onnx model, OpenVINO .xml IR, or TensorRT .engine (with its .json sidecar).")
+              help="An atexport .onnx model, OpenVINO .xml IR, TensorRT .engine, LiteRT .tflite or ExecuTorch .pte "
+                   "(the last three with their .json sidecar).")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to list per image.")
 @click.option("--task", default=None,

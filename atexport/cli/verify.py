@@ -20,6 +20,10 @@ COMMANDS = ["verify_cmd"]
               help="OpenVINO .xml IR, or an ONNX model, to run in OpenVINO at its own precision. Repeatable.")
 @click.option("--openvino-precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "int8+bf16"]), default=None,
               help="Run the --openvino models at this precision (e.g. bf16 for an FP32 file) [default: each file's].")
+@click.option("--litert", "litert_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="LiteRT .tflite (its .tflite.json sidecar beside it). Repeatable.")
+@click.option("--executorch", "executorch_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="ExecuTorch .pte (its .pte.json sidecar beside it; needs torch). Repeatable.")
 @click.option("--dataset", "datasets", multiple=True, default=["digits"], show_default=True,
               help="Data set: digits (offline), pets, cifar10, ..., or imagefolder:PATH. Multi-task models: one for "
                    "all tasks, or one per --ckpt in the same order.")
@@ -41,7 +45,8 @@ COMMANDS = ["verify_cmd"]
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
               help="Local backbone weights for the checkpoint.")
 @click.option("--no-progress", is_flag=True, help="One line every few seconds instead of a progress bar.")
-def verify_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, openvino_paths, openvino_precision, datasets, split, limit, data_dir, batch_size, report_dir,
+def verify_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, openvino_paths, openvino_precision, litert_paths,
+               executorch_paths, datasets, split, limit, data_dir, batch_size, report_dir,
                per_block, per_block_images, tolerances, tol_overrides, threads, backbone_weights, no_progress):
     """Check every artifact against the PyTorch FP32 model on a labelled data set.
 
@@ -61,13 +66,16 @@ def verify_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, openvino_paths, 
       atexport verify --ckpt run.pt --engine model.engine --dataset imagefolder:data/birds
       atexport verify --ckpt run.pt --onnx model.onnx --openvino model.xml --openvino model.int8.xml
       atexport verify --ckpt run.pt --openvino model.onnx --openvino-precision bf16
+      atexport verify --ckpt run.pt --litert model.tflite --litert model.int8.tflite --executorch model.pte
       atexport verify --ckpt cars.pt --ckpt birds.pt --onnx tasks.onnx --onnx-fp16 tasks.fp16.onnx
       atexport verify --ckpt cars.pt --ckpt birds.pt --onnx tasks.onnx --dataset D_CARS --dataset D_BIRDS
     """
+    from atexport.runtime.artifacts import artifacts
     from atexport.verify.verify import parse_overrides, verify
 
     result = verify(
-        ckpts[0] if len(ckpts) == 1 else list(ckpts), onnx=onnx_paths, onnx_fp16=onnx_fp16, onnx_int8=onnx_int8,
+        ckpts[0] if len(ckpts) == 1 else list(ckpts), artifacts(litert=litert_paths, executorch=executorch_paths),
+        onnx=onnx_paths, onnx_fp16=onnx_fp16, onnx_int8=onnx_int8,
         engine=engine, openvino=openvino_paths, openvino_precision=openvino_precision,
         dataset=datasets[0] if len(datasets) == 1 else list(datasets), split=split,
         limit=limit, data_dir=data_dir, batch_size=batch_size, tolerances=tolerances,

@@ -197,5 +197,10 @@ def swap(model: str | os.PathLike, ckpt, output: str | os.PathLike | None = None
         from atexport.export.tensorrt import refit_engine
 
         return refit_engine(model, ckpt, output, task_name=task_name, log=log)
-    raise BadInputError(f"{model}: unknown model kind {suffix!r}; swap takes a separable .onnx model or a refittable "
-                        f"engine ({', '.join(ENGINE_SUFFIXES)}).")
+    if suffix in (".tflite", ".pte"):
+        from atexport.export.edge_swap import swap_edge
+
+        return swap_edge(model, ckpt, output, task_name=task_name, verify=verify, backbone_weights=backbone_weights,
+                         images=images)
+    raise BadInputError(f"{model}: unknown model kind {suffix!r}; swap takes a separable .onnx, .tflite or .pte "
+                        f"model or a refittable engine ({', '.join(ENGINE_SUFFIXES)}).")

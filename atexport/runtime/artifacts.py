@@ -49,10 +49,12 @@ class Artifact:
         return "openvino" if self.kind == "ir" or Path(self.path).suffix.lower() == ".xml" else "onnxruntime"
 
 
-def artifacts(onnx=(), onnx_fp16=(), onnx_int8=(), engines=(), openvino=(), openvino_precision=None) -> list[Artifact]:
+def artifacts(onnx=(), onnx_fp16=(), onnx_int8=(), engines=(), openvino=(), openvino_precision=None, litert=(),
+              executorch=()) -> list[Artifact]:
     """The artifacts of the CLI's flags (each may be a path or a list of paths).
 
     ``openvino``: IRs or ONNX files to run in OpenVINO, each at ``openvino_precision`` (default: its own).
+    ``litert`` / ``executorch``: ``.tflite`` / ``.pte`` files (their ``.json`` sidecars beside them).
     """
 
     def many(v):
@@ -64,6 +66,8 @@ def artifacts(onnx=(), onnx_fp16=(), onnx_int8=(), engines=(), openvino=(), open
     out += [Artifact(Path(p), "engine", "--engine") for p in many(engines)]
     out += [Artifact(Path(p), "ir" if Path(p).suffix.lower() == ".xml" else "onnx", "--openvino", openvino_precision,
                      "openvino") for p in many(openvino)]
+    out += [Artifact(Path(p), "edge", "--litert", None, "litert") for p in many(litert)]
+    out += [Artifact(Path(p), "edge", "--executorch", None, "executorch") for p in many(executorch)]
     return out
 
 
@@ -103,6 +107,19 @@ def read_artifact(a: Artifact, threads=None, providers=None) -> LoadedArtifact:
     from atexport.utils.io import require_file
 
     require_file(a.path, a.flag, "file")
+    if a.kind == "edge":  # LiteRT / ExecuTorch: metadata from the sidecar; the runner takes any batch
+        want = {"litert": ".tflite", "executorch": ".pte"}[a.runs_in]
+        if a.path.suffix.lower() != want:
+            raise BadInputError(f"{a.flag} {a.path}: expected a {want} file written by 'atexport {a.runs_in}'.")
+        if a.runs_in == "litert":
+            from atexport.runtime.litert import open_litert
+
+            meta, runner, _ = open_litert(a.path, threads=threads, flag=a.flag)
+        else:
+            from atexport.runtime.executorch import open_executorch
+
+            meta, runner, _ = open_executorch(a.path, flag=a.flag)
+        return LoadedArtifact(a, runner, meta, meta.precision, a.runs_in, None)
     if a.runs_in == "openvino":
         from atexport.runtime.openvino import open_openvino
 

@@ -47,6 +47,8 @@ from atexport.runtime.preprocess import Preprocessor
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 BACKENDS = ("onnxruntime", "openvino")
+# on-device artifacts (metadata in a .json sidecar beside them): suffix -> the one backend that runs it
+EDGE_BACKENDS = {".tflite": "litert", ".pte": "executorch"}
 DEFAULT_BATCH = 32
 
 
@@ -456,9 +458,15 @@ def _check_backend(p: Path, backend: str | None, providers, precision) -> str:
             raise BadInputError(f"--precision {precision}: a TensorRT engine runs at the precision it was built "
                                 "with; rebuild it ('atexport trt --precision ...') to change it.")
         return "tensorrt"
+    if suffix in EDGE_BACKENDS:
+        edge = EDGE_BACKENDS[suffix]
+        if backend not in (None, edge) or providers or precision is not None:
+            raise BadInputError(f"{p} runs in {edge} only, at the precision it was exported with; leave "
+                                "--backend, --provider and --precision out.")
+        return edge
     if suffix not in (".onnx", ".xml"):
         raise BadInputError(f"--model {p}: unknown model type {p.suffix!r}; give an .onnx model, an OpenVINO .xml "
-                            "IR or an .engine/.plan.")
+                            "IR, an .engine/.plan, a LiteRT .tflite or an ExecuTorch .pte.")
     backend = backend or ("openvino" if suffix == ".xml" else "onnxruntime")
     if suffix == ".xml" and backend != "openvino":
         raise BadInputError(f"--backend {backend}: {p} is an OpenVINO IR, which runs in OpenVINO only; "
@@ -478,8 +486,10 @@ def load_model(path: str | os.PathLike, *, task=None, providers: Sequence[str] |
     """Load an atexport ONNX model, OpenVINO IR or TensorRT engine for inference.
 
     Args:
-        path: ``.onnx``, an OpenVINO ``.xml`` IR (its ``.bin`` beside it), or ``.engine`` / ``.plan`` with
-            its ``.json`` sidecar beside it.
+        path: ``.onnx``, an OpenVINO ``.xml`` IR (its ``.bin`` beside it), ``.engine`` / ``.plan`` with
+            its ``.json`` sidecar beside it, or a LiteRT ``.tflite`` / ExecuTorch ``.pte`` with its
+            ``.tflite.json`` / ``.pte.json`` sidecar (LiteRT runs without torch; ExecuTorch's Python runtime
+            needs torch).
         task: the task to select: a name (multi-task models), or for separable models a task ``.npz``
             or checkpoint to load (see :meth:`Model.set_task`).
         providers: ONNX Runtime execution providers (default CPU), e.g. ``["CUDAExecutionProvider",
@@ -510,6 +520,16 @@ def load_model(path: str | os.PathLike, *, task=None, providers: Sequence[str] |
     if backend == "tensorrt":
         meta, runner, mode, max_batch = _engine_model(p, device)
         kind = "engine"
+    elif backend == "litert":
+        from atexport.runtime.litert import open_litert
+
+        meta, runner, mode = open_litert(p, threads=threads, flag="--model")
+        kind = "litert"
+    elif backend == "executorch":
+        from atexport.runtime.executorch import open_executorch
+
+        meta, runner, mode = open_executorch(p, flag="--model")
+        kind = "executorch"
     elif backend == "openvino":
         from atexport.runtime.openvino import open_openvino
 

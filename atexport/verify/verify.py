@@ -364,7 +364,7 @@ def verify(
                     result.notes.append(
                         f"per-block: {src} is a TensorRT engine, whose intermediate tensors are not exposed; run "
                         "--per-block on the ONNX model it was built from (its sidecar's onnx.path)."
-                        if i.backend == "tensorrt" else f"per-block: {src} runs in OpenVINO, which is not compared "
+                        if i.backend == "tensorrt" else f"per-block: {src} runs in {i.backend}, which is not compared "
                         "block by block; run --per-block on the ONNX model in ONNX Runtime (--onnx)."
                     )
                     continue

@@ -1,0 +1,147 @@
+"""Writing a verified LiteRT model (``.tflite``) from an atexport checkpoint, for Android and small boards.
+
+``atexport litert --ckpt run.pt [--separable] [--precision fp32|int8]`` rebuilds the trained model,
+converts it with ``litert_torch.convert`` (``torch.export`` to LiteRT, no TensorFlow), runs the result in
+LiteRT's interpreter (:class:`~atexport.runtime.litert.LiteRTRunner`, the runtime an app uses) against
+PyTorch on real photos, and writes it only when every parity row passes (:mod:`atexport.export.edge`):
+
+* ``fp32``: float rounding (the ``fp32`` row of ``export_configs/tolerances.yaml``);
+* ``int8``: *dynamic-range* quantization with ``ai_edge_quantizer`` (weights INT8, activations float,
+  quantized per channel at run time; ``dynamic_wi8_afp32``), held to the ``int8`` row. Full-integer INT8
+  lost far more on ViTs (issue #21: max logit diff 8.4 vs 0.31) and is not offered. In a separable model
+  the task's tensors are inputs and stay float; the backbone's weights are quantized.
+
+Beside ``model.tflite`` go ``model.tflite.json`` (the metadata sidecar, :mod:`atexport.artifact.edge`;
+``extra.litert`` records the signature, its image, logits and weight inputs, the converter versions) and,
+for a separable model, ``model.tflite.task.npz`` (the exported task's tensors, fed when no other task is
+selected).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+
+from atexport.errors import require
+from atexport.export.edge import EdgeResult
+
+PRECISIONS = ("fp32", "int8")
+
+
+def _convert(module, example) -> bytes:
+    """``litert_torch.convert`` to ``.tflite`` bytes (its progress lines are kept off stdout)."""
+    import tempfile
+    from pathlib import Path
+
+    litert_torch = require("litert_torch", "converting models to LiteRT (.tflite)", "litert-export")
+    with contextlib.redirect_stdout(io.StringIO()), tempfile.TemporaryDirectory() as tmp:
+        edge = litert_torch.convert(module, tuple(example))
+        path = Path(tmp) / "model.tflite"
+        edge.export(str(path))
+        return path.read_bytes()
+
+
+def quantize_dynamic_range(data: bytes) -> bytes:
+    """Dynamic-range INT8 (``ai_edge_quantizer``'s ``dynamic_wi8_afp32`` recipe) of a float ``.tflite``."""
+    require("ai_edge_quantizer", "quantizing LiteRT models", "litert-export")
+    from ai_edge_quantizer import quantizer, recipe
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        qt = quantizer.Quantizer(bytearray(data))
+        qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+        return bytes(qt.quantize().quantized_model)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def export_litert(
+    ckpt,
+    output: str | os.PathLike | None = None,
+    *,
+    separable: bool = False,
+    precision: str = "fp32",
+    verify: bool = True,
+    images=None,
+    threads: int | None = None,
+    task_name: str | None = None,
+    backbone_weights=None,
+    config="onnx",
+    log=None,
+) -> EdgeResult:
+    """Convert a checkpoint to a verified LiteRT ``.tflite`` (batch 1), written atomically with its sidecar.
+
+    Args:
+        ckpt: a ``run.pt`` path or a loaded :class:`~atexport.checkpoint.Checkpoint`.
+        output: the ``.tflite`` to write; default ``<checkpoint stem>.tflite`` beside the checkpoint.
+        separable: adapter and head tensors as signature inputs (swappable tasks, see the module docstring).
+        precision: ``fp32`` or ``int8`` (dynamic-range).
+        verify: check parity against PyTorch before writing (on by default).
+        images: extra real images for parity (a folder or a list of paths or PIL images).
+        threads: LiteRT threads for the check.
+        task_name: the task's name in the metadata (default: the checkpoint's).
+        backbone_weights: local backbone weights file, for backbones not in timm's hub.
+        config: the export preset holding the parity settings.
+        log: optional callable receiving progress lines.
+
+    Raises:
+        BadInputError: unreadable checkpoint, unknown precision, output not a ``.tflite``.
+        IncompatibleCheckpointError: fingerprint mismatch, ``separable`` with a full fine-tune.
+        MissingDependencyError: litert-torch or ai-edge-litert is not installed (``pip install 'atexport[litert-export]'``).
+        ParityError: outside the tolerance; kept at ``<stem>.failed.tflite`` (with its sidecar), nothing at ``output``.
+    """
+    from atexport.export.edge import (
+        check_parity_vs_torch,
+        edge_metadata,
+        module_to_convert,
+        own_task_bytes,
+        prepare,
+        refuse_precision,
+        write_edge,
+    )
+    from atexport.runtime.litert import SIGNATURE, LiteRTRunner, require_litert
+
+    say = log or (lambda *_: None)
+    t_start = time.perf_counter()
+    precision = refuse_precision(precision, PRECISIONS)
+    require("litert_torch", "converting models to LiteRT (.tflite)", "litert-export")
+    require_litert()
+    em = prepare(ckpt, output, ".tflite", separable=separable, images=images, task_name=task_name,
+                 backbone_weights=backbone_weights, config=config)
+    say(f"converting {em.ckpt.model.backbone} to LiteRT ({'separable' if em.names else 'fused'}, {precision}) ...")
+    t0 = time.perf_counter()
+    data = _convert(module_to_convert(em), em.example)
+    seconds = {"convert": time.perf_counter() - t0}
+    if precision == "int8":
+        t0 = time.perf_counter()
+        data = quantize_dynamic_range(data)
+        seconds["quantize"] = time.perf_counter() - t0
+    # litert_torch names the signature's inputs args_0.. in the order given and its output output_0
+    record = {"signature": SIGNATURE, "image_input": "args_0", "logits_output": "output_0",
+              "weight_inputs": {n: f"args_{i + 1}" for i, n in enumerate(em.names)},
+              "quantization": "dynamic_wi8_afp32" if precision == "int8" else None, "batch": 1,
+              "versions": _versions()}
+    meta = edge_metadata(em, "litert", precision, record)
+    result = EdgeResult(path=None, format="litert", precision=precision, metadata=meta, seconds=seconds)
+    if verify:
+        t0 = time.perf_counter()
+        runner = LiteRTRunner(data, threads=threads, metadata=meta, name=f"litert-{precision}")
+        with runner:
+            if em.names:  # the exported task's tensors, as the runtime feeds them from model.tflite.task.npz
+                runner.add_task(weights=dict(zip(em.names, (t.numpy() for t in em.example[1:]))), name="exported")
+                runner.use("exported")
+            result.parity = check_parity_vs_torch(em, runner, precision, f"litert {precision}", say)
+        seconds["verify"] = time.perf_counter() - t0
+    write_edge(data, result, em.output, verify=verify, t_start=t_start, extra_files=own_task_bytes(em))
+    return result
