@@ -46,6 +46,7 @@ _MODULES = {
     "lora": "atexport.adapters.lora",
 }
 KINDS = tuple(_MODULES)
+
 FAMILIES: dict[str, AdapterFamily] = {}
 EXPORT_MODES = ("separable", "multitask")
 
@@ -160,6 +161,10 @@ class AdapterFamily:
         """
         raise IncompatibleCheckpointError(f"{self.why_not(cfg, 'multitask') or self.title + ' has no bank layer'}.")
 
+    def aux_loss(self, cfg, model):
+        """An extra training loss of the last forward pass (Adapter-X's load balancing), or ``None`` (default)."""
+        return None
+
     def probes(self, cfg) -> list:
         """Diagnostics beyond the logits that ``atexport verify`` checks in every backend where it can observe
         them (default: none). Each is an object with ``name``, ``title``, ``reference(model, x)`` (the values
@@ -208,12 +213,15 @@ def family_of(cfg) -> AdapterFamily:
 
 
 def adapter_config_from_dict(d: dict | None, where: str = "checkpoint"):
-    """The family config recorded in a checkpoint or recipe (``kind`` missing: AdapterTune, as before families)."""
+    """The family config recorded in a checkpoint (``kind`` missing: AdapterTune, as before families; keys it
+    predates: :func:`atexport.artifact.fit.record_with_defaults`)."""
     if not d:
         return None
     if not isinstance(d, dict):
         raise BadInputError(f"{where}: the adapter section must be a mapping, got {d!r}.")
-    return get_family(d.get("kind")).config_cls.from_dict(d)
+    from atexport.artifact.fit import record_with_defaults
+
+    return get_family(d.get("kind")).config_cls.from_dict(record_with_defaults(d))
 
 
 def config_from_dict(cls, d: dict, *, lenient: tuple = ()) -> Any:
