@@ -64,7 +64,7 @@ class RoutingCheck:
     name = "routing"
     title = "expert choice per token"
 
-    def __init__(self, probe):
+    def __init__(self, probe=None):
         self.probe = probe
 
     def reference(self, model, x: np.ndarray) -> list[np.ndarray]:
@@ -72,6 +72,8 @@ class RoutingCheck:
         (``T_block`` may differ between blocks: Adapter-X's prompt tokens)."""
         import torch
 
+        if self.probe is None:
+            raise ValueError("RoutingCheck(probe) is needed to read the PyTorch model's routing")
         with torch.inference_mode():
             _, *probs = self.probe(model).eval()(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
         return [p.float().cpu().numpy() for p in probs]
