@@ -682,3 +682,44 @@ def test_registry_lists_every_family():
         assert fam.kind == kind and fam.config_cls().kind == kind
     cfg, state = export_view(None, {"head.weight": torch.zeros(1)})
     assert cfg is None and list(state) == ["head.weight"]
+
+
+def test_routing_does_not_import_adapterx():
+    """The routing probe module is used by Adapter-X, not the other way round (no import circle)."""
+    import ast
+    from pathlib import Path
+
+    import atexport.adapters.routing as routing
+
+    tree = ast.parse(Path(routing.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in names if "adapterx" in m]
+
+
+@pytest.mark.parametrize("name", ["adapterx", "adapterx_v1"])
+def test_adapterx_openvino_matches_onnxruntime(fam_dir, fam_ckpts, name):
+    """The separable export of both Adapter-X layouts runs in OpenVINO (FP32) as in ONNX Runtime, and a live
+    task swap in OpenVINO gives task B's model (prompt tokens, CLS, norms and routing included)."""
+    from atexport.runtime.openvino import OpenVINORunner
+
+    a, _, b = fam_ckpts[name]
+    sep = _export(fam_dir, a, f"{name}_sep", separable=True)
+    x = random_inputs(6, seed=13)
+    with OpenVINORunner(str(sep.path), precision="fp32") as ov:
+        got = ov.infer(x)
+    assert np.abs(got - _ort(sep.path, x)[0]).max() <= 1e-4
+    from atexport.runtime import load_model
+
+    from atexport.checkpoint import export_task_weights
+
+    npz = export_task_weights(load_ck(b), fam_dir / f"{name}_b_task.npz")
+    model = load_model(sep.path, backend="openvino", precision="fp32")
+    try:
+        model.set_task(str(npz), name="b")
+        swapped = model.logits(x)
+    finally:
+        model.close()
+    with torch.no_grad():
+        assert np.abs(got - _built(a)(torch.from_numpy(x)).numpy()).max() <= 1e-4
+        assert np.abs(swapped - _built(b)(torch.from_numpy(x)).numpy()).max() <= 1e-4
