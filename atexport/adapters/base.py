@@ -22,7 +22,9 @@ A *family* is one module under ``atexport/adapters/`` holding a config dataclass
 Naming convention (the one task-tensor predicate, :func:`is_adapter_tensor`): every trainable tensor
 of every family has ``.adapter.`` in its name (``blocks.3.adapter.down.weight``,
 ``blocks.3.attn.qkv.adapter.q_down.weight``, and the cross-layer tensors of AdaRing and Adapter-X
-under ``shared.adapter.*``). So the existing rules (trainable state, backbone fingerprint, swappable
+under ``shared.adapter.*``; a family that trains a backbone tensor holds a trainable copy under such a
+name, as Adapter-X's norm2, ``blocks.3.adapter.norm``, and CLS token, ``shared.adapter.cls.token``). So the
+existing rules (trainable state, backbone fingerprint, swappable
 tensors, ``*.adapter.*`` keep-float globs) hold for every family unchanged.
 
 This module is torch-free: family modules are imported on first use (:func:`get_family`).
@@ -46,7 +48,6 @@ _MODULES = {
     "lora": "atexport.adapters.lora",
 }
 KINDS = tuple(_MODULES)
-
 FAMILIES: dict[str, AdapterFamily] = {}
 EXPORT_MODES = ("separable", "multitask")
 

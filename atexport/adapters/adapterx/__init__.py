@@ -55,7 +55,7 @@ mixture only, no split, a bottleneck prompt added to every token, frozen CLS); c
 Trainable parameters (d = D/heads, e = router_dim, L adapted blocks, B = 1 shared router or L):
 ``N (2 d r + r + d) + B (d e + N e) + 2 D L`` + ``2 D L`` (layout 2 PG) + ``D`` (CLS); layout 1's prompt adds
 ``L (2 D p + p + D)``. ViT-B (D 768, 12 blocks) with the defaults (r 16, heads 4): 66,176 = 0.077% of the
-backbone; ``--rank 64``: 140,352 = 0.164% (the paper reports 0.20%).
+backbone; ``--rank 64``: 140,096 = 0.163% (the paper reports 0.20%).
 """
 
 from __future__ import annotations
