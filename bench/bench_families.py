@@ -11,6 +11,11 @@ training images) scored on the same test images. For Adapter-X, the routing near
 top-2 probabilities per sub-token) on the test images.
 
     python bench/bench_families.py -o runs/bench_families      # ~10-15 min on 2 busy CPU cores
+    python bench/bench_families.py --arms adapterx,adapterx-layout1,head-only   # a subset (own section)
+
+Parameters are also given as % of the backbone (every weight but the head), next to the paper budgets:
+Adapter-X 0.20% of ViT-B (:data:`PAPER_BUDGETS`; the bench's ViT is 0.8M, so the shares are not comparable
+in size, only the per-family formulas are: ``atexport train`` prints the count for any backbone).
 """
 
 from __future__ import annotations
@@ -34,12 +39,32 @@ RANK = 8
 ARMS = {
     "adaptertune": dict(regime="adapter", rank=RANK),
     "adaring": dict(regime="adapter", rank=RANK, adapter={"kind": "adaring", "ring_rank": 4}),
-    "adapterx": dict(regime="adapter", rank=RANK, adapter={"kind": "adapterx", "experts": 4}),
+    "adapterx": dict(regime="adapter", rank=RANK, adapter={"kind": "adapterx", "experts": 4}),  # paper layout (2)
+    "adapterx-layout1": dict(regime="adapter", rank=RANK, adapter={"kind": "adapterx", "experts": 4, "layout": 1}),
     "lora": dict(regime="adapter", rank=RANK, adapter={"kind": "lora", "lora_alpha": float(RANK)}),
     "head-only": dict(regime="head"),
     "full": dict(regime="full", lr=1e-3),
 }
-START, END = "<!-- bench_families:start -->", "<!-- bench_families:end -->"
+PAPER_BUDGETS = {"adapterx": "0.20% of ViT-B (paper)", "adaring": "not given for ViT classification"}
+VIT_B_BACKBONE = 85_798_656  # vit_base_patch16_224 without its head
+
+
+def _markers(arms) -> tuple[str, str]:
+    tag = "bench_families" if arms is None else "bench_families:" + ",".join(arms)
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
+
+def vit_b_share(name: str) -> str:
+    """The arm's adapter count on ViT-B (D 768, 12 blocks, rank 16) as % of the backbone, from the family's
+    formula (what the code computes, not a measurement)."""
+    arm = ARMS[name]
+    if arm.get("regime") != "adapter":
+        return "-"
+    from atexport.training import TrainConfig
+
+    cfg = TrainConfig.from_dict({"dataset": "digits", **arm, "rank": 16}).adapter_config()
+    n = cfg.num_params(768, 12)
+    return f"{n:,} = {100 * n / VIT_B_BACKBONE:.3f}%"
 
 
 def _test_batch(dataset: str, preprocess: dict):
@@ -88,11 +113,12 @@ def _routing(ckpt_path, x) -> dict:
 
     probe = RoutingProbe(build_model(load_checkpoint(ckpt_path))).eval()
     with torch.no_grad():
-        _, probs = probe(torch.from_numpy(x[:128]))
-    return routing_margins(probs)
+        _, *probs = probe(torch.from_numpy(x[:128]))  # per routed block (token counts differ with prompts)
+    return routing_margins(np.concatenate([p.numpy().reshape(-1, p.shape[-1]) for p in probs]))
 
 
-def run(out: Path, seeds: str, epochs: int, rounds: int, calls: int, transfer: Path | None = None, log=print) -> dict:
+def run(out: Path, seeds: str, epochs: int, rounds: int, calls: int, transfer: Path | None = None, log=print,
+        arms=None) -> dict:
     from atexport.export.onnx import export_onnx
     from atexport.export.precision import quantize_int8
     from atexport.training import TrainConfig, train
@@ -102,6 +128,8 @@ def run(out: Path, seeds: str, epochs: int, rounds: int, calls: int, transfer: P
     results: dict = {"task": {k: task[k] for k in ("task_dataset", "pretrain_top1")}, "arms": {}}
     calib_dir = Path(task["task_dataset"].split(":", 1)[1]) / "train"
     for name, arm in ARMS.items():
+        if arms is not None and name not in arms:
+            continue
         cfg = TrainConfig.from_dict({**TASK, **task["train_args"], **arm, "dataset": task["task_dataset"],
                                      "epochs": epochs, "seeds": seeds, "output": str(out / name),
                                      "overwrite": True, "progress": False})
@@ -112,6 +140,7 @@ def run(out: Path, seeds: str, epochs: int, rounds: int, calls: int, transfer: P
         results["arms"][name] = {
             "top1": res.summary["test_top1"], "train_s": round(time.perf_counter() - t, 1),
             "trainable": p["trainable"], "adapters": p["adapters"], "head": p["head"],
+            "backbone": p["full_finetune"] - p["head"],
             "formula": p.get("formula"), "checkpoint": str(first.checkpoint),
         }
         log(f"{name}: test top-1 {res.summary['test_top1']['mean']:.2f} +- {res.summary['test_top1']['std']:.2f}  "
@@ -129,7 +158,7 @@ def run(out: Path, seeds: str, epochs: int, rounds: int, calls: int, transfer: P
         r["ort_int8_top1"] = _top1(_session(i8.path), x, y)
         r["int8_loss_pt"] = r["ort_fp32_top1"] - r["ort_int8_top1"]
         r["int8_keep_float"] = (i8.metadata.extra.get("precision") or {}).get("keep_float")
-        if name == "adapterx":
+        if name.startswith("adapterx"):
             r["routing"] = _routing(r["checkpoint"], x)
         log(f"{name}: ORT FP32 {r['ort_fp32_top1']:.2f}%  INT8 {r['ort_int8_top1']:.2f}%")
     lat = _latency(onnx_paths, x[:1], rounds, calls)
@@ -145,29 +174,38 @@ def _pct(v) -> str:
     return "?" if v is None else f"{v:.2f}%"
 
 
-def markdown(res: dict, machine: str, command: str, date: str) -> str:
+def markdown(res: dict, machine: str, command: str, date: str, arms=None) -> str:
+    start, end = _markers(arms)
     rows = [
-        "| family | trainable params (adapters + head) | test top-1 % (mean +- std, 3 seeds) | ORT FP32 batch-1 ms "
+        "| family | trainable params (adapters + head) | adapters % of backbone | same family on ViT-B, r 16 "
+        "(formula) | paper budget | test top-1 % (mean +- std, 3 seeds) | ORT FP32 batch-1 ms "
         "| overhead vs backbone | INT8 top-1 % (loss, pt) |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res["arms"].items():
         t = r["top1"]
         split = (f"{r['adapters']:,} + {r['head']:,}" if r["adapters"] + r["head"] == r["trainable"]
                  else "every weight")
+        share = f"{100 * r['adapters'] / r['backbone']:.2f}%" if r.get("backbone") else "?"
         rows.append(
-            f"| {name} | {r['trainable']:,} ({split}) | {t['mean']:.2f} +- {t['std']:.2f} "
+            f"| {name} | {r['trainable']:,} ({split}) | {share} | {vit_b_share(name)} "
+            f"| {PAPER_BUDGETS.get(name.split('-')[0], '-') if name != 'adapterx-layout1' else '-'} "
+            f"| {t['mean']:.2f} +- {t['std']:.2f} "
             f"| {r['latency_ms']:.3f} | {r['overhead_pct']:+.1f}% | {r['ort_int8_top1']:.2f} ({r['int8_loss_pt']:+.2f}) |"
         )
     rx = res["arms"].get("adapterx", {}).get("routing")
+    title = ("## Adapter families on the digits transfer task (issue 14; Adapter-X in its paper layout since issue 19)"
+             if arms is None else f"## Adapter families on the digits transfer task: {', '.join(arms)} (issue 19)")
     lines = [
-        START,
-        "## Adapter families on the digits transfer task (issue 14)",
+        start,
+        title,
         "",
         f"Backbone: `bench/transfer_task.py` pretrains a 4-block, 128-wide ViT (32 px, patch 8) on every weight on "
         f"digits 0-4 ({_pct(res['task']['pretrain_top1'])} test top-1, `bench/transfer_task.py`); each family then "
         "trains on digits 5-9 with the backbone frozen (head-only and full fine-tuning at the two ends), rank 8 "
-        "(AdaRing ring rank 4; Adapter-X 4 experts; LoRA on q and v, alpha 8, merged at export), the same "
+        "(AdaRing ring rank 4; Adapter-X 4 experts, `adapterx` its paper layout (shared router, 4 sub-tokens, "
+        "trainable norm2 and CLS, prompt tokens), `adapterx-layout1` atexport's earlier one; LoRA on q and v, "
+        "alpha 8, merged at export), the same "
         "schedule for all (lr 1e-2, full fine-tuning 1e-3), 3 seeds. Latency: ONNX Runtime CPU, fused FP32 "
         "export of the seed-0 checkpoint, batch 1, median of rotating blocks; the bare backbone is the "
         "head-only model. INT8: `quantize_int8` with the preset's keep-float policy, calibrated on 128 of the "
@@ -180,7 +218,7 @@ def markdown(res: dict, machine: str, command: str, date: str) -> str:
     ]
     if rx:
         lines += [
-            f"Adapter-X routing on {rx['tokens']:,} test sub-tokens (4 blocks): top-2 probability gap min "
+            f"Adapter-X (paper layout) routing on {rx['tokens']:,} test sub-tokens (4 blocks): top-2 probability gap min "
             f"{rx['min_gap']:.2e}, median {rx['median_gap']:.3f}; {100 * rx['below_1e-3']:.2f}% of gaps below 1e-3 "
             f"and {100 * rx['below_1e-2']:.2f}% below 1e-2 (where FP16/INT8 can flip the expert).",
             "",
@@ -190,7 +228,7 @@ def markdown(res: dict, machine: str, command: str, date: str) -> str:
         + "; ".join(f"{n}: {r['formula']}" for n, r in res["arms"].items() if r.get("formula")) + ".",
         "",
         f"Machine: {machine}. Date: {date}. Command: `{command}` ({res['wall_s'] / 60:.1f} min).",
-        END,
+        end,
     ]
     return "\n".join(lines) + "\n"
 
@@ -202,6 +240,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=TASK["epochs"])
     ap.add_argument("--transfer", default=None, help="Folder of an existing transfer-task build to reuse "
                     "(bench/transfer_task.py; e.g. the rank sweep's) [OUTPUT/transfer].")
+    ap.add_argument("--arms", default=None, help=f"Comma-separated subset of {', '.join(ARMS)} (written to its "
+                    "own section of RESULTS.md) [all].")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
@@ -212,17 +252,24 @@ def main(argv=None):
     from atexport.utils.machine import describe_machine, machine_line
 
     out = Path(a.output)
-    res = run(out, a.seeds, a.epochs, a.rounds, a.calls, Path(a.transfer) if a.transfer else None)
+    arms = None if not a.arms else [s.strip() for s in a.arms.split(",") if s.strip()]
+    unknown = sorted(set(arms or []) - set(ARMS))
+    if unknown:
+        ap.error(f"unknown arms {unknown}; they are {', '.join(ARMS)}")
+    if arms is not None and "head-only" not in arms:
+        arms.append("head-only")  # the latency baseline
+    res = run(out, a.seeds, a.epochs, a.rounds, a.calls, Path(a.transfer) if a.transfer else None, arms=arms)
     m = describe_machine()
     res["machine"] = m
     command = "python bench/bench_families.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res["command"] = command.strip()
     atomic_write_json(out / "bench_families.json", res)
-    section = markdown(res, machine_line(m), res["command"], time.strftime("%Y-%m-%d"))
+    section = markdown(res, machine_line(m), res["command"], time.strftime("%Y-%m-%d"), arms)
+    start, end = _markers(arms)
     path = Path(a.results)
     text = path.read_text() if path.is_file() else ""
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) + 1:]
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) + 1:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     atomic_write_text(path, text)

@@ -1,7 +1,14 @@
 """AdaRing: the adapters of all layers as one tensor in tensor-ring form (Huang et al., arXiv 2508.11870).
 
-The paper's method section is not available here, so this is the natural reading of its abstract; every
-choice is listed so that it can be checked against the paper and changed in one place:
+**What is the paper's and what is atexport's.** Only the abstract was available to us (``../shared/papers/``;
+the full text at arxiv.org/html/2508.11870v2 was not readable through our tools, and no code is public).
+From the abstract: adapters of all layers written as a cross-layer tensor-ring decomposition with
+layer-shared tensor cores and layer-specific slices, and "diverse rank-driven adapters" that cooperate. Everything
+else below is atexport's own reading: the core shapes, biases outside the ring, the init, the contiguous
+``group_ranks`` groups (off by default) and the parameter formula of point 6 (not a number from the paper).
+The paper's "generalization-aware fine-tuning" is **absent**: no public source we could read defines it,
+so atexport does not offer it. Every choice is listed so that it can be checked against the paper and
+changed in one place:
 
 1. *What is shared.* AdapterTune's per-layer bottleneck weights are stacked into
    ``W_down in R^{L x D x r}`` and ``W_up in R^{L x r x D}`` (L adapted layers, width D, rank r). Each is a
@@ -15,12 +22,14 @@ choice is listed so that it can be checked against the paper and changed in one 
 4. *Init.* The layer core of ``W_up`` is zero, so ``W_up = 0`` and step 0 computes exactly the frozen
    model. The other five cores are N(0, s^2) with ``s = (2 / ((D + r) R^3))^(1/6)``: a ring entry is a
    sum of R^3 products of three core entries, so its variance ``R^3 s^6`` equals Xavier's ``2 / (D + r)``.
-5. *Diverse rank* ("adapters of different ranks cooperate"): optional ``group_ranks`` split the L
-   adapted layers into contiguous groups (as equal as possible, earlier groups one larger) with their
-   own ranks ``r_g <= r``; a layer of group g uses the first ``r_g`` slices of the shared rank core, so
-   layers of different ranks share ``A``, ``B`` and the ring. The largest group rank must equal ``rank``.
-6. *Trainable parameters*: ``2 R^2 (L + D + r) + sum_l (r_l + D)``, i.e. ``2R^2(L + D + r) + L(r + D)``
-   with one rank (ViT-S, r 16, R 8: 57,536, against AdapterTune's 152,256).
+5. *Diverse rank* (atexport's design for the abstract's "diverse rank-driven adapters"): optional
+   ``group_ranks`` split the L adapted layers into contiguous groups (as equal as possible, earlier groups
+   one larger) with their own ranks ``r_g <= r``; a layer of group g uses the first ``r_g`` slices of the
+   shared rank core, so layers of different ranks share ``A``, ``B`` and the ring. The largest group rank
+   must equal ``rank``.
+6. *Trainable parameters* (atexport's count of its own layout, not a paper number):
+   ``2 R^2 (L + D + r) + sum_l (r_l + D)``, i.e. ``2R^2(L + D + r) + L(r + D)`` with one rank (ViT-S, r 16,
+   R 8: 57,536, against AdapterTune's 152,256).
 
 Training materialises each layer's matrices from the ring in every forward pass. **Export** does the
 same once, in FP32, into AdapterTune's layout (``blocks.{i}.adapter.{down,up}.{weight,bias}``; layers of

@@ -22,7 +22,9 @@ A *family* is one module under ``atexport/adapters/`` holding a config dataclass
 Naming convention (the one task-tensor predicate, :func:`is_adapter_tensor`): every trainable tensor
 of every family has ``.adapter.`` in its name (``blocks.3.adapter.down.weight``,
 ``blocks.3.attn.qkv.adapter.q_down.weight``, and the cross-layer tensors of AdaRing and Adapter-X
-under ``shared.adapter.*``). So the existing rules (trainable state, backbone fingerprint, swappable
+under ``shared.adapter.*``; a family that trains a backbone tensor holds a trainable copy under such a
+name, as Adapter-X's norm2, ``blocks.3.adapter.norm``, and CLS token, ``shared.adapter.cls.token``). So the
+existing rules (trainable state, backbone fingerprint, swappable
 tensors, ``*.adapter.*`` keep-float globs) hold for every family unchanged.
 
 This module is torch-free: family modules are imported on first use (:func:`get_family`).
@@ -160,6 +162,10 @@ class AdapterFamily:
         """
         raise IncompatibleCheckpointError(f"{self.why_not(cfg, 'multitask') or self.title + ' has no bank layer'}.")
 
+    def aux_loss(self, cfg, model):
+        """An extra training loss of the last forward pass (Adapter-X's load balancing), or ``None`` (default)."""
+        return None
+
     def probes(self, cfg) -> list:
         """Diagnostics beyond the logits that ``atexport verify`` checks in every backend where it can observe
         them (default: none). Each is an object with ``name``, ``title``, ``reference(model, x)`` (the values
@@ -215,12 +221,15 @@ def family_of(cfg) -> AdapterFamily:
 
 
 def adapter_config_from_dict(d: dict | None, where: str = "checkpoint"):
-    """The family config recorded in a checkpoint or recipe (``kind`` missing: AdapterTune, as before families)."""
+    """The family config recorded in a checkpoint (``kind`` missing: AdapterTune, as before families; keys it
+    predates: :func:`atexport.artifact.fit.record_with_defaults`)."""
     if not d:
         return None
     if not isinstance(d, dict):
         raise BadInputError(f"{where}: the adapter section must be a mapping, got {d!r}.")
-    return get_family(d.get("kind"), where).config_cls.from_dict(d)
+    from atexport.artifact.fit import record_with_defaults
+
+    return get_family(d.get("kind"), where).config_cls.from_dict(record_with_defaults(d))
 
 
 def config_from_dict(cls, d: dict, *, lenient: tuple = ()) -> Any:

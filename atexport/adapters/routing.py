@@ -6,7 +6,8 @@ different FP32 summation order) can flip the choice, which changes that token's 
 module is the family's *probe* (:meth:`atexport.adapters.base.AdapterFamily.probes`) that ``atexport
 verify`` runs in every backend where routing can be observed:
 
-- PyTorch: :class:`~atexport.adapters.adapterx.RoutingProbe` returns every routed block's probabilities;
+- PyTorch: the family's probe module (Adapter-X's :class:`~atexport.adapters.adapterx.RoutingProbe`, given to
+  :class:`RoutingCheck`) returns every routed block's probabilities;
 - an ONNX graph (FP32, FP16, INT8, single- or multi-task): :meth:`RoutingCheck.expose` adds the input of
   every ``ArgMax`` node, i.e. exactly the probabilities the graph decides on (after FP16 casts or INT8
   Q/DQ), as extra graph outputs. The dense static export has one ``ArgMax`` per routed block and no
@@ -52,20 +53,30 @@ def _gaps(p2: np.ndarray) -> np.ndarray:
 
 
 class RoutingCheck:
-    """The chosen expert per token, PyTorch against an exported graph (see the module docstring)."""
+    """The chosen expert per token, PyTorch against an exported graph (see the module docstring).
+
+    Args:
+        probe: the family's probe module class: ``probe(model)(x) -> (logits, probs of each routed block...)``
+            (Adapter-X's :class:`~atexport.adapters.adapterx.RoutingProbe`; passed in, so this module does not
+            import the family that uses it).
+    """
 
     name = "routing"
     title = "expert choice per token"
 
-    def reference(self, model, x: np.ndarray) -> np.ndarray:
-        """Every routed block's probabilities in the PyTorch model: ``[blocks, B, T, heads, N]`` float32."""
+    def __init__(self, probe=None):
+        self.probe = probe
+
+    def reference(self, model, x: np.ndarray) -> list[np.ndarray]:
+        """Every routed block's probabilities in the PyTorch model, ``[B, T_block, heads, N]`` float32 each
+        (``T_block`` may differ between blocks: Adapter-X's prompt tokens)."""
         import torch
 
-        from atexport.adapters.adapterx import RoutingProbe
-
+        if self.probe is None:
+            raise ValueError("RoutingCheck(probe) is needed to read the PyTorch model's routing")
         with torch.inference_mode():
-            _, probs = RoutingProbe(model).eval()(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
-        return probs.float().cpu().numpy()
+            _, *probs = self.probe(model).eval()(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        return [p.float().cpu().numpy() for p in probs]
 
     def expose(self, proto):
         """``(copy of proto with the routing probabilities as extra outputs, their names in block order)``;
@@ -99,19 +110,19 @@ class RoutingCheck:
             "below_1e-3", "passed", "summary"}``; ``observed`` False (and ``passed`` True) where the graph's
             routing could not be matched to PyTorch's blocks.
         """
-        ref = np.asarray(reference, dtype=np.float32)
+        ref = [np.asarray(r, dtype=np.float32) for r in reference]
         got = [np.asarray(g, dtype=np.float32) for g in got]
-        n = ref.shape[-1]
-        if len(got) != ref.shape[0] or any(g.size != ref[k].size for k, g in enumerate(got)):
+        n = ref[0].shape[-1] if ref else 0
+        if not ref or len(got) != len(ref) or any(g.size != ref[k].size for k, g in enumerate(got)):
             return {"observed": False, "passed": True,
-                    "summary": f"not observable: {len(got)} ArgMax nodes in the graph for {ref.shape[0]} routed "
+                    "summary": f"not observable: {len(got)} ArgMax nodes in the graph for {len(ref)} routed "
                                "blocks in PyTorch (or other shapes)"}
-        r2 = ref.reshape(-1, n)
+        r2 = np.concatenate([r.reshape(-1, n) for r in ref])
         g2 = np.concatenate([g.reshape(-1, n) for g in got])
         ref_gap, got_gap = _gaps(r2), _gaps(g2)
         flipped = r2.argmax(-1) != g2.argmax(-1)
         at_ties = int((flipped & (ref_gap < FLIP_GAP)).sum())
-        out = {"observed": True, "blocks": int(ref.shape[0]), "tokens": int(len(r2)), "flipped": int(flipped.sum()),
+        out = {"observed": True, "blocks": len(ref), "tokens": int(len(r2)), "flipped": int(flipped.sum()),
                "flipped_at_near_ties": at_ties, "min_gap": float(min(ref_gap.min(), got_gap.min())),
                "median_gap": float(np.median(ref_gap)), "below_1e-3": float((ref_gap < TIE).mean())}
         hard = out["flipped"] - at_ties

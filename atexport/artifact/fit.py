@@ -25,7 +25,17 @@ from atexport.utils.io import canonical_json
 # Adapter settings that do not change the graph: how it was initialised for training, and which family's
 # trained adapters were materialised into AdapterTune's export layout (AdaRing: same tensors, same graph
 # for the same rank, placement and alpha; zero-padded ranks add exactly 0), so such tasks fit each other.
-_TRAINING_ONLY = ("init", "materialised_from")
+_TRAINING_ONLY = ("init", "materialised_from", "balance")
+
+# kind -> keys that adapter records (checkpoints, artifact metadata) written before the key existed lack, and
+# the value they were trained with: Adapter-X records without ``layout`` are its layout 1 (CLS frozen).
+_RECORD_DEFAULTS = {"adapterx": {"layout": 1, "train_cls": False}}
+
+
+def record_with_defaults(d: Mapping[str, Any]) -> dict:
+    """An adapter record with the keys it predates filled in as trained (see ``_RECORD_DEFAULTS``)."""
+    missing = {k: v for k, v in _RECORD_DEFAULTS.get(d.get("kind") or "", {}).items() if k not in d}
+    return {**d, **missing}
 
 
 def family(info: Mapping[str, Any]) -> dict:
@@ -45,7 +55,9 @@ def family(info: Mapping[str, Any]) -> dict:
         out["regime"] = info["regime"]
     if "adapter" in info:
         ad = info.get("adapter")
-        out["adapter"] = None if ad is None else {k: v for k, v in ad.items() if k not in _TRAINING_ONLY}
+        if ad is not None:  # keys the record predates, as trained (Adapter-X records without layout: 1)
+            ad = {k: v for k, v in record_with_defaults(ad).items() if k not in _TRAINING_ONLY}
+        out["adapter"] = ad
     if info.get("preprocess"):
         out["preprocessing"] = info["preprocess"]
     return out

@@ -393,6 +393,14 @@ class _Run:
 
         return self._finish(history)
 
+    def _aux_loss(self):
+        """The adapter family's extra loss of the last forward (Adapter-X ``balance``), or ``None``."""
+        if self.adapter_cfg is None:
+            return None
+        from atexport.adapters import family_of
+
+        return family_of(self.adapter_cfg).aux_loss(self.adapter_cfg, self.model)
+
     def _check_finite(self, row: dict) -> None:
         """Stop with a clear error when the epoch left NaN/infinite weights or losses (e.g. --lr too high)."""
         import math
@@ -464,6 +472,9 @@ class _Run:
                 with env.autocast():
                     logits = self.train_model(images)
                 loss = self.criterion(logits.float(), targets)
+                aux = self._aux_loss()
+                if aux is not None:  # the family's extra loss (Adapter-X's load balancing), part of the reported loss
+                    loss = loss + aux.float()
                 if not torch.isfinite(loss):
                     raise BadInputError(
                         f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower --lr "
