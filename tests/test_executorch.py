@@ -129,7 +129,7 @@ def test_swap_and_verify(sep, tiny_ckpt_b, et_dir):
     from _helpers import make_checkpoint
     from atexport.cli import cli
     from atexport.export.executorch import export_executorch
-    from atexport.export.swap import swap
+    from atexport.export.task_swap import swap
 
     out = swap(sep.path, tiny_ckpt_b, et_dir / "b.pte", verify=True)
     assert out.path.read_bytes() == sep.path.read_bytes() and out.metadata.task == "tiny_b" and out.parity

@@ -114,6 +114,42 @@ def test_no_import_cycles_between_packages():
     assert not cycles, f"import cycles: {cycles[:3]}"
 
 
+def test_no_import_cycles_between_modules():
+    """Module -> module edges inside and across packages (top-level and lazy imports alike) form no cycle: a
+    circle inside a package is as hard to change as one between packages. A module importing its own parent
+    package is not counted (the package's ``__init__`` re-exports its children)."""
+    names = {_module_name(p): p for p in MODULES}
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for t in targets:
+                if t in names and t != name and not name.startswith(t + ".") and not t.startswith("atexport.cli"):
+                    graph.setdefault(name, set()).add(t)
+    cycles = []
+
+    def visit(n, stack, on):
+        for m in sorted(graph.get(n, ())):
+            if m in on:
+                cycles.append(stack[stack.index(m):] + [m])
+            elif m not in done:
+                on.add(m)
+                visit(m, stack + [m], on)
+                on.discard(m)
+        done.add(n)
+
+    done: set[str] = set()
+    for n in sorted(graph):
+        if n not in done and not n.startswith("atexport.cli"):
+            visit(n, [n], {n})
+    assert not cycles, f"import cycles between modules: {cycles[:3]}"
+
+
 # ------------------------------------------------------------------------------- the [runtime] extra alone
 
 

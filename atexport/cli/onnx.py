@@ -139,22 +139,32 @@ def swap_cmd(onnx_path, engine_path, ckpt, output, task_name, verify, backbone_w
       atexport swap --engine birds.engine --ckpt runs/cars/run.pt -o cars.engine
       atexport swap --engine tasks.engine --ckpt cars_v2.pt --task-name cars     # one task of a multi-task engine
     """
-    # Each source format is one branch calling one library function.
     if onnx_path is not None and engine_path is not None:
         raise BadInputError("give either --onnx (swap into an ONNX model) or --engine (refit a TensorRT engine), not both.")
-    if engine_path is not None:
-        _refit(engine_path, ckpt, output, task_name, verify)
-        return
-    if onnx_path is None:
+    if onnx_path is None and engine_path is None:
         raise BadInputError("give the model to swap into: --onnx MODEL.onnx, or --engine MODEL.engine (TensorRT).")
     from pathlib import Path
 
-    from atexport.export.swap import swap, swap_onnx
+    from atexport.export.task_swap import swap
+    from atexport.runtime.model import ENGINE_SUFFIXES
 
-    edge = Path(onnx_path).suffix.lower() in (".tflite", ".pte")  # on-device model: a new task file, same artifact
-    result = (swap if edge else swap_onnx)(
-        onnx_path, ckpt, output, task_name=task_name, verify=verify, backbone_weights=backbone_weights
-    )
+    is_engine = Path(engine_path or onnx_path).suffix.lower() in ENGINE_SUFFIXES
+    if engine_path is not None and not is_engine:
+        raise BadInputError(f"--engine {engine_path}: not a TensorRT engine ({', '.join(ENGINE_SUFFIXES)}); give an "
+                            "ONNX, .tflite or .pte model with --onnx.")
+    if onnx_path is not None and is_engine:
+        raise BadInputError(f"--onnx {onnx_path}: that is a TensorRT engine; refit it with --engine {onnx_path}.")
+    if is_engine and verify:
+        raise BadInputError(
+            "--verify checks an ONNX swap against PyTorch; check a refitted engine with "
+            "'atexport verify --ckpt CKPT --engine ENGINE --dataset ...'."
+        )
+    # One library call for every kind of model (atexport.export.task_swap.swap); only the printing differs.
+    result = swap(engine_path or onnx_path, ckpt, output, task_name=task_name, verify=verify,
+                  backbone_weights=backbone_weights, log=lambda line: click.echo(line, err=True))
+    if is_engine:
+        _echo_refit(result)
+        return
     m = result.metadata
     click.echo(
         f"swapped {result.swapped} tensors: task {m.extra['swap']['from_task']!r} -> {m.task!r} "
@@ -165,18 +175,11 @@ def swap_cmd(onnx_path, engine_path, ckpt, output, task_name, verify, backbone_w
     click.echo(f"wrote {result.path}")
 
 
-def _refit(engine_path, ckpt, output, task_name, verify):
-    if verify:
-        raise BadInputError(
-            "--verify checks an ONNX swap against PyTorch; check a refitted engine with "
-            "'atexport verify --ckpt CKPT --engine ENGINE --dataset ...'."
-        )
+def _echo_refit(result):
     from atexport.cli.trt import echo_refit
-    from atexport.export.tensorrt import refit_engine
     from atexport.parity.compare import format_table
 
     # Every refit is parity-checked against the swapped ONNX model, like a build.
-    result = refit_engine(engine_path, ckpt, output, task_name=task_name, log=lambda line: click.echo(line, err=True))
     tasks = result.sidecar["metadata"].get("tasks")
     if tasks:  # a multi-task engine: echo_refit describes single-task engines
         t = next(t for t in tasks if t["name"] == result.sidecar["metadata"]["extra"]["refit"]["task"])

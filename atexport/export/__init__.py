@@ -14,7 +14,8 @@ Importing this package pulls in neither torch nor onnx; the functions import the
 
 from atexport.export.onnx import ExportResult, bind_initializers, export_module, export_onnx
 from atexport.export.multitask import MultiTaskResult, add_task, export_multitask, list_tasks, remove_task
-from atexport.export.swap import SwapResult, swap, swap_onnx
+from atexport.export.swap import SwapResult, swap_onnx
+from atexport.export.task_swap import swap
 
 __all__ = [
     "ExportResult",

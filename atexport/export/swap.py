@@ -171,36 +171,3 @@ def _verify_swapped(data, meta, ckpt, backbone_weights, images, config):
         )
     require_passed(results, "the swapped model")
     return results
-
-
-
-
-def swap(model: str | os.PathLike, ckpt, output: str | os.PathLike | None = None, *, task_name: str | None = None,
-         verify: bool = False, backbone_weights=None, images=None, log=None):
-    """Put another task into a model: rewrite a separable ONNX model (:func:`swap_onnx`) or refit a
-    refittable TensorRT engine (:func:`atexport.export.tensorrt.refit_engine`), chosen by the file's kind.
-
-    Raises:
-        BadInputError: an unknown model kind, or options that do not apply to it (``verify``,
-            ``backbone_weights`` and ``images`` are for ONNX models: an engine refit is always parity-checked).
-    """
-    from atexport.runtime.model import ENGINE_SUFFIXES
-
-    suffix = Path(model).suffix.lower()
-    if suffix == ".onnx":
-        return swap_onnx(model, ckpt, output, task_name=task_name, verify=verify, backbone_weights=backbone_weights,
-                         images=images)
-    if suffix in ENGINE_SUFFIXES:
-        given = [f for f, v in (("--verify", verify), ("--backbone-weights", backbone_weights), ("--images", images)) if v]
-        if given:
-            raise BadInputError(f"{', '.join(given)} apply to ONNX models; an engine refit checks its parity itself.")
-        from atexport.export.tensorrt import refit_engine
-
-        return refit_engine(model, ckpt, output, task_name=task_name, log=log)
-    if suffix in (".tflite", ".pte"):
-        from atexport.export.edge_swap import swap_edge
-
-        return swap_edge(model, ckpt, output, task_name=task_name, verify=verify, backbone_weights=backbone_weights,
-                         images=images)
-    raise BadInputError(f"{model}: unknown model kind {suffix!r}; swap takes a separable .onnx, .tflite or .pte "
-                        f"model or a refittable engine ({', '.join(ENGINE_SUFFIXES)}).")
