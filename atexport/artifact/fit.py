@@ -34,7 +34,9 @@ _RECORD_DEFAULTS = {"adapterx": {"layout": 1, "train_cls": False}}
 
 def record_with_defaults(d: Mapping[str, Any]) -> dict:
     """An adapter record with the keys it predates filled in as trained (see ``_RECORD_DEFAULTS``)."""
-    missing = {k: v for k, v in _RECORD_DEFAULTS.get(d.get("kind") or "", {}).items() if k not in d}
+    kind = d.get("kind")
+    defaults = _RECORD_DEFAULTS.get(kind, {}) if isinstance(kind, str) else {}
+    missing = {k: v for k, v in defaults.items() if k not in d}
     return {**d, **missing}
 
 

@@ -158,6 +158,10 @@ def _many(v) -> list:
     return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+# How a backend is named in a sentence to the user.
+_ENGINE_NAMES = {"openvino": "OpenVINO", "litert": "LiteRT", "executorch": "ExecuTorch"}
+
+
 def verify(
     ckpt,
     artifacts_: Sequence[Artifact] | None = None,
@@ -364,8 +368,9 @@ def verify(
                     result.notes.append(
                         f"per-block: {src} is a TensorRT engine, whose intermediate tensors are not exposed; run "
                         "--per-block on the ONNX model it was built from (its sidecar's onnx.path)."
-                        if i.backend == "tensorrt" else f"per-block: {src} runs in {i.backend}, which is not compared "
-                        "block by block; run --per-block on the ONNX model in ONNX Runtime (--onnx)."
+                        if i.backend == "tensorrt" else f"per-block: {src} runs in "
+                        f"{_ENGINE_NAMES.get(i.backend, i.backend)}, which is not compared block by block; run "
+                        "--per-block on the ONNX model in ONNX Runtime (--onnx)."
                     )
                     continue
                 say(f"comparing {i.artifact.path} block by block ...")
