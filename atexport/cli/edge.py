@@ -64,7 +64,7 @@ def _report(result):
     if result.parity:
         from atexport.parity.compare import format_table
 
-        click.echo(f"parity against PyTorch ({result.precision} tolerances):")
+        click.echo(f"parity against PyTorch ({result.metadata.precision} tolerances):")
         click.echo(format_table(result.parity))
     click.echo(result.summary())
     beside = [result.path.name + ".json"] + ([result.path.name + ".task.npz"] if result.metadata.separable else [])
