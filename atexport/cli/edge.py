@@ -25,9 +25,11 @@ def _common(f):
                      help="Local backbone weights, for a backbone not in timm's hub.")(f)
     f = click.option("--separable", is_flag=True,
                      help="Adapter and head tensors as model inputs: swap tasks without re-exporting.")(f)
-    f = click.option("--precision", type=click.Choice(["fp32", "int8", "int8-static"]), default="fp32", show_default=True,
+    f = click.option("--precision", type=click.Choice(["fp32", "int8", "int8-static", "int8-full"]), default="fp32",
+                     show_default=True,
                      help="fp32, int8 (LiteRT: dynamic-range weights; ExecuTorch: XNNPACK quantizer, dynamic "
-                          "per-channel), or int8-static (ExecuTorch only: static per-channel, calibrated with --calib).")(f)
+                          "per-channel), int8-static (ExecuTorch only: static per-channel, calibrated with --calib) "
+                          "or int8-full (LiteRT only: full-integer, calibrated with --calib).")(f)
     return f
 
 
@@ -62,7 +64,7 @@ def _report(result):
     if result.parity:
         from atexport.parity.compare import format_table
 
-        click.echo(f"parity against PyTorch ({result.precision} tolerances):")
+        click.echo(f"parity against PyTorch ({result.metadata.precision} tolerances):")
         click.echo(format_table(result.parity))
     click.echo(result.summary())
     beside = [result.path.name + ".json"] + ([result.path.name + ".task.npz"] if result.metadata.separable else [])
@@ -75,20 +77,29 @@ def _report(result):
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Model to write (.tflite) [default: <checkpoint stem>.tflite beside it].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="LiteRT threads for the check.")
+@click.option("--calib", default=None,
+              help="--precision int8-full: calibration set (a name in calibration/, a YAML file or a folder); its "
+                   "held-out images are the judged parity row.")
+@click.option("--calib-count", type=click.IntRange(min=1), default=None, help="Calibration images [the set's].")
 @_common
-def litert_cmd(ckpts, output, threads, precision, separable, backbone_weights, task_names, max_classes, images,
-               no_verify, config):
+def litert_cmd(ckpts, output, threads, calib, calib_count, precision, separable, backbone_weights, task_names,
+               max_classes, images, no_verify, config):
     """Convert a checkpoint to LiteRT (.tflite, Android / Raspberry Pi) and check it against PyTorch.
 
     \b
     Examples:
       atexport litert --ckpt runs/digits/run.pt -o model.tflite
       atexport litert --ckpt runs/digits/run.pt -o model.int8.tflite --precision int8
+      atexport litert --ckpt runs/digits/run.pt -o model.full.tflite --precision int8-full --calib digits
       atexport litert --ckpt runs/digits/run.pt -o sep.tflite --separable   # swap tasks with a task .npz
       atexport litert --ckpt cars.pt --ckpt birds.pt -o tasks.tflite          # multi-task (task_id input)
       atexport predict --model model.tflite photo.jpg
     """
-    kw = {} if len(ckpts) > 1 else {"threads": threads}
+    if len(ckpts) > 1 and (precision == "int8-full" or calib or calib_count):
+        from atexport.errors import BadInputError
+
+        raise BadInputError("--precision int8-full and --calib are for one --ckpt (multi-task models: fp32 or int8).")
+    kw = {} if len(ckpts) > 1 else {"threads": threads, "calib": calib, "calib_count": calib_count}
     _report(_export("litert", ckpts, output, precision, separable, backbone_weights, task_names, max_classes, images,
                     no_verify, config, **kw))
 

@@ -165,15 +165,21 @@ def edge_metadata(em: EdgeModel, fmt: str, precision: str, record: dict):
     return meta
 
 
-def check_parity_vs_torch(em: EdgeModel, candidate, precision: str, label: str, say) -> list:
-    """Parity rows of ``candidate`` (an active runner of the artifact) against the PyTorch model."""
+def check_parity_vs_torch(em: EdgeModel, candidate, precision: str, label: str, say, *, judged=None,
+                          judged_name: str = "held-out") -> list:
+    """Parity rows of ``candidate`` (an active runner of the artifact) against the PyTorch model.
+
+    ``judged``: preprocessed held-out in-domain images (a calibration set's); when given, their row is
+    judged (:func:`~atexport.parity.check_parity`) and the photos and random inputs become smoke rows."""
     from atexport.parity import check_parity, photo_batch
     from atexport.runtime.torch import TorchRunner
 
     photos = photo_batch(em.ckpt.preprocess, extra=em.images, max_images=em.par.get("max_images"))
-    say(f"checking {label} parity against PyTorch on {len(photos)} photos ...")
+    held = f" and {len(judged)} {judged_name} images" if judged is not None and len(judged) else ""
+    say(f"checking {label} parity against PyTorch on {len(photos)} photos{held} ...")
     with TorchRunner(em.model) as ref:
-        return check_parity(ref, candidate, photos, precision, random_inputs=int(em.par.get("random_inputs", 8)),
+        return check_parity(ref, candidate, photos, precision, judged=judged, judged_name=judged_name,
+                            random_inputs=int(em.par.get("random_inputs", 8)),
                             seed=int(em.par.get("seed", 0)), batch_sizes=[1], label=label,
                             tolerances=em.par.get("tolerances", "tolerances"),
                             input_shape=[int(v) for v in em.ckpt.preprocess["input_size"]])
@@ -212,7 +218,7 @@ def write_edge(data: bytes, result: EdgeResult, output: Path, *, verify: bool, t
     for suffix, blob in (extra_files or {}).items():
         atomic_write_bytes(target.with_name(target.name + suffix), blob)
     atomic_write_json(edge_sidecar_path(target), edge_sidecar(meta, target.name, result.format, sha))
-    what = (f"the {result.format} {result.precision} model does not match PyTorch within the {result.precision} "
+    what = (f"the {result.format} {result.precision} model does not match PyTorch within the {meta.precision} "
             "tolerances")
     result.path = write_verified(data, output, result.parity, what, verify=verify, failed_path=failed, result=result)
     return result.path

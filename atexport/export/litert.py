@@ -1,15 +1,22 @@
 """Writing a verified LiteRT model (``.tflite``) from an atexport checkpoint, for Android and small boards.
 
-``atexport litert --ckpt run.pt [--separable] [--precision fp32|int8]`` rebuilds the trained model,
+``atexport litert --ckpt run.pt [--separable] [--precision fp32|int8|int8-full [--calib SET]]`` rebuilds the trained model,
 converts it with ``litert_torch.convert`` (``torch.export`` to LiteRT, no TensorFlow), runs the result in
 LiteRT's interpreter (:class:`~atexport.runtime.litert.LiteRTRunner`, the runtime an app uses) against
 PyTorch on real photos, and writes it only when every parity row passes (:mod:`atexport.export.edge`):
 
 * ``fp32``: float rounding (the ``fp32`` row of ``export_configs/tolerances.yaml``);
 * ``int8``: *dynamic-range* quantization with ``ai_edge_quantizer`` (weights INT8, activations float,
-  quantized per channel at run time; ``dynamic_wi8_afp32``), held to the ``int8`` row. Full-integer INT8
-  lost far more on ViTs (issue #21: max logit diff 8.4 vs 0.31) and is not offered. In a separable model
+  quantized per channel at run time; ``dynamic_wi8_afp32``), held to the ``int8`` row. In a separable model
   the task's tensors are inputs and stay float; the backbone's weights are quantized.
+* ``int8-full``: *full-integer* (static) quantization with ``ai_edge_quantizer``'s ``static_wi8_ai8``
+  recipe (weights INT8 per channel, activations INT8 per tensor with ranges measured on an atexport
+  calibration set, ``--calib``, through the model's own preprocessing), held to the ``int8`` row and judged
+  on the set's held-out images. The graph's input and output stay float (the recipe leaves the virtual
+  ``INPUT``/``OUTPUT`` ops unquantized, so a QUANTIZE op follows the image and a DEQUANTIZE op precedes
+  the logits): the runtime's preprocessing and logits are unchanged. It loses more than dynamic-range
+  (issue #21) and fused models only: a separable model's task tensors are inputs whose ranges would be
+  fixed to the exported task's.
 
 Beside ``model.tflite`` go ``model.tflite.json`` (the metadata sidecar, :mod:`atexport.artifact.edge`;
 ``extra.litert`` records the signature, its image, logits and weight inputs, the converter versions) and,
@@ -24,10 +31,10 @@ import io
 import os
 import time
 
-from atexport.errors import require
+from atexport.errors import BadInputError, require
 from atexport.export.edge import EdgeResult
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int8-full")
 
 
 def _convert(module, example) -> bytes:
@@ -54,6 +61,32 @@ def quantize_dynamic_range(data: bytes) -> bytes:
         return bytes(qt.quantize().quantized_model)
 
 
+def quantize_full_integer(data: bytes, calib_batch, image_input: str = "args_0", threads: int | None = None) -> bytes:
+    """Full-integer INT8 (``ai_edge_quantizer``'s ``static_wi8_ai8`` recipe) of a float ``.tflite``, activation
+    ranges measured on ``calib_batch`` (float32 NCHW, fed one image at a time: the model's batch is 1).
+
+    The virtual ``INPUT`` and ``OUTPUT`` ops are left unquantized, so the model keeps a float image input and
+    float logits (quantize / dequantize ops inside the graph).
+    """
+    import warnings
+
+    require("ai_edge_quantizer", "quantizing LiteRT models", "litert-export")
+    from ai_edge_quantizer import quantizer, recipe
+
+    from atexport.runtime.litert import SIGNATURE
+
+    rules = list(recipe.static_wi8_ai8())
+    rules += [{"regex": ".*", "operation": op, "algorithm_key": "no_quantize"} for op in ("INPUT", "OUTPUT")]
+    samples = [{image_input: calib_batch[i: i + 1]} for i in range(len(calib_batch))]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the calibrator's interpreter keeps all tensors, and says so
+        qt = quantizer.Quantizer(bytearray(data))
+        qt.load_quantization_recipe(rules)
+        ranges = qt.calibrate({SIGNATURE: samples}, num_threads=int(threads or os.cpu_count() or 1))
+        return bytes(qt.quantize(ranges, enable_progress_bar=False).quantized_model)
+
+
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -72,6 +105,8 @@ def export_litert(
     *,
     separable: bool = False,
     precision: str = "fp32",
+    calib=None,
+    calib_count: int | None = None,
     verify: bool = True,
     images=None,
     threads: int | None = None,
@@ -86,7 +121,10 @@ def export_litert(
         ckpt: a ``run.pt`` path or a loaded :class:`~atexport.checkpoint.Checkpoint`.
         output: the ``.tflite`` to write; default ``<checkpoint stem>.tflite`` beside the checkpoint.
         separable: adapter and head tensors as signature inputs (swappable tasks, see the module docstring).
-        precision: ``fp32`` or ``int8`` (dynamic-range).
+        precision: ``fp32``, ``int8`` (dynamic-range) or ``int8-full`` (full-integer, calibrated on ``calib``).
+        calib: ``int8-full`` only (required there): the calibration set (a name in ``calibration/``, a YAML
+            path or a folder of images); its held-out images are the judged parity row.
+        calib_count: how many calibration images (default: the set's).
         verify: check parity against PyTorch before writing (on by default).
         images: extra real images for parity (a folder or a list of paths or PIL images).
         threads: LiteRT threads for the check.
@@ -96,7 +134,8 @@ def export_litert(
         log: optional callable receiving progress lines.
 
     Raises:
-        BadInputError: unreadable checkpoint, unknown precision, output not a ``.tflite``.
+        BadInputError: unreadable checkpoint, unknown precision, output not a ``.tflite``, ``calib`` without
+            ``int8-full`` or ``int8-full`` without ``calib`` or with ``separable``.
         IncompatibleCheckpointError: fingerprint mismatch, ``separable`` with a full fine-tune.
         MissingDependencyError: litert-torch or ai-edge-litert is not installed (``pip install 'atexport[litert-export]'``).
         ParityError: outside the tolerance; kept at ``<stem>.failed.tflite`` (with its sidecar), nothing at ``output``.
@@ -115,6 +154,16 @@ def export_litert(
     say = log or (lambda *_: None)
     t_start = time.perf_counter()
     precision = refuse_precision(precision, PRECISIONS)
+    full = precision == "int8-full"
+    if not full and (calib is not None or calib_count is not None):
+        raise BadInputError(f"--calib applies to --precision int8-full (static activation ranges); {precision} "
+                            "needs no calibration set.")
+    if full and calib is None:
+        raise BadInputError("--precision int8-full needs a calibration set: give --calib NAME|DIR|YAML "
+                            "(e.g. --calib digits, or a folder of the task's images).")
+    if full and separable:
+        raise BadInputError("--precision int8-full is for fused models: a --separable model's task tensors are "
+                            "inputs, and static ranges would fix them to the exported task's.")
     require("litert_torch", "converting models to LiteRT (.tflite)", "litert-export")
     require_litert()
     em = prepare(ckpt, output, ".tflite", separable=separable, images=images, task_name=task_name,
@@ -123,16 +172,29 @@ def export_litert(
     t0 = time.perf_counter()
     data = _convert(module_to_convert(em), em.example)
     seconds = {"convert": time.perf_counter() - t0}
+    calib_desc, held_out, held_name = None, None, None
     if precision == "int8":
         t0 = time.perf_counter()
         data = quantize_dynamic_range(data)
         seconds["quantize"] = time.perf_counter() - t0
+    elif full:
+        from atexport.export.precision.calibration import load_calibration_set
+
+        cs = load_calibration_set(calib, count=calib_count)
+        say(f"loading calibration images ({cs.name}: {cs.source}, up to {cs.count}) ...")
+        calib_batch, calib_desc = cs.batch(em.ckpt.preprocess), cs.to_dict()
+        held_out, held_name = cs.batch(em.ckpt.preprocess, "holdout"), f"held-out {cs.name}"
+        say(f"full-integer quantization, calibrated on {len(calib_batch)} images ...")
+        t0 = time.perf_counter()
+        data = quantize_full_integer(data, calib_batch, threads=threads)
+        seconds["quantize"] = time.perf_counter() - t0
     # litert_torch names the signature's inputs args_0.. in the order given and its output output_0
     record = {"signature": SIGNATURE, "image_input": "args_0", "logits_output": "output_0",
               "weight_inputs": {n: f"args_{i + 1}" for i, n in enumerate(em.names)},
-              "quantization": "dynamic_wi8_afp32" if precision == "int8" else None, "batch": 1,
-              "versions": _versions()}
-    meta = edge_metadata(em, "litert", precision, record)
+              "quantization": {"int8": "dynamic_wi8_afp32", "int8-full": "static_wi8_ai8 (float input and output)"}
+              .get(precision), "calibration": calib_desc, "batch": 1, "versions": _versions()}
+    row = "int8" if precision.startswith("int8") else precision  # metadata precision and tolerance row
+    meta = edge_metadata(em, "litert", row, record)
     result = EdgeResult(path=None, format="litert", precision=precision, metadata=meta, seconds=seconds)
     if verify:
         t0 = time.perf_counter()
@@ -141,7 +203,8 @@ def export_litert(
             if em.names:  # the exported task's tensors, as the runtime feeds them from model.tflite.task.npz
                 runner.add_task(weights=dict(zip(em.names, (t.numpy() for t in em.example[1:]))), name="exported")
                 runner.use("exported")
-            result.parity = check_parity_vs_torch(em, runner, precision, f"litert {precision}", say)
+            result.parity = check_parity_vs_torch(em, runner, row, f"litert {precision}", say, judged=held_out,
+                                                  judged_name=held_name or "held-out")
         seconds["verify"] = time.perf_counter() - t0
     write_edge(data, result, em.output, verify=verify, t_start=t_start, extra_files=own_task_bytes(em))
     return result
