@@ -8,7 +8,7 @@ merged LoRA has a multi-task bank whose rows equal each task's single-task expor
 the refit of bank tensors exact); an AdaRing task swaps into an AdapterTune model. Adapter-X's routing
 is read beside the logits (:class:`~atexport.adapters.adapterx.RoutingProbe`, and in ONNX graphs through
 :class:`~atexport.adapters.routing.RoutingCheck`): the chosen expert per token must be the same in ONNX
-Runtime as in PyTorch, and ``atexport verify`` reports it per backend.
+Runtime as in PyTorch, and ``atexport verify`` reports it per backend (multi-task models: per task).
 """
 
 from __future__ import annotations
@@ -537,6 +537,58 @@ def test_verify_reports_adapterx_routing_per_backend(fam_dir):
     print("\n" + "\n".join(f"{n}: {r['summary']}" for n, r in rows.items()))
     assert "expert choice per token (onnxruntime fp16)" in res.table()
     assert res.to_dict()["probes"] == res.probes
+
+
+def test_multitask_verify_reports_adapterx_routing_per_task(tmp_path):
+    """Multi-task verify runs the family's probe per task: each task's first images in its own PyTorch model
+    against every model fed that task's id (the bank graph keeps one ArgMax per routed block). A model whose
+    task "b" router embeddings are rolled (its experts' keys swapped) fails b's routing row, by name; a's rows
+    and the intact model's rows pass."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from atexport.export.multitask import export_multitask
+    from atexport.export.precision import convert_precision
+    from atexport.verify import verify
+
+    cks = [_family_checkpoint(tmp_path / f"{t}.pt", CASES["adapterx"], weight_seed=s, scale=0.02, num_classes=10)[0]
+           for t, s in (("a", 21), ("b", 22))]
+    good = export_multitask(cks, tmp_path / "tasks.onnx", task_names=["a", "b"], verify=False).path
+    f16 = convert_precision(good, "fp16", tmp_path / "tasks.fp16.onnx", verify=False).path
+    proto = onnx.load(str(good))
+    init = next(i for i in proto.graph.initializer if i.name == "bank.shared.adapter.router.embed")
+    embed = numpy_helper.to_array(init).copy()  # [tasks, experts, router_dim]
+    embed[1] = np.roll(embed[1], 1, axis=0)  # task b only
+    init.CopyFrom(numpy_helper.from_array(embed, init.name))
+    bad = tmp_path / "bad_router.onnx"
+    onnx.save(proto, str(bad))
+
+    res = verify(cks, onnx=[good, bad], onnx_fp16=f16, dataset="digits", limit=8, strict=False, progress=False,
+                 report=tmp_path / "report")
+    rows = {(r["task"], r["name"]): r for r in res.probes}
+    names = [b.name for b in res.tasks[0].backends]
+    assert set(rows) == {(t, n) for t in ("a", "b") for n in names} and all(r["observed"] for r in rows.values())
+    good_fp32 = f"onnxruntime fp32 ({good.name})"
+    bad_fp32 = f"onnxruntime fp32 ({bad.name})"
+    for task in ("a", "b"):
+        r = rows[(task, good_fp32)]
+        assert r["passed"] and r["flipped"] == r["flipped_at_near_ties"] and r["tokens"] == 8 * 2 * (17 + 18 + 19 + 20)
+        assert rows[(task, "onnxruntime fp16")]["passed"]
+    assert rows[("a", bad_fp32)]["passed"] and rows[("a", bad_fp32)]["flipped"] == 0
+    broken = rows[("b", bad_fp32)]
+    assert not broken["passed"] and broken["flipped"] > broken["flipped_at_near_ties"]
+    assert not res.passed and not any(m.task == "a" and not m.passed for m in res.mixed)
+    failing = [f for f in res.failures() if f.startswith("expert choice per token")]
+    assert failing == [f"expert choice per token ({bad_fp32} [b], {bad}): {broken['summary']}"]
+    print("\n" + "\n".join(f"[{t}] {n}: {r['summary']}" for (t, n), r in rows.items()))
+    assert f"expert choice per token ({good_fp32} [a]): same expert" in res.table()
+    doc = json.loads((tmp_path / "report" / "verify.json").read_text())
+    assert doc["probes"] == res.probes and not doc["passed"]
+    md = (tmp_path / "report" / "verify.md").read_text()
+    assert "## Family diagnostics" in md
+    assert f"| b | expert choice per token | {bad_fp32} | `{bad.name}` | **FAIL**: " in md
 
 
 def test_registry_lists_every_family():

@@ -12,6 +12,11 @@ A multi-task model (``atexport onnx --ckpt A --ckpt B --multitask``) claims two 
   with one task verified, every other row goes to another task of the model) give, row for row, the
   model's own single-task results: the batch's composition must not change a sample's logits.
 
+Where a task's adapter family has probes (Adapter-X: the expert chosen per token,
+:mod:`atexport.verify.probes`), each task's first images are probed in its own PyTorch model and in every
+model fed that task's id: the bank graph keeps one ``ArgMax`` per routed block, so routing is observed in
+ONNX Runtime as in single-task models (TensorRT and other runtimes: a "not observable" row).
+
 Rows are labelled per backend, precision and task; a failure names all three and the file.
 """
 
@@ -122,11 +127,13 @@ class MultiTaskVerifyResult:
     seconds: dict = field(default_factory=dict)
     reports: dict = field(default_factory=dict)
     per_block: list = field(default_factory=list)  # not run on multi-task models; kept for the CLI
+    probes: list = field(default_factory=list)  # family diagnostics per task (verify/probes.py), e.g. routing
 
     @property
     def passed(self) -> bool:
         return (all(b.passed for t in self.tasks for b in t.backends) and all(m.passed for m in self.mixed)
-                and all(t.preprocess.get("passed", True) for t in self.tasks))
+                and all(t.preprocess.get("passed", True) for t in self.tasks)
+                and all(p.get("passed", True) for p in self.probes))
 
     @property
     def samples(self) -> int:
@@ -153,6 +160,10 @@ class MultiTaskVerifyResult:
             if not m.passed:
                 out.append(f"{m.name} mixed-task batch [{m.task}] ({m.path}): " + "; ".join(m.parity.failures)
                            + " (against the same model's single-task rows)")
+        from atexport.verify.probes import probe_label
+
+        out += [f"{p['title']} ({probe_label(p)}, {p['artifact']}): {p['summary']}" for p in self.probes
+                if not p.get("passed", True)]
         return out
 
     def table(self) -> str:
@@ -182,6 +193,11 @@ class MultiTaskVerifyResult:
                 verdict = "ok" if p.passed else "FAIL: " + "; ".join(p.failures)
                 lines.append(f"{m.task:<{tw}} {m.name:<{bw}} {p.samples:>5} {m.batch_size:>5} {p.max_abs:>9.3g} "
                              f"{p.min_cosine:>9.6f}  {verdict}")
+        if self.probes:
+            from atexport.verify.probes import probe_lines
+
+            lines += ["", "family diagnostics: each task's first images, its PyTorch model against each model"]
+            lines += probe_lines(self.probes)
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -195,6 +211,7 @@ class MultiTaskVerifyResult:
             "failures": self.failures(),
             "tasks": [t.to_dict() for t in self.tasks],
             "mixed": [m.to_dict() for m in self.mixed],
+            "probes": self.probes,
             "notes": self.notes,
             "tolerances": self.tolerances,
             "machine": self.machine,
@@ -330,15 +347,22 @@ def verify_multitask(ckpts, loaded: Sequence[LoadedArtifact], *, datasets: Seque
     for i in loaded:
         i.runner.activate()  # fails here, before any work, when a backend is missing (e.g. TensorRT)
     kept_x, kept_y = [], {}  # per task: its first images; per (model, task): that model's logits of them
+    from atexport.verify.probes import check_probes  # the family's diagnostics (Adapter-X: routing)
+
     try:
         for p, ck in enumerate(ckpts):
             task, ds = labels[p], subsets[p]
             say(f"task {task}: building its PyTorch model from {ck.path}, running {len(ds)} images ...")
-            reference = TorchRunner(build_model(ck, backbone_weights=backbone_weights), name="pytorch").activate()
+            model = build_model(ck, backbone_weights=backbone_weights)
+            reference = TorchRunner(model, name="pytorch").activate()
             rows = _verify_task(ds, ck, reference, loaded, entries, p, bs, id_names, pads,
                                 eval_transform(ck.preprocess), Preprocessor(ck.preprocess), int(mixed_images))
             reference.deactivate()
             ref, outs, spent, pre_max, x_keep, pt_time, pad_fail = rows
+            ids = {id(i): {id_names[id(i)]: np.full(len(x_keep), entries[id(i)][p]["index"], np.int64)} for i in loaded}
+            result.probes += check_probes(ck.adapter, model, loaded, x_keep, threads, feeds=lambda i: ids[id(i)],
+                                          task=task)  # the task's first images; every model fed its task id
+            del model
             n, c = len(ds), int(ck.model.num_classes)
             targets = np.asarray(ds.targets, dtype=np.int64)
             acc = (lambda y: float((y.argmax(1) == targets).mean())) if use_labels[p] else (lambda y: None)

@@ -113,6 +113,13 @@ def multitask_markdown(result) -> str:
               "ok" if m.passed else "**FAIL**: " + "; ".join(m.parity.failures)] for m in result.mixed]))
     pre = [f"{t.task} {t.preprocess['max_abs']:.3g}" for t in result.tasks]
     lines += ["", "Preprocessing (numpy/Pillow vs timm), max abs difference: " + ", ".join(pre) + "."]
+    if getattr(result, "probes", None):
+        lines += ["", "## Family diagnostics", "",
+                  "Each task's first images in its own PyTorch model against every model fed that task's id.", ""]
+        lines.append(_md_table(
+            ["task", "diagnostic", "backend", "file", "result"],
+            [[r.get("task", "-"), r["title"], r["name"], f"`{Path(r['artifact']).name}`",
+              r["summary"] if r.get("passed", True) else "**FAIL**: " + r["summary"]] for r in result.probes]))
     if result.failures():
         lines += ["", "## Failures", ""] + [f"- {f}" for f in result.failures()]
     if result.notes:
