@@ -85,8 +85,12 @@ def calibration(preprocess) -> np.ndarray:
     return load_calibration_set("digits").batch(preprocess)
 
 
-def quantize_all(fp32: Path, folder: Path, calib: np.ndarray) -> dict:
-    """``{name: (onnx path or None, openvino model or None)}`` for every quantizer."""
+def quantize_all(fp32: Path, folder: Path, calib: np.ndarray, reuse: bool = False) -> dict:
+    """``{name: (onnx path or None, openvino model or None)}`` for every quantizer.
+
+    With ``reuse``, models this script wrote to ``folder`` before are read back instead of quantized again (to
+    re-measure latency on a quiet machine without the quantizers' minutes).
+    """
     import nncf
     import onnx
     import openvino as ov
@@ -97,22 +101,27 @@ def quantize_all(fp32: Path, folder: Path, calib: np.ndarray) -> dict:
     out = {"FP32": (fp32, None)}
     for name, kw in (("atexport S8S8", {}), ("atexport U8S8", {"target": "cpu"}),
                      ("atexport naive S8S8", {"smooth": "off", "keep_float": "none"})):
-        t0 = time.perf_counter()
-        r = quantize_int8(fp32, folder / f"{name.replace(' ', '_')}.onnx", calib, verify=False, cache=False, **kw)
-        say(f"{name}: {time.perf_counter() - t0:.1f}s; " + r.summary().replace("\n", " | "))
-        out[name] = (r.path, None)
+        path = folder / f"{name.replace(' ', '_')}.onnx"
+        if not (reuse and path.exists()):
+            t0 = time.perf_counter()
+            r = quantize_int8(fp32, path, calib, verify=False, cache=False, **kw)
+            say(f"{name}: {time.perf_counter() - t0:.1f}s; " + r.summary().replace("\n", " | "))
+        out[name] = (path, None)
     inp = onnx.load(str(fp32)).graph.input[0].name
     items = [calib[i : i + 1] for i in range(len(calib))]
-    t0 = time.perf_counter()
-    qov = nncf.quantize(ov.Core().read_model(str(fp32)), nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
-                        subset_size=len(items))
-    say(f"NNCF (OpenVINO): {time.perf_counter() - t0:.1f}s")
-    out["NNCF TRANSFORMER (OpenVINO)"] = (None, qov)
-    t0 = time.perf_counter()
-    qonnx = nncf.quantize(onnx.load(str(fp32)), nncf.Dataset([{inp: x} for x in items]),
-                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
-    onnx.save(qonnx, str(folder / "nncf.onnx"))
-    say(f"NNCF (ONNX): {time.perf_counter() - t0:.1f}s")
+    if not (reuse and (folder / "nncf_ov.xml").exists()):
+        t0 = time.perf_counter()
+        qov = nncf.quantize(ov.Core().read_model(str(fp32)), nncf.Dataset(items),
+                            model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+        say(f"NNCF (OpenVINO): {time.perf_counter() - t0:.1f}s")
+        ov.save_model(qov, str(folder / "nncf_ov.xml"), compress_to_fp16=False)
+    out["NNCF TRANSFORMER (OpenVINO)"] = (None, ov.Core().read_model(str(folder / "nncf_ov.xml")))
+    if not (reuse and (folder / "nncf.onnx").exists()):
+        t0 = time.perf_counter()
+        qonnx = nncf.quantize(onnx.load(str(fp32)), nncf.Dataset([{inp: x} for x in items]),
+                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+        onnx.save(qonnx, str(folder / "nncf.onnx"))
+        say(f"NNCF (ONNX): {time.perf_counter() - t0:.1f}s")
     out["NNCF TRANSFORMER (ONNX)"] = (folder / "nncf.onnx", None)
 
     class Reader(CalibrationDataReader):
@@ -123,9 +132,10 @@ def quantize_all(fp32: Path, folder: Path, calib: np.ndarray) -> dict:
             x = next(self.it, None)
             return None if x is None else {inp: x}
 
-    t0 = time.perf_counter()
-    quantize_static(str(fp32), str(folder / "ort.onnx"), Reader())
-    say(f"ORT quantize_static: {time.perf_counter() - t0:.1f}s")
+    if not (reuse and (folder / "ort.onnx").exists()):
+        t0 = time.perf_counter()
+        quantize_static(str(fp32), str(folder / "ort.onnx"), Reader())
+        say(f"ORT quantize_static: {time.perf_counter() - t0:.1f}s")
     out["ORT quantize_static (defaults)"] = (folder / "ort.onnx", None)
     return out
 
@@ -139,7 +149,7 @@ def bench_model(label: str, ckpt: Path, folder: Path, args, amx: bool) -> dict:
     say(f"{label}: FP32 ONNX vs PyTorch max abs {max(r.max_abs for r in exp.parity):.3g}")
     pre = load_checkpoint(ckpt).preprocess
     x, y = digits_test(pre)
-    models = quantize_all(exp.path, folder, calibration(pre))
+    models = quantize_all(exp.path, folder, calibration(pre), reuse=args.reuse)
     fns = {}
     for name, (path, ovm) in models.items():
         if path is not None:
@@ -182,6 +192,8 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--workdir", default="runs/bench_quantizers")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--reuse", action="store_true",
+                    help="Read back the quantized models an earlier run left in --workdir (latency on a quiet machine).")
     args = ap.parse_args()
     m = machine()
     amx = "amx" in m["line"].lower() or "amx_bf16" in json.dumps(m).lower()
