@@ -104,9 +104,10 @@ _exports: dict = {}
 
 def _export(fam_dir, ckpt, key, **kw):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
     if key not in _exports:
-        _exports[key] = export_onnx(ckpt, fam_dir / f"{key}.onnx", **kw)
+        _exports[key] = export_onnx(ckpt, fam_dir / f"{key}.onnx", ExportSettings(**kw))
     return _exports[key]
 
 
@@ -550,12 +551,13 @@ def test_multitask_verify_reports_adapterx_routing_per_task(tmp_path):
     from onnx import numpy_helper
 
     from atexport.export.multitask import export_multitask
+    from atexport.export.settings import ExportSettings
     from atexport.export.precision import convert_precision
     from atexport.verify import verify
 
     cks = [_family_checkpoint(tmp_path / f"{t}.pt", CASES["adapterx"], weight_seed=s, scale=0.02, num_classes=10)[0]
            for t, s in (("a", 21), ("b", 22))]
-    good = export_multitask(cks, tmp_path / "tasks.onnx", task_names=["a", "b"], verify=False).path
+    good = export_multitask(cks, tmp_path / "tasks.onnx", ExportSettings(verify=False), task_names=["a", "b"]).path
     f16 = convert_precision(good, "fp16", tmp_path / "tasks.fp16.onnx", verify=False).path
     proto = onnx.load(str(good))
     init = next(i for i in proto.graph.initializer if i.name == "bank.shared.adapter.router.embed")
@@ -600,4 +602,5 @@ def test_registry_lists_every_family():
         assert fam.kind == kind and fam.config_cls().kind == kind
     cfg, state = export_view(None, {"head.weight": torch.zeros(1)})
     assert cfg is None and list(state) == ["head.weight"]
+
 
