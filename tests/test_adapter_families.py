@@ -604,3 +604,27 @@ def test_registry_lists_every_family():
     assert cfg is None and list(state) == ["head.weight"]
 
 
+
+def test_register_family_refuses_a_duplicate_kind():
+    """A second family under a registered kind would silently take over every checkpoint recording it."""
+    from atexport.adapters import FAMILIES, AdapterFamily, register_family
+
+    fam = get_family("adaptertune")
+    assert register_family(fam) is fam  # registering the same family again changes nothing
+
+    class Impostor(AdapterFamily):
+        kind = "adaptertune"
+
+    with pytest.raises(ValueError, match="'adaptertune' is already registered"):
+        register_family(Impostor())
+    assert FAMILIES["adaptertune"] is fam
+
+
+def test_bank_adapter_is_adaptertunes_alone():
+    """Only AdapterTune (and AdaRing, whose export layout is AdapterTune's) has a per-block bank adapter; the other
+    families build their banks through bank_modules."""
+    from atexport.adapters import AdapterFamily
+
+    assert not hasattr(AdapterFamily, "bank_adapter")
+    assert hasattr(get_family("adaptertune"), "bank_adapter")
+    assert get_family(AdaRingConfig(rank=4).kind).export_adapter_config(AdaRingConfig(rank=4)).kind == "adaptertune"
