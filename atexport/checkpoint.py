@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from atexport import __version__
-from atexport.adapter import infer_adapter_config
 from atexport.adapters import (
     adapter_config_from_dict,
     export_model,
@@ -310,6 +309,8 @@ def import_official(
     Rank and placement are read off the tensors; the frozen backbone tensors in the file are checked
     against the given backbone so the fingerprint recorded is the one the adapters were trained on.
     """
+    from atexport.adapters.adaptertune import infer_adapter_config  # official checkpoints are AdapterTune's
+
     path = require_file(path, "--ckpt", "checkpoint")
     d = load_torch_file(path, "--ckpt", "weights-only AdapterTune checkpoint")
     sd = d.get("model", d) if isinstance(d, dict) else None

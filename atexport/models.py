@@ -350,12 +350,6 @@ def _timm_preprocess(model) -> dict:
     }
 
 
-def count_params(model) -> dict:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable, "share": trainable / total if total else 0.0}
-
-
 def inject_activation_outliers(model, factor: float = 50.0, channels: int = 2, blocks=None, seed: int = 0) -> dict:
     """Give a ViT the massive activations of pretrained ones without changing what it computes.
 

@@ -88,6 +88,7 @@ def proxy_checkpoint(folder: Path) -> Path:
 def artifacts(ckpt: Path, folder: Path, calib_count: int | None, keep_float) -> dict:
     """FP32 ONNX (fused and separable) and the two INT8 Q/DQ files of a checkpoint (cached in ``folder``)."""
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
     from atexport.export.precision import quantize_int8
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,9 +96,9 @@ def artifacts(ckpt: Path, folder: Path, calib_count: int | None, keep_float) -> 
            "s8s8": folder / "model.s8s8.onnx", "u8s8": folder / "model.u8s8.onnx"}
     if not out["fp32"].is_file():
         say(f"exporting {ckpt} ...")
-        export_onnx(ckpt, out["fp32"], verify=False)
+        export_onnx(ckpt, out["fp32"], ExportSettings(verify=False))
     if not out["sep"].is_file():
-        export_onnx(ckpt, out["sep"], separable=True, verify=False)
+        export_onnx(ckpt, out["sep"], ExportSettings(separable=True, verify=False))
     for key, target in (("s8s8", "tensorrt"), ("u8s8", "cpu")):
         if not out[key].is_file():
             say(f"quantizing {out['fp32']} for target {target} ...")

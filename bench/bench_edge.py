@@ -40,6 +40,7 @@ def build(ckpt: Path, workdir: Path, refused: dict) -> dict:
     from atexport.export.executorch import export_executorch
     from atexport.export.litert import export_litert
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
     from atexport.runtime.executorch import ExecuTorchRunner
     from atexport.runtime.litert import LiteRTRunner
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
@@ -49,7 +50,7 @@ def build(ckpt: Path, workdir: Path, refused: dict) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     out = {"PyTorch FP32": (lambda: TorchRunner(build_model(load_checkpoint(ckpt))), 0.0)}
     t0 = time.perf_counter()
-    onnx = export_onnx(ckpt, workdir / "m.onnx", batch=1).path
+    onnx = export_onnx(ckpt, workdir / "m.onnx", ExportSettings(batch=1)).path
     s = time.perf_counter() - t0
     out["ONNX Runtime FP32"] = (lambda: OnnxRuntimeRunner(str(onnx)), s)
     out["OpenVINO FP32"] = (lambda: OpenVINORunner(str(onnx), precision="fp32"), s)

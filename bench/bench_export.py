@@ -96,6 +96,7 @@ def bench_model(backbone: str, folder: Path, args) -> dict:
     from atexport.artifact.fit import check_fits
     from atexport.checkpoint import export_task_weights, load_checkpoint
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
     from atexport.export.swap import swap_onnx
     from atexport.runtime.session import AdapterSession
 
@@ -107,8 +108,8 @@ def bench_model(backbone: str, folder: Path, args) -> dict:
             name = f"{'separable' if separable else 'fused'}-{simplifier or 'raw'}"
             out = folder / f"{backbone}_{name}.onnx"
             t = time.perf_counter()
-            r = export_onnx(ck["task_a"], out, separable=separable, simplify=simplifier is not None,
-                            simplifier=simplifier)
+            r = export_onnx(ck["task_a"], out, ExportSettings(separable=separable, simplify=simplifier is not None,
+                                                               simplifier=simplifier))
             wall = time.perf_counter() - t
             paths[name] = out
             res["exports"].append({
@@ -123,7 +124,7 @@ def bench_model(backbone: str, folder: Path, args) -> dict:
     export_onnx(ck["head_only"], head)
     b_fresh = folder / f"{backbone}_fresh_b.onnx"
     t = time.perf_counter()
-    rb = export_onnx(ck["task_b"], b_fresh, separable=True)
+    rb = export_onnx(ck["task_b"], b_fresh, ExportSettings(separable=True))
     res["reexport_s"] = time.perf_counter() - t
     res["reexport_export_step_s"] = rb.seconds["export"]
 

@@ -167,6 +167,7 @@ def bench(args, folder: Path) -> dict:
     from atexport.checkpoint import load_checkpoint
     from atexport.export.multitask import export_multitask
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
     from atexport.export.swap import swap_onnx
 
     kmax = max(args.ks)
@@ -175,21 +176,21 @@ def bench(args, folder: Path) -> dict:
     classes = [load_checkpoint(c).model.num_classes for c in ckpts]
     res = {"setup_s": {"checkpoints": time.perf_counter() - t}, "runs": [], "exports": {}}
     t = time.perf_counter()
-    reference = export_onnx(ckpts[0], folder / "reference_fused.onnx", verify=False).path
+    reference = export_onnx(ckpts[0], folder / "reference_fused.onnx", ExportSettings(verify=False)).path
     res["setup_s"]["reference_export"] = time.perf_counter() - t
     t = time.perf_counter()
     singles, base = [], {}
     for i, ck in enumerate(ckpts):
         c = classes[i]
         if c not in base:
-            base[c] = export_onnx(ck, folder / f"single{i:02d}.onnx", separable=True, verify=False).path
+            base[c] = export_onnx(ck, folder / f"single{i:02d}.onnx", ExportSettings(separable=True, verify=False)).path
             singles.append(base[c])
         else:
             singles.append(swap_onnx(base[c], ck, folder / f"single{i:02d}.onnx").path)
     res["setup_s"]["single_task_files"] = time.perf_counter() - t
     for k in args.ks:
         t = time.perf_counter()
-        r = export_multitask(ckpts[:k], folder / f"multi{k:02d}.onnx", verify=False)
+        r = export_multitask(ckpts[:k], folder / f"multi{k:02d}.onnx", ExportSettings(verify=False))
         res["exports"][k] = {"export_s": time.perf_counter() - t, "size_mb": r.size_bytes / 1e6,
                              "singles_size_mb": sum(Path(p).stat().st_size for p in singles[:k]) / 1e6,
                              "nodes": r.nodes}

@@ -203,8 +203,9 @@ def run_steps(work: Path, triton: bool) -> None:
     @step("5. multi-task engine with mixed task_id = ORT")
     def multitask():
         from atexport.export.multitask import export_multitask
+        from atexport.export.settings import ExportSettings
 
-        mt = export_multitask([ckpt_a, ckpt_b], work / "tasks.onnx", verify=False).path
+        mt = export_multitask([ckpt_a, ckpt_b], work / "tasks.onnx", ExportSettings(verify=False)).path
         res = export_tensorrt(mt, precision="fp16", output=work / "tasks.fp16.engine",
                               engine=EngineOptions(batch=",".join(map(str, BATCH))))
         assert res.parity and all(r.passed for r in res.parity), "multi-task parity failed"

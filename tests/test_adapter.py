@@ -75,3 +75,27 @@ def test_fingerprint_ignores_adapters_and_head_but_not_backbone():
 def test_bad_config_is_refused(kw):
     with pytest.raises(BadInputError):
         AdapterConfig(**kw)
+
+
+def test_library_imports_families_not_the_compat_module():
+    """``atexport.adapter`` stays for users' old imports (its re-exports work); atexport itself imports the
+    families from ``atexport.adapters``."""
+    import ast
+    from pathlib import Path
+
+    import atexport
+    import atexport.adapter as compat
+
+    root = Path(atexport.__file__).parent
+    users = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if path != root / "adapter.py" and "atexport.adapter" in names:
+                users.append(str(path.relative_to(root)))
+    assert not users, f"import atexport.adapters instead of the compat module in {users}"
+    from atexport.adapters import adaptertune
+
+    assert compat.AdapterConfig is adaptertune.AdapterConfig
+    assert compat.infer_adapter_config is adaptertune.infer_adapter_config

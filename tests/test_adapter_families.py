@@ -104,9 +104,10 @@ _exports: dict = {}
 
 def _export(fam_dir, ckpt, key, **kw):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
     if key not in _exports:
-        _exports[key] = export_onnx(ckpt, fam_dir / f"{key}.onnx", **kw)
+        _exports[key] = export_onnx(ckpt, fam_dir / f"{key}.onnx", ExportSettings(**kw))
     return _exports[key]
 
 
@@ -550,12 +551,13 @@ def test_multitask_verify_reports_adapterx_routing_per_task(tmp_path):
     from onnx import numpy_helper
 
     from atexport.export.multitask import export_multitask
+    from atexport.export.settings import ExportSettings
     from atexport.export.precision import convert_precision
     from atexport.verify import verify
 
     cks = [_family_checkpoint(tmp_path / f"{t}.pt", CASES["adapterx"], weight_seed=s, scale=0.02, num_classes=10)[0]
            for t, s in (("a", 21), ("b", 22))]
-    good = export_multitask(cks, tmp_path / "tasks.onnx", task_names=["a", "b"], verify=False).path
+    good = export_multitask(cks, tmp_path / "tasks.onnx", ExportSettings(verify=False), task_names=["a", "b"]).path
     f16 = convert_precision(good, "fp16", tmp_path / "tasks.fp16.onnx", verify=False).path
     proto = onnx.load(str(good))
     init = next(i for i in proto.graph.initializer if i.name == "bank.shared.adapter.router.embed")
@@ -601,3 +603,28 @@ def test_registry_lists_every_family():
     cfg, state = export_view(None, {"head.weight": torch.zeros(1)})
     assert cfg is None and list(state) == ["head.weight"]
 
+
+
+def test_register_family_refuses_a_duplicate_kind():
+    """A second family under a registered kind would silently take over every checkpoint recording it."""
+    from atexport.adapters import FAMILIES, AdapterFamily, register_family
+
+    fam = get_family("adaptertune")
+    assert register_family(fam) is fam  # registering the same family again changes nothing
+
+    class Impostor(AdapterFamily):
+        kind = "adaptertune"
+
+    with pytest.raises(ValueError, match="'adaptertune' is already registered"):
+        register_family(Impostor())
+    assert FAMILIES["adaptertune"] is fam
+
+
+def test_bank_adapter_is_adaptertunes_alone():
+    """Only AdapterTune (and AdaRing, whose export layout is AdapterTune's) has a per-block bank adapter; the other
+    families build their banks through bank_modules."""
+    from atexport.adapters import AdapterFamily
+
+    assert not hasattr(AdapterFamily, "bank_adapter")
+    assert hasattr(get_family("adaptertune"), "bank_adapter")
+    assert get_family(AdaRingConfig(rank=4).kind).export_adapter_config(AdaRingConfig(rank=4)).kind == "adaptertune"

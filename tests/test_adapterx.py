@@ -155,8 +155,9 @@ def test_old_adapterx_checkpoint_without_layout_loads_and_exports_as_before(tmp_
     with torch.no_grad():
         assert torch.equal(_built(tmp_path / "old.pt")(x), trained(x))
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
-    res = export_onnx(tmp_path / "old.pt", tmp_path / "old.onnx", separable=True)
+    res = export_onnx(tmp_path / "old.pt", tmp_path / "old.onnx", ExportSettings(separable=True))
     assert res.passed and max(r.max_abs for r in res.parity) <= 1e-5
     swapped = swap_onnx(_export(fam_dir, path, "adapterx_v1_sep", separable=True).path, tmp_path / "old.pt",
                         tmp_path / "swapped.onnx")

@@ -33,10 +33,11 @@ def models(tmp_path_factory, tiny_ckpt):
     """A fused and a separable ONNX model of ``tiny_ckpt`` (5 classes), its task .npz, and tampered copies."""
     from atexport.checkpoint import export_task_weights
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
     d = tmp_path_factory.mktemp("bad_models")
-    export_onnx(tiny_ckpt, d / "fused.onnx", verify=False)
-    export_onnx(tiny_ckpt, d / "sep.onnx", separable=True, verify=False)
+    export_onnx(tiny_ckpt, d / "fused.onnx", ExportSettings(verify=False))
+    export_onnx(tiny_ckpt, d / "sep.onnx", ExportSettings(separable=True, verify=False))
     export_task_weights(tiny_ckpt, d / "task.npz")
     edits = {
         "four_classes": lambda m: m.update(num_classes=4, class_names=m["class_names"][:4]),
@@ -108,6 +109,13 @@ def nan_ckpt(ckpt_dir):
 
 
 # ------------------------------------------------------------------------------------------ builders
+
+
+def _full_regime_missing_backbone(doc) -> None:
+    """A 'full' fine-tune whose backbone file is gone: only a refusal made before building the model passes."""
+    doc["regime"] = "full"
+    doc["model"]["source"] = {"kind": "file", "path": "/nonexistent/backbone.safetensors"}
+    doc["backbone"]["source"] = doc["model"]["source"]
 
 
 class _Evil:
@@ -277,6 +285,11 @@ CASES = [
     Case("lr-huge-diverges", ["--lr", "1e30"], 2, "diverged", absent=["{d}/run/run.pt", "{d}/run"]),
     Case("nan-weights-export", ["onnx", "--ckpt", "{nan}", "-o", "{d}/x.onnx"], 2, "head.weight",
          absent=["{d}/x.onnx", "{d}/x.failed.onnx"]),
+    # flags that do not apply are refused before any model is built (its backbone here cannot even be found)
+    Case("separable-full-finetune", ["onnx", "--ckpt", "{d}/k.pt", "--separable", "-o", "{d}/x.onnx"], 3,
+         "'full' fine-tune", ckpt_with(_full_regime_missing_backbone), ["{d}/x.onnx"]),
+    Case("multitask-opset-low", ["onnx", "--ckpt", "{ckpt}", "--multitask", "--opset", "17", "-o", "{d}/x.onnx"],
+         2, "opset >= 20", absent=["{d}/x.onnx", "{d}/x.failed.onnx"]),
     # 10. image folders a classifier cannot learn from
     Case("one-class-folder", ["train", "--dataset", "imagefolder:{d}/ds", "-o", "{d}/run", *QUICK_TRAIN[1:]], 2,
          "one class", image_folder({"cat": 3}), ["{d}/run"]),

@@ -12,8 +12,9 @@ from atexport.errors import BadInputError
 @pytest.fixture(scope="session")
 def bench_onnx(tiny_ckpt, tmp_path_factory):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
-    return export_onnx(tiny_ckpt, tmp_path_factory.mktemp("bench") / "tiny.onnx", verify=False).path
+    return export_onnx(tiny_ckpt, tmp_path_factory.mktemp("bench") / "tiny.onnx", ExportSettings(verify=False)).path
 
 
 def test_bench_json_is_well_formed(tiny_ckpt, bench_onnx, tmp_path):

@@ -21,8 +21,9 @@ from atexport.export.precision.calibration import (
 @pytest.fixture(scope="session")
 def calib_fp32(tmp_path_factory, tiny_ckpt):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
-    return export_onnx(tiny_ckpt, tmp_path_factory.mktemp("calib") / "tiny.onnx", verify=False).path
+    return export_onnx(tiny_ckpt, tmp_path_factory.mktemp("calib") / "tiny.onnx", ExportSettings(verify=False)).path
 
 
 def test_shipped_sets_load():

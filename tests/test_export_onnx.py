@@ -21,9 +21,10 @@ _CACHE: dict = {}
 def export_cached(out_dir, ckpt, name, **kwargs):
     """Export ``ckpt`` once per session (keyed by ``name``); returns the ExportResult."""
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
     if name not in _CACHE:
-        _CACHE[name] = export_onnx(ckpt, out_dir / f"{name}.onnx", **kwargs)
+        _CACHE[name] = export_onnx(ckpt, out_dir / f"{name}.onnx", ExportSettings(**kwargs))
     return _CACHE[name]
 
 
@@ -354,10 +355,16 @@ def test_unwritable_output(tmp_path, tiny_ckpt):
 
 @pytest.mark.parametrize("kwargs,match", [({"opset": 17}, "opset >= 20"), ({"batch": 0}, "positive integer")])
 def test_bad_flags(tmp_path, tiny_ckpt, kwargs, match):
+    """Bad settings are refused when the settings are made, once for both exporters, before any checkpoint is
+    read or model built."""
+    from atexport.export.multitask import export_multitask
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
     with pytest.raises(BadInputError, match=match):
-        export_onnx(tiny_ckpt, tmp_path / "m.onnx", **kwargs)
+        export_onnx(tiny_ckpt, tmp_path / "m.onnx", ExportSettings(**kwargs))
+    with pytest.raises(BadInputError, match=match):
+        export_multitask([tmp_path / "not_read.pt"], tmp_path / "m.onnx", ExportSettings(**kwargs))
     assert not (tmp_path / "m.onnx").exists()
 
 

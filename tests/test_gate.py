@@ -114,10 +114,11 @@ def test_broken_candidate_fails():
 @pytest.fixture(scope="module")
 def int8_pair(tmp_path_factory, tiny_ckpt):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
     from atexport.export.precision import quantize_int8
 
     d = tmp_path_factory.mktemp("gate")
-    fp32 = export_onnx(tiny_ckpt, d / "tiny.onnx", verify=False).path
+    fp32 = export_onnx(tiny_ckpt, d / "tiny.onnx", ExportSettings(verify=False)).path
     return fp32, quantize_int8(fp32, d / "tiny.int8.onnx", "digits", count=64, keep_float="none")
 
 

@@ -96,8 +96,10 @@ def mt(mt_dir, ckpts):
 def singles(mt_dir, ckpts):
     """Each task's own single-task export (the reference every multi-task row must equal)."""
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
-    return [export_onnx(ck, mt_dir / f"single{i}.onnx", verify=False).path for i, ck in enumerate(ckpts)]
+    return [export_onnx(ck, mt_dir / f"single{i}.onnx", ExportSettings(verify=False)).path
+            for i, ck in enumerate(ckpts)]
 
 
 @pytest.fixture(scope="session")
@@ -245,6 +247,7 @@ def test_precision_models_mixed_batch_against_single_task(precision, precision_m
 
 def test_refuses_checkpoints_that_cannot_share_a_model(mt_dir, backbone, ckpts):
     from atexport.export.multitask import export_multitask
+    from atexport.export.settings import ExportSettings
 
     other_backbone = make_checkpoint(mt_dir / "other_backbone.pt", num_classes=5, seed=7)
     rank8 = _task_ckpt(mt_dir / "rank8.pt", backbone, 5, 1, rank=8)
@@ -260,7 +263,7 @@ def test_refuses_checkpoints_that_cannot_share_a_model(mt_dir, backbone, ckpts):
     ]
     for bad, msg in cases:
         with pytest.raises(IncompatibleCheckpointError, match=msg):
-            export_multitask([ckpts[0], bad], mt_dir / "never.onnx", verify=False)
+            export_multitask([ckpts[0], bad], mt_dir / "never.onnx", ExportSettings(verify=False))
     assert not (mt_dir / "never.onnx").exists()
     with pytest.raises(BadInputError, match="used twice"):
         export_multitask([ckpts[0], ckpts[1]], mt_dir / "never.onnx", task_names=["a", "a"])
@@ -271,10 +274,11 @@ def test_refuses_checkpoints_that_cannot_share_a_model(mt_dir, backbone, ckpts):
 def test_head_only_tasks(mt_dir, backbone):
     """Head-only checkpoints share a model too (a bank of heads, no adapters)."""
     from atexport.export.multitask import export_multitask
+    from atexport.export.settings import ExportSettings
 
     a = _task_ckpt(mt_dir / "head_a.pt", backbone, 2, 1, regime="head")
     b = _task_ckpt(mt_dir / "head_b.pt", backbone, 6, 2, regime="head")
-    res = export_multitask([a, b], mt_dir / "heads.onnx", simplify=False)
+    res = export_multitask([a, b], mt_dir / "heads.onnx", ExportSettings(simplify=False))
     assert res.passed and list(res.metadata.manifest) == ["bank.head.weight", "bank.head.bias"]
 
 

@@ -37,8 +37,9 @@ def vm_ckpts(vm_dir):
 @pytest.fixture(scope="session")
 def vm_model(vm_dir, vm_ckpts):
     from atexport.export.multitask import export_multitask
+    from atexport.export.settings import ExportSettings
 
-    return export_multitask(list(vm_ckpts.values()), vm_dir / "tasks.onnx", verify=False).path
+    return export_multitask(list(vm_ckpts.values()), vm_dir / "tasks.onnx", ExportSettings(verify=False)).path
 
 
 @pytest.fixture(scope="session")
@@ -198,6 +199,7 @@ def test_a_subset_of_tasks_on_their_own_data_sets(vm_ckpts, vm_model, folders):
 
 def test_verify_refuses_what_it_cannot_check(vm_ckpts, vm_model, vm_dir, folders):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
     from atexport.verify import verify
 
     bb = vm_dir / "backbone.pt"
@@ -222,7 +224,7 @@ def test_verify_refuses_what_it_cannot_check(vm_ckpts, vm_model, vm_dir, folders
         verify(cks[:1] + cks[2:], onnx=vm_model, dataset=["digits", "digits"], limit=2)
     with pytest.raises(BadInputError, match="--per-block compares single-task models"):
         verify(cks, onnx=vm_model, per_block=True, limit=2)
-    single = export_onnx(cks[0], vm_dir / "t10.onnx", verify=False, simplify=False).path
+    single = export_onnx(cks[0], vm_dir / "t10.onnx", ExportSettings(verify=False, simplify=False)).path
     with pytest.raises(BadInputError, match="single-task model and .*tasks.onnx a multi-task one"):
         verify(cks, onnx=[vm_model, single], limit=2)
     with pytest.raises(BadInputError, match="3 checkpoints .* for single-task models"):

@@ -28,9 +28,10 @@ def base_ctx(tmp_path_factory, tiny_ckpt):
 @pytest.fixture(scope="module")
 def run_ctx(tmp_path_factory, tiny_ckpt):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
     d = tmp_path_factory.mktemp("fuzz_runs")
-    export_onnx(tiny_ckpt, d / "fused.onnx", verify=False)
+    export_onnx(tiny_ckpt, d / "fused.onnx", ExportSettings(verify=False))
     return build_run_context(d, tiny_ckpt, d / "fused.onnx")
 
 

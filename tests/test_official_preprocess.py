@@ -62,10 +62,11 @@ def test_import_records_the_official_transform(imported):
 def test_runtime_of_an_imported_model_equals_the_official_eval_transform(imported):
     """Exported ONNX model -> load_model -> its Preprocessor, against torchvision on real photos."""
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
     from atexport.runtime import load_model
 
     d, _ = imported
-    export_onnx(d / "run.pt", d / "model.onnx", verify=False)
+    export_onnx(d / "run.pt", d / "model.onnx", ExportSettings(verify=False))
     runtime = load_model(d / "model.onnx")
     photos = real_photos()
     ours = runtime.preprocessor(photos)

@@ -32,22 +32,25 @@ def ov_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fused(tiny_ckpt, ov_dir):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
-    return export_onnx(tiny_ckpt, ov_dir / "fused.onnx", verify=False).path
+    return export_onnx(tiny_ckpt, ov_dir / "fused.onnx", ExportSettings(verify=False)).path
 
 
 @pytest.fixture(scope="session")
 def sep(tiny_ckpt, ov_dir):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
-    return export_onnx(tiny_ckpt, ov_dir / "sep.onnx", separable=True, verify=False).path
+    return export_onnx(tiny_ckpt, ov_dir / "sep.onnx", ExportSettings(separable=True, verify=False)).path
 
 
 @pytest.fixture(scope="session")
 def sep_b(tiny_ckpt_b, ov_dir):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
-    return export_onnx(tiny_ckpt_b, ov_dir / "sep_b.onnx", separable=True, verify=False).path
+    return export_onnx(tiny_ckpt_b, ov_dir / "sep_b.onnx", ExportSettings(separable=True, verify=False)).path
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +63,9 @@ def int8(fused, ov_dir):
 @pytest.fixture(scope="session")
 def multitask(tiny_ckpt, tiny_ckpt_b, ov_dir):
     from atexport.export.multitask import export_multitask
+    from atexport.export.settings import ExportSettings
 
-    return export_multitask([tiny_ckpt, tiny_ckpt_b], ov_dir / "mt.onnx", verify=False).path
+    return export_multitask([tiny_ckpt, tiny_ckpt_b], ov_dir / "mt.onnx", ExportSettings(verify=False)).path
 
 
 @pytest.fixture(scope="session")
@@ -509,10 +513,11 @@ def digits_models(ov_dir):
     from _helpers import make_checkpoint
 
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
     from atexport.export.openvino import to_openvino
 
     ckpt = make_checkpoint(ov_dir / "digits10.pt", num_classes=10, weight_seed=5)
-    onnx_path = export_onnx(ckpt, ov_dir / "digits10.onnx", verify=False).path
+    onnx_path = export_onnx(ckpt, ov_dir / "digits10.onnx", ExportSettings(verify=False)).path
     return ckpt, onnx_path, to_openvino(onnx_path, verify=False, cache_dir=False).path
 
 

@@ -39,8 +39,9 @@ def tiny_fp32(prec_dir, tiny_ckpt):
 @pytest.fixture(scope="session")
 def tiny_sep_fp32(prec_dir, tiny_ckpt):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
-    return export_onnx(tiny_ckpt, prec_dir / "tiny_sep.onnx", separable=True).path
+    return export_onnx(tiny_ckpt, prec_dir / "tiny_sep.onnx", ExportSettings(separable=True)).path
 
 
 @pytest.fixture(scope="session")
@@ -143,9 +144,10 @@ def test_fp16_vit_small_parity(tmp_path):
     """vit_small (random init, adapters on every block): LayerNorm/Softmax FP32 and the fp16 tolerance
     on real photos, against the FP32 model (itself held to 1e-3 of PyTorch at export)."""
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
     ckpt = _vit_small_checkpoint(tmp_path / "vit_small.pt")
-    fp32 = export_onnx(ckpt, tmp_path / "vit_small.onnx", verify=False, simplify=False).path
+    fp32 = export_onnx(ckpt, tmp_path / "vit_small.onnx", ExportSettings(verify=False, simplify=False)).path
     res = to_fp16(fp32, tmp_path / "vit_small.fp16.onnx", config={
         "fp16": {"block_ops": ["LayerNormalization", "Softmax"]},
         "parity": {"max_images": 13, "random_inputs": 4, "batch_sizes": [4]},

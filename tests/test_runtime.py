@@ -44,8 +44,9 @@ def runtime_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sep_onnx(tiny_ckpt, runtime_dir):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
-    return export_onnx(tiny_ckpt, runtime_dir / "tiny.onnx", separable=True, verify=False).path
+    return export_onnx(tiny_ckpt, runtime_dir / "tiny.onnx", ExportSettings(separable=True, verify=False)).path
 
 
 @pytest.fixture(scope="session")

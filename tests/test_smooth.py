@@ -103,9 +103,10 @@ def test_naive_int8_loses_and_the_default_keeps_the_model(outlier_onnx, test_spl
 def test_no_outliers_no_smoothing(tiny_ckpt, tmp_path):
     """A model without outlier channels is quantized as before (nothing smoothed, the same calibration)."""
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
     from atexport.export.precision import quantize_int8
 
-    fp32 = export_onnx(tiny_ckpt, tmp_path / "tiny.onnx", verify=False).path
+    fp32 = export_onnx(tiny_ckpt, tmp_path / "tiny.onnx", ExportSettings(verify=False)).path
     res = quantize_int8(fp32, tmp_path / "tiny.int8.onnx", "digits", count=64, keep_float="none")
     assert res.graph["smoothed"]["smoothed"] == [] and "none had outlier channels" in res.summary()
 

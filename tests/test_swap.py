@@ -304,3 +304,32 @@ def test_cli_swap_engine_refusals(tmp_path, model_a, tiny_ckpt_b, misfits):
         assert res.exit_code == MissingDependencyError.exit_code, res.output
         assert "TensorRT's Python package is not installed" in res.output and "atexport[tensorrt]" in res.output
         assert "Traceback" not in res.output and not out.exists()
+
+
+def test_default_names_are_the_same_in_every_command(tmp_path, tiny_ckpt, tiny_ckpt_b):
+    """One name for one thing: ``runs/cars/run.pt`` is task "cars" everywhere. A file written beside the
+    checkpoint keeps its name (``runs/cars/run.onnx``: the run folder names the task); a file written beside
+    another task's model is named by the task (``cars.onnx``). The help texts say so."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from atexport.cli import cli
+    from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
+    from atexport.export.swap import swap_onnx
+
+    for task, src in (("birds", tiny_ckpt), ("cars", tiny_ckpt_b)):
+        (tmp_path / "runs" / task).mkdir(parents=True)
+        shutil.copy(src, tmp_path / "runs" / task / "run.pt")
+    birds = export_onnx(tmp_path / "runs/birds/run.pt", settings=ExportSettings(separable=True, verify=False))
+    assert birds.path == tmp_path / "runs/birds/run.onnx" and birds.metadata.task == "birds"
+    cars = swap_onnx(birds.path, tmp_path / "runs/cars/run.pt")
+    assert cars.path == tmp_path / "runs/birds/cars.onnx" and cars.metadata.task == "cars"
+
+    runner = CliRunner()
+    onnx_help = " ".join(runner.invoke(cli, ["onnx", "--help"]).output.split())
+    swap_help = " ".join(runner.invoke(cli, ["swap", "--help"]).output.split())
+    assert "runs/cars/run.pt -> runs/cars/run.onnx" in onnx_help and "cars.onnx" in swap_help
+    for text in (onnx_help, swap_help, " ".join(runner.invoke(cli, ["tasks", "add", "--help"]).output.split())):
+        assert "the run folder's name for runs/NAME/run.pt" in text and "checkpoint stem" not in text

@@ -129,9 +129,10 @@ def test_trt_without_tensorrt_writes_precision_onnx_then_stops(tmp_path, tiny_ck
     import atexport.export.tensorrt.stage as trt_mod
     from atexport.cli import cli
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
     monkeypatch.setattr(trt_mod, "tensorrt_version", lambda: None)
-    fp32 = export_onnx(tiny_ckpt, tmp_path / "m.onnx", verify=False).path
+    fp32 = export_onnx(tiny_ckpt, tmp_path / "m.onnx", ExportSettings(verify=False)).path
     r = CliRunner().invoke(cli, ["trt", "--onnx", str(fp32), "--precision", "int8", "--calib", "digits",
                                  "--calib-count", "64"])
     assert r.exit_code == MissingDependencyError.exit_code, r.output
@@ -154,6 +155,7 @@ def test_trt_without_tensorrt_writes_precision_onnx_then_stops(tmp_path, tiny_ck
 def test_trt_without_gpu_says_so(tmp_path, tiny_ckpt, monkeypatch):
     import atexport.export.tensorrt.stage as trt_mod
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
     monkeypatch.setattr(trt_mod, "tensorrt_version", lambda: "10.13.3.9")
 
@@ -161,7 +163,7 @@ def test_trt_without_gpu_says_so(tmp_path, tiny_ckpt, monkeypatch):
         raise MissingDependencyError("no CUDA GPU")
 
     monkeypatch.setattr(trt_mod, "cuda_device", no_gpu)
-    fp32 = export_onnx(tiny_ckpt, tmp_path / "m.onnx", verify=False).path
+    fp32 = export_onnx(tiny_ckpt, tmp_path / "m.onnx", ExportSettings(verify=False)).path
     with pytest.raises(MissingDependencyError, match=r"no CUDA GPU is visible here \(no CUDA GPU\), so no engine was built"):
         trt_mod.export_tensorrt(fp32, precision="fp16", verify=False)
     assert (tmp_path / "m.fp16.onnx").is_file()
@@ -238,11 +240,12 @@ def mt_trt(tmp_path_factory):
     from test_multitask import _backbone_file, _task_ckpt
 
     from atexport.export.multitask import export_multitask
+    from atexport.export.settings import ExportSettings
 
     d = tmp_path_factory.mktemp("mt_trt")
     bb = _backbone_file(d / "backbone.pt")
     ckpts = [_task_ckpt(d / f"task{i}.pt", bb, c, weight_seed=30 + i) for i, c in enumerate((3, 5))]
-    res = export_multitask(ckpts, d / "tasks.onnx", verify=False)
+    res = export_multitask(ckpts, d / "tasks.onnx", ExportSettings(verify=False))
     return SimpleNamespace(dir=d, path=res.path, meta=res.metadata, ckpts=ckpts,
                            v2=_task_ckpt(d / "task0_v2.pt", bb, 3, weight_seed=40),
                            wide=_task_ckpt(d / "wide.pt", bb, 9, weight_seed=41))
@@ -440,9 +443,10 @@ def test_trt_flags_checked_before_any_work(tmp_path, args, match):
 
 def test_trt_refuses_engine_flags_for_cpu_int8_and_calib_for_ready_models(tmp_path, tiny_ckpt):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
     from atexport.export.tensorrt import Int8Options, export_tensorrt
 
-    fp32 = export_onnx(tiny_ckpt, tmp_path / "m.onnx", verify=False).path
+    fp32 = export_onnx(tiny_ckpt, tmp_path / "m.onnx", ExportSettings(verify=False)).path
     with pytest.raises(BadInputError, match="--batch, -o apply to a TensorRT engine; --target cpu"):
         export_tensorrt(fp32, precision="int8", int8=Int8Options(calib="digits", target="cpu"),
                         engine=EngineOptions(batch="1,2,4"), output=tmp_path / "x.engine")
@@ -461,8 +465,9 @@ def test_trt_ckpt_of_another_backbone_is_refused_first(tmp_path, tiny_ckpt):
 
     from atexport.cli import cli
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
-    fp32 = export_onnx(tiny_ckpt, tmp_path / "m.onnx", verify=False).path
+    fp32 = export_onnx(tiny_ckpt, tmp_path / "m.onnx", ExportSettings(verify=False)).path
     other = make_checkpoint(tmp_path / "other.pt", seed=7)
     r = CliRunner().invoke(cli, ["trt", "--onnx", str(fp32), "--ckpt", str(other), "--precision", "fp16",
                                  "--build", "no"])
@@ -596,9 +601,10 @@ def test_refit_sidecar_records_what_the_engine_holds(tmp_path, tiny_ckpt, tiny_c
     from atexport.artifact.sidecar import read_sidecar, rebuild_command, sidecar_path
     from atexport.checkpoint import load_checkpoint
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
     from atexport.export.tensorrt import refit_engine
 
-    sep = export_onnx(tiny_ckpt, tmp_path / "a.onnx", separable=True, verify=False).path
+    sep = export_onnx(tiny_ckpt, tmp_path / "a.onnx", ExportSettings(separable=True, verify=False)).path
     _, meta = read_onnx_model(sep)
     engine = tmp_path / "a.engine"
     engine.write_bytes(b"engine a")

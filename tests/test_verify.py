@@ -27,8 +27,9 @@ def ckpt10(vdir):
 @pytest.fixture(scope="session")
 def onnx10(ckpt10, vdir):
     from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
 
-    return export_onnx(ckpt10, vdir / "digits10.onnx", separable=True, verify=False).path
+    return export_onnx(ckpt10, vdir / "digits10.onnx", ExportSettings(separable=True, verify=False)).path
 
 
 @pytest.fixture(scope="session")

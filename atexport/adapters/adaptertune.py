@@ -219,7 +219,15 @@ class AdapterTuneFamily(AdapterFamily):
     def inject(self, model, cfg):
         return inject_adaptertune(model, cfg)
 
-    def bank_adapter(self, cfg, dim, linear):
+    def bank_adapter(self, cfg, dim: int, linear):
+        """One block's adapter in a multi-task bank: a module called after the block (AdapterTune's layout,
+        also AdaRing's export layout).
+
+        Args:
+            cfg: the export-layout config.
+            dim: the model width.
+            linear: ``linear(d_in, d_out)`` makes a bank linear layer (see :meth:`AdapterFamily.bank_modules`).
+        """
         return BankAdapter(dim, cfg.rank, cfg.alpha, linear)
 
     def bank_tensors(self, cfg, dim, depth):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any
 
 from atexport.errors import BadInputError, IncompatibleCheckpointError
@@ -149,19 +149,6 @@ class AdapterFamily:
         single-task model calls its adapters; the layers are referenced, not registered again."""
         raise IncompatibleCheckpointError(f"{self.why_not(cfg, 'multitask') or self.title + ' has no bank layer'}.")
 
-    def bank_adapter(self, cfg, dim: int, linear):
-        """One block's adapter in a multi-task bank (AdapterTune's layout: a module called after the block).
-
-        Args:
-            cfg: the export-layout config.
-            dim: the model width.
-            linear: ``linear(d_in, d_out)`` makes a bank linear layer (see :meth:`bank_modules`).
-
-        Raises:
-            IncompatibleCheckpointError: the family's export layout has no such bank layer.
-        """
-        raise IncompatibleCheckpointError(f"{self.why_not(cfg, 'multitask') or self.title + ' has no bank layer'}.")
-
     def aux_loss(self, cfg, model):
         """An extra training loss of the last forward pass (Adapter-X's load balancing), or ``None`` (default)."""
         return None
@@ -187,9 +174,18 @@ class AdapterFamily:
 
 
 def register_family(family: AdapterFamily) -> AdapterFamily:
-    """Register ``family`` under ``family.kind`` (used at the bottom of each family module)."""
+    """Register ``family`` under ``family.kind`` (used at the bottom of each family module).
+
+    Raises:
+        ValueError: no ``kind``, or another family already registered under it (a second family of one name
+            would silently replace the first for every checkpoint that records it).
+    """
     if not family.kind:
         raise ValueError("an adapter family needs a kind")
+    known = FAMILIES.get(family.kind)
+    if known is not None and known is not family:
+        raise ValueError(f"the adapter family {family.kind!r} is already registered ({type(known).__name__}); "
+                         "give the new family another kind.")
     FAMILIES[family.kind] = family
     return family
 
@@ -251,10 +247,6 @@ def config_from_dict(cls, d: dict, *, lenient: tuple = ()) -> Any:
             f"{', '.join(hints)}; its keys are {', '.join(sorted(known - {'kind'}))}."
         )
     return cls(**d)
-
-
-def config_to_dict(cfg) -> dict:
-    return asdict(cfg)
 
 
 def check_positive_int(kind: str, key: str, value) -> None:
@@ -326,17 +318,3 @@ def check_export_mode(cfg, mode: str, what: str = "this checkpoint") -> None:
     reason = family_of(cfg).why_not(cfg, mode)
     if reason:
         raise IncompatibleCheckpointError(f"{what}: {reason}.")
-
-
-def require_vit_blocks(model, title: str):
-    """The model's ``blocks`` sequence, or a clear refusal for models that are not timm ViTs."""
-    from torch import nn
-
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not isinstance(blocks, nn.Sequential) or not hasattr(model, "embed_dim"):
-        raise IncompatibleCheckpointError(
-            f"{type(model).__name__} has no 'blocks' sequence; {title} needs a timm ViT-family model."
-        )
-    if getattr(model, "_atexport_adapter", None) is not None:
-        raise IncompatibleCheckpointError("the model already carries adapters.")
-    return blocks

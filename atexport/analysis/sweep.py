@@ -136,8 +136,7 @@ def run_sweep(
     Returns:
         A :class:`SweepResult`. Under torchrun only rank 0's holds the full summary.
     """
-    from atexport.training import TrainConfig, train
-    from atexport.utils.progress import Progress
+    from atexport.training import TrainConfig
 
     cfg = base if isinstance(base, TrainConfig) else TrainConfig.from_dict(dict(base))
     if cfg.regime != "adapter":
@@ -163,32 +162,8 @@ def run_sweep(
     group = _join_group(world) if world > 1 else None
     result = SweepResult(out, {})
     try:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadInputError(f"-o {out}: cannot create the sweep folder ({e.strerror or e}); choose another -o."
-                                ) from None
-        if not os.access(out, os.W_OK):
-            raise BadInputError(f"-o {out}: the folder is not writable; choose another -o.")
-        bar = Progress(len(mine), f"{who}sweep", enabled=cfg.progress, log=log, unit="cell")
-        with bar:
-            for family, r, e, s in mine:
-                folder = out / cell_name(family, r, e) / f"seed_{s}"
-                cell_cfg = configs[(family, r, e, s)]
-                state = cell_state(folder)
-                _check_same_settings(cell_cfg, folder, state)
-                tag = f"{cell_name(family, r, e)}/seed_{s}"
-                if state == "finished":
-                    result.skipped.append(tag)
-                    bar.update(1, postfix=f"{tag} already finished")
-                    continue
-                cell_cfg = replace(cell_cfg, resume=state == "interrupted", overwrite=state == "new")
-                prefix = f"{who}[{tag}] "
-                with _single_process_env(world):
-                    res = train(cell_cfg, log=(lambda line, p=prefix: train_log(p + line)) if train_log else _drop)
-                result.trained.append(tag)
-                bar.update(1, postfix=f"{tag}: test top-1 {res.metrics.get('test_top1', float('nan')):.2f}%"
-                                      + (" (resumed)" if state == "interrupted" else ""))
+        _make_folder(out)
+        _train_cells({c: configs[c] for c in mine}, out, result, world, who, cfg.progress, log, train_log)
         if group is not None:
             group.barrier()
         if rank == 0:
@@ -199,6 +174,43 @@ def run_sweep(
         if group is not None:
             group.destroy_process_group()
     return result
+
+
+def _make_folder(out: Path) -> None:
+    """Create the sweep folder, or refuse one that cannot be created or written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"-o {out}: cannot create the sweep folder ({e.strerror or e}); choose another -o."
+                            ) from None
+    if not os.access(out, os.W_OK):
+        raise BadInputError(f"-o {out}: the folder is not writable; choose another -o.")
+
+
+def _train_cells(configs: dict, out: Path, result: SweepResult, world: int, who: str, progress: bool,
+                 log: Callable[[str], None], train_log: Callable[[str], None] | None) -> None:
+    """Train this process's cells (``{(family, rank, every, seed): config}``) in order: a finished cell is
+    skipped, an interrupted one resumed, a new one trained; ``result`` lists which."""
+    from atexport.training import train
+    from atexport.utils.progress import Progress
+
+    with Progress(len(configs), f"{who}sweep", enabled=progress, log=log, unit="cell") as bar:
+        for (family, r, e, s), cell_cfg in configs.items():
+            folder = out / cell_name(family, r, e) / f"seed_{s}"
+            state = cell_state(folder)
+            _check_same_settings(cell_cfg, folder, state)
+            tag = f"{cell_name(family, r, e)}/seed_{s}"
+            if state == "finished":
+                result.skipped.append(tag)
+                bar.update(1, postfix=f"{tag} already finished")
+                continue
+            cell_cfg = replace(cell_cfg, resume=state == "interrupted", overwrite=state == "new")
+            prefix = f"{who}[{tag}] "
+            with _single_process_env(world):
+                res = train(cell_cfg, log=(lambda line, p=prefix: train_log(p + line)) if train_log else _drop)
+            result.trained.append(tag)
+            bar.update(1, postfix=f"{tag}: test top-1 {res.metrics.get('test_top1', float('nan')):.2f}%"
+                                  + (" (resumed)" if state == "interrupted" else ""))
 
 
 def _stderr(line: str) -> None:

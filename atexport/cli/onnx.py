@@ -27,8 +27,9 @@ def _echo_parity(results) -> None:
 @click.option("--ckpt", required=True, multiple=True, type=click.Path(dir_okay=False),
               help="Checkpoint (run.pt) to export; repeat it with --multitask for one model serving several tasks.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="ONNX file to write [default: <checkpoint stem>.onnx beside the checkpoint; "
-                   "tasks.onnx in the checkpoints' folder with --multitask].")
+              help="ONNX file to write [default: beside the checkpoint, named like it (runs/cars/run.pt -> "
+                   "runs/cars/run.onnx: the run folder names the task); tasks.onnx in the checkpoints' common "
+                   "folder with --multitask].")
 @click.option("--separable", is_flag=True,
               help="Keep adapter and head weights as named, swappable initializers (see 'atexport swap').")
 @click.option("--multitask", is_flag=True,
@@ -47,7 +48,8 @@ def _echo_parity(results) -> None:
 @click.option("--images", type=click.Path(file_okay=False), default=None,
               help="Folder of extra real images for the parity check (added to scikit-image's samples).")
 @click.option("--task-name", multiple=True,
-              help="Task name in the metadata [default: checkpoint file stem]; with --multitask one per --ckpt, in order.")
+              help="Task name in the metadata [default: the run folder's name for runs/NAME/run.pt, else the "
+                   "checkpoint's file stem]; with --multitask one per --ckpt, in order.")
 @click.option("--config", "config", default="onnx", show_default=True,
               help="Export preset in export_configs/ (name or YAML path).")
 def onnx_cmd(ckpt, output, separable, multitask, max_classes, batch, opset, no_simplify, no_verify, backbone_weights,
@@ -62,8 +64,8 @@ def onnx_cmd(ckpt, output, separable, multitask, max_classes, batch, opset, no_s
       atexport onnx --ckpt a.pt --ckpt b.pt --ckpt c.pt --multitask -o tasks.onnx
     """
     if multitask:
-        _multitask(ckpt, output, max_classes, batch, opset, no_simplify, no_verify, backbone_weights, images,
-                   task_name, config)
+        _multitask(ckpt, output, max_classes, task_name, _settings(
+            config, opset, batch, no_simplify, separable, no_verify, backbone_weights, images))
         return
     if len(ckpt) > 1:
         raise BadInputError(
@@ -74,15 +76,10 @@ def onnx_cmd(ckpt, output, separable, multitask, max_classes, batch, opset, no_s
         raise BadInputError("--max-classes sets the logits width of a multi-task model; it needs --multitask.")
     if len(task_name) > 1:
         raise BadInputError("one --task-name per export (several only with --multitask, one per --ckpt).")
-    ckpt, task_name = ckpt[0], (task_name[0] if task_name else None)
+    settings = _settings(config, opset, batch, no_simplify, separable, no_verify, backbone_weights, images)
     from atexport.export.onnx import export_onnx
 
-    result = export_onnx(
-        ckpt, output, separable=separable, batch=batch, opset=opset,
-        simplify=False if no_simplify else None, verify=not no_verify,
-        backbone_weights=backbone_weights, images=images, task_name=task_name, config=config,
-        log=lambda line: click.echo(line, err=True),
-    )
+    result = export_onnx(ckpt[0], output, settings, task_name=task_name[0] if task_name else None)
     click.echo(result.summary())
     if result.parity:
         _echo_parity(result.parity)
@@ -91,16 +88,22 @@ def onnx_cmd(ckpt, output, separable, multitask, max_classes, batch, opset, no_s
     click.echo(f"wrote {result.path}")
 
 
-def _multitask(ckpts, output, max_classes, batch, opset, no_simplify, no_verify, backbone_weights, images,
-               task_names, config):
+def _settings(config, opset, batch, no_simplify, separable, no_verify, backbone_weights, images):
+    """The one :class:`~atexport.export.settings.ExportSettings` of this command (validated: a bad --opset or
+    --batch is refused before any checkpoint is read)."""
+    from atexport.export.settings import ExportSettings
+
+    return ExportSettings(config=config, opset=opset, batch=batch, simplify=False if no_simplify else None,
+                          separable=separable, verify=not no_verify, backbone_weights=backbone_weights,
+                          images=images, log=lambda line: click.echo(line, err=True))
+
+
+def _multitask(ckpts, output, max_classes, task_names, settings):
     from atexport.export.multitask import export_multitask
     from atexport.parity.compare import format_table
 
-    result = export_multitask(
-        list(ckpts), output, task_names=list(task_names) or None, max_classes=max_classes, batch=batch, opset=opset,
-        simplify=False if no_simplify else None, verify=not no_verify, backbone_weights=backbone_weights,
-        images=images, config=config, log=lambda line: click.echo(line, err=True),
-    )
+    result = export_multitask(list(ckpts), output, settings, task_names=list(task_names) or None,
+                              max_classes=max_classes)
     click.echo(result.summary())
     if result.parity:
         click.echo("parity, each task's rows of mixed-task batches against its own PyTorch model (fp32):")
@@ -118,10 +121,11 @@ def _multitask(ckpts, output, max_classes, batch, opset, no_simplify, no_verify,
               help="Instead of --onnx: a TensorRT engine built with 'atexport trt --refit', refitted without rebuilding.")
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The other task's checkpoint.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="File to write [default: <checkpoint stem>.onnx / .engine beside the model; a multi-task "
-                   "engine is refitted in place].")
+              help="File to write [default: beside the model, named by the task (runs/cars/run.pt -> cars.onnx, "
+                   "cars.engine, cars.tflite, cars.pte); a multi-task engine is refitted in place].")
 @click.option("--task-name", default=None,
-              help="Task name in the metadata [default: checkpoint file stem]; for a multi-task engine, the task "
+              help="Task name in the metadata [default: the run folder's name for runs/NAME/run.pt, else the "
+                   "checkpoint's file stem]; for a multi-task engine, the task "
                    "to replace.")
 @click.option("--verify", is_flag=True,
               help="Also rebuild the PyTorch model of --ckpt and check parity (needs its backbone weights).")

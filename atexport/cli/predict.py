@@ -105,7 +105,8 @@ def _task_source(task):
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="Checkpoint (run.pt) of one task.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="The .npz to write [default: <checkpoint stem>.npz beside it].")
-@click.option("--name", default=None, help="Task name [default: checkpoint file stem].")
+@click.option("--name", default=None, help="Task name [default: the run folder's name for "
+              "runs/NAME/run.pt, else the checkpoint's file stem].")
 def export_task_cmd(ckpt, output, name):
     """Write a checkpoint's adapter and head weights to a torch-free .npz for separable models.
 

@@ -51,7 +51,8 @@ def list_cmd(model, as_json):
 @tasks_cmd.command("add")
 @click.option("--model", required=True, type=click.Path(dir_okay=False), help="A multi-task ONNX model (FP32 or FP16).")
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The task's checkpoint.")
-@click.option("--name", default=None, help="Task name [default: checkpoint stem; the run folder for runs/NAME/run.pt].")
+@click.option("--name", default=None, help="Task name [default: the run folder's name for runs/NAME/run.pt, else the "
+              "checkpoint's file stem].")
 @click.option("--replace", is_flag=True, help="Replace the task of that name (it keeps its index).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="File to write [default: the model itself, replaced atomically unless another edit changed it "

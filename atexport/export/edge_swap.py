@@ -37,7 +37,8 @@ def swap_edge(model: str | os.PathLike, ckpt, output: str | os.PathLike | None =
     Args:
         model: a model written by ``atexport litert --separable`` or ``atexport executorch --separable``.
         ckpt: the other task's checkpoint (path or :class:`~atexport.checkpoint.Checkpoint`).
-        output: where to write; default ``<checkpoint stem><suffix>`` beside ``model``; may be ``model``.
+        output: where to write; default ``<task name><suffix>`` beside ``model`` (``cars.tflite`` for
+            ``runs/cars/run.pt``); may be ``model``.
         task_name: the task's name in the metadata (default: the checkpoint's).
         verify: check parity against the checkpoint's PyTorch model (needs its backbone).
         backbone_weights, images, config: for ``verify``.

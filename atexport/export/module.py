@@ -95,6 +95,15 @@ class _LiftedParams:
         return cls.cls(module).eval()
 
 
+def check_opset(opset) -> None:
+    """The one opset check of every ONNX export: atexport needs opset >= :data:`MIN_OPSET`."""
+    if int(opset) < MIN_OPSET:
+        raise BadInputError(
+            f"--opset {opset}: atexport needs opset >= {MIN_OPSET}, where GELU is one Gelu node and LayerNorm "
+            "one LayerNormalization node (decomposed LayerNorm overflows in FP16 on ViTs)."
+        )
+
+
 def export_module(
     module,
     example_input,
@@ -130,59 +139,15 @@ def export_module(
     Returns:
         The ``onnx.ModelProto``; its inputs are ``[input_name, *lifted, *extra_inputs]`` in that order.
     """
-    import inspect
-
-    import torch
-
-    if int(opset) < MIN_OPSET:
-        raise BadInputError(
-            f"--opset {opset}: atexport needs opset >= {MIN_OPSET}, where GELU is one Gelu node and LayerNorm "
-            "one LayerNormalization node (decomposed LayerNorm overflows in FP16 on ViTs)."
-        )
+    check_opset(opset)
     lifted = dict(lifted or {})
     extra_inputs = dict(extra_inputs or {})
     if dynamic_batch and example_input.shape[0] < 2:
         raise BadInputError("a dynamic-batch export must be traced with batch >= 2 (batch 1 specialises the axis).")
-    known = dict(module.named_parameters())
-    known.update(dict(module.named_buffers()))
-    unknown = [n for n in lifted if n not in known]
-    if unknown:
-        raise BadInputError(f"cannot lift {unknown[:5]}: no such parameter or buffer in {type(module).__name__}.")
-    clash = {input_name, *output_names} & (set(lifted) | set(extra_inputs)) or set(lifted) & set(extra_inputs)
-    if clash:
-        raise BadInputError(f"input/output names used twice: {sorted(clash)}.")
-    module = module.eval()
-    batch = torch.export.Dim(BATCH_AXIS) if dynamic_batch else None
-    x_dyn = {0: batch} if dynamic_batch else None
+    _check_names(module, lifted, extra_inputs, input_name, output_names)
+    model, args, dyn = _traced_call(module.eval(), example_input, lifted, extra_inputs, extra_dynamic or {},
+                                    dynamic_batch)
     names = [input_name, *lifted, *extra_inputs]
-    dims: dict[str, Any] = {}
-
-    def dim(sym):
-        if sym == BATCH_AXIS and batch is not None:
-            return batch
-        return dims.setdefault(sym, torch.export.Dim(sym))
-
-    if lifted:
-        params = {n: (t.detach() if isinstance(t, torch.Tensor) else torch.as_tensor(t)) for n, t in lifted.items()}
-        for n, t in params.items():
-            if tuple(t.shape) != tuple(known[n].shape):
-                raise BadInputError(f"lifted tensor {n}: shape {tuple(t.shape)} != the module's {tuple(known[n].shape)}.")
-        model = _LiftedParams.wrap(module)
-        dyn = {"x": x_dyn, "params": {n: None for n in params}}
-        if extra_inputs:
-            dyn["extra"] = {
-                n: ({int(a): dim(s) for a, s in (extra_dynamic or {}).get(n, {}).items()} or None) for n in extra_inputs
-            }
-            args = (example_input, params, extra_inputs, {})
-        else:
-            args = (example_input, params, {})
-    else:
-        model = module
-        first = next(iter(inspect.signature(module.forward).parameters))
-        dyn = {first: x_dyn}
-        for n in extra_inputs:
-            dyn[n] = {int(a): dim(s) for a, s in (extra_dynamic or {}).get(n, {}).items()} or None
-        args = (example_input, dict(extra_inputs)) if extra_inputs else (example_input,)
     proto = _torch_export(
         model, args, input_names=names, output_names=output_names, dynamic_shapes=dyn, opset=opset
     )
@@ -197,6 +162,52 @@ def export_module(
         first_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
         _rename_batch_axis(proto, first_dim.dim_param)
     return proto
+
+
+def _check_names(module, lifted: Mapping, extra_inputs: Mapping, input_name: str, output_names: Sequence[str]) -> None:
+    """Refuse lifted tensors the module does not have (or of another shape) and names used twice."""
+    known = dict(module.named_parameters())
+    known.update(dict(module.named_buffers()))
+    unknown = [n for n in lifted if n not in known]
+    if unknown:
+        raise BadInputError(f"cannot lift {unknown[:5]}: no such parameter or buffer in {type(module).__name__}.")
+    clash = {input_name, *output_names} & (set(lifted) | set(extra_inputs)) or set(lifted) & set(extra_inputs)
+    if clash:
+        raise BadInputError(f"input/output names used twice: {sorted(clash)}.")
+    for n, t in lifted.items():
+        if tuple(t.shape) != tuple(known[n].shape):
+            raise BadInputError(f"lifted tensor {n}: shape {tuple(t.shape)} != the module's {tuple(known[n].shape)}.")
+
+
+def _traced_call(module, example_input, lifted: dict, extra_inputs: dict, extra_dynamic: Mapping, dynamic_batch: bool):
+    """``(model, args, dynamic_shapes)`` for ``torch.onnx.export``: ``module`` itself, or wrapped so the lifted
+    tensors are an explicit dict input (:class:`_LiftedParams`)."""
+    import inspect
+
+    import torch
+
+    batch = torch.export.Dim(BATCH_AXIS) if dynamic_batch else None
+    x_dyn = {0: batch} if dynamic_batch else None
+    dims: dict[str, Any] = {}
+
+    def dim(sym):
+        if sym == BATCH_AXIS and batch is not None:
+            return batch
+        return dims.setdefault(sym, torch.export.Dim(sym))
+
+    def extra_dyn(n):
+        return {int(a): dim(s) for a, s in extra_dynamic.get(n, {}).items()} or None
+
+    if not lifted:
+        first = next(iter(inspect.signature(module.forward).parameters))
+        dyn = {first: x_dyn, **{n: extra_dyn(n) for n in extra_inputs}}
+        return module, ((example_input, dict(extra_inputs)) if extra_inputs else (example_input,)), dyn
+    params = {n: (t.detach() if isinstance(t, torch.Tensor) else torch.as_tensor(t)) for n, t in lifted.items()}
+    dyn = {"x": x_dyn, "params": {n: None for n in params}}
+    if extra_inputs:
+        dyn["extra"] = {n: extra_dyn(n) for n in extra_inputs}
+        return _LiftedParams.wrap(module), (example_input, params, extra_inputs, {}), dyn
+    return _LiftedParams.wrap(module), (example_input, params, {}), dyn
 
 
 def bind_initializers(model, tensors: Mapping[str, Any]) -> None:

@@ -32,10 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from atexport import configs
 from atexport.artifact.onnx import check_manifest
 from atexport.errors import BadInputError, IncompatibleCheckpointError, require
-from atexport.export.module import BATCH_AXIS, MIN_OPSET, bind_initializers, export_module, finish_proto  # noqa: F401
+from atexport.export.module import BATCH_AXIS, MIN_OPSET, bind_initializers, export_module, finish_proto
+from atexport.export.settings import ExportSettings, load_export_config
+
+__all__ = [
+    "BATCH_AXIS", "MIN_OPSET", "ExportResult", "ExportSettings", "bind_initializers", "build_manifest",
+    "check_separable", "export_module", "export_onnx", "failed_path_for", "load_export_config", "onnx_path_for",
+    "op_counts", "swappable_names",
+]
 
 
 @dataclass
@@ -124,22 +130,6 @@ def op_counts(model) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_export_config(config: str | Mapping = "onnx", **overrides) -> dict:
-    """The ``export_configs/onnx.yaml`` preset (or another), with non-``None`` overrides applied.
-
-    Overrides are ``section__key=value`` or plain keys of the ``export`` section.
-    """
-    data = dict(config) if isinstance(config, Mapping) else configs.load("export_configs", config)
-    data.setdefault("export", {})
-    data.setdefault("parity", {})
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        section, _, key = k.rpartition("__")
-        data.setdefault(section or "export", {})[key] = v
-    return data
-
-
 def onnx_path_for(ckpt_path: str | Path) -> Path:
     """``<checkpoint folder>/<checkpoint stem>.onnx``."""
     p = Path(ckpt_path)
@@ -153,8 +143,10 @@ def failed_path_for(output: str | Path) -> Path:
     return Path(_failed_path_for(output))
 
 
-def swappable_names(ckpt, model) -> list[str]:
-    """The tensors a separable export lifts: the checkpoint's adapter and head tensors, model order."""
+def check_separable(ckpt) -> None:
+    """Refuse ``--separable`` for a checkpoint that has no task to separate from its backbone (a ``full``
+    fine-tune) or whose adapter family's export layout cannot be separable; needs no model, so it runs
+    before one is built."""
     if ckpt.regime == "full":
         raise IncompatibleCheckpointError(
             "--separable needs an adapter or head checkpoint; a 'full' fine-tune changes the whole backbone, "
@@ -163,6 +155,11 @@ def swappable_names(ckpt, model) -> list[str]:
     from atexport.adapters import check_export_mode
 
     check_export_mode(ckpt.adapter, "separable", f"--separable {ckpt.path or 'checkpoint'}")
+
+
+def swappable_names(ckpt, model) -> list[str]:
+    """The tensors a separable export lifts: the checkpoint's adapter and head tensors, model order."""
+    check_separable(ckpt)
     params = dict(model.named_parameters())
     names = [n for n in params if n in ckpt.state_dict]
     extra = sorted(set(ckpt.state_dict) - set(params))
@@ -205,57 +202,94 @@ def _metadata(ckpt, *, input_name, output_name, batch, separable, manifest, task
     )
 
 
-def export_record(cfg: Mapping, opset: int, batch, trace_batch: int, do_simplify: bool, simplifier) -> dict:
-    """What made an exported model (exporter, versions, settings, resolved config), for its metadata."""
-    import onnx
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps shared with the multi-task export (atexport.export.multitask.export)
+# --------------------------------------------------------------------------------------------------
+
+
+def require_exporter() -> None:
+    """Refuse, with the pip extra to install, a machine without the ONNX exporter's libraries."""
+    require("onnx", "exporting ONNX models", "onnx")
+    require("onnxscript", "the PyTorch ONNX exporter (torch.onnx.export(dynamo=True))", "onnx")
+
+
+def trace_model(model, in_shape, lifted: Mapping[str, Any], settings: ExportSettings, what: str,
+                extra_inputs: Mapping[str, Any] | None = None):
+    """Export ``model`` with the pinned exporter, simplify it (as ``settings`` say) and give the lifted
+    tensors their values (overridable initializers).
+
+    Args:
+        model: the eval-mode PyTorch model.
+        in_shape: the image input's ``[C, H, W]``.
+        lifted: ``{name: tensor}`` lifted to graph inputs (the separable tensors, a multi-task bank).
+        settings: the export settings (opset, batch, simplifier, log).
+        what: how the progress line names the export (``"separable"``, ``"fused"``, ...).
+        extra_inputs: further batch-aligned inputs (``task_id``).
+
+    Returns:
+        ``(proto, nodes, seconds)``: the model, ``{"exported": n, "simplified": m or None}`` and the
+        ``export`` (and ``simplify``) timings.
+    """
     import torch
 
+    s = settings
+    example = torch.randn((s.trace_batch, *in_shape), generator=torch.Generator().manual_seed(0))
+    s.say(f"exporting ({what}, opset {s.opset}, {s.describe_batch()}) ...")
+    t0 = time.perf_counter()
+    dynamic = {n: {0: BATCH_AXIS} for n in extra_inputs} if extra_inputs and s.batch is None else None
+    proto = export_module(model, example, lifted, extra_inputs=extra_inputs, extra_dynamic=dynamic,
+                          dynamic_batch=s.batch is None, opset=s.opset)
+    seconds = {"export": time.perf_counter() - t0}
+    nodes = {"exported": len(proto.graph.node), "simplified": None}
+    if s.simplify:
+        from atexport.export.simplify import require_inputs
+        from atexport.export.simplify import simplify as run_simplifier
+
+        s.say(f"simplifying with {s.simplifier} ...")
+        proto, stats = run_simplifier(proto, s.simplifier)
+        require_inputs(proto, [*lifted, *(extra_inputs or {})])
+        nodes["simplified"] = stats.nodes_after
+        seconds["simplify"] = stats.seconds
+    if lifted:
+        bind_initializers(proto, lifted)
+    return proto, nodes, seconds
+
+
+def export_extra(proto, settings: ExportSettings, nodes: dict, ops: tuple, checkpoint: dict) -> dict:
+    """The ``extra`` section of an exported model's metadata: how it was made, its node and op counts, the
+    checkpoint(s) it came from; ``parity`` is filled once verified."""
     return {
-        "exporter": "torch.onnx.export(dynamo=True)",
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "opset": opset,
-        "batch": batch,
-        "trace_batch": trace_batch,
-        "simplify": do_simplify,
-        "simplifier": simplifier if do_simplify else None,
-        "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
-        "config_source": cfg.get("_source"),
+        "export": settings.record(),
+        "nodes": nodes,
+        "ops": {k: v for k, v in op_counts(proto).items() if k in ops},
+        "checkpoint": checkpoint,
+        "parity": None,
     }
 
 
-def export_onnx(
-    ckpt,
-    output: str | Path | None = None,
-    *,
-    separable: bool = False,
-    batch: int | None = None,
-    opset: int | None = None,
-    simplify: bool | None = None,
-    simplifier: str | None = None,
-    verify: bool = True,
-    backbone_weights: str | Path | None = None,
-    images=None,
-    task_name: str | None = None,
-    config: str | Mapping = "onnx",
-    log=None,
-) -> ExportResult:
+# --------------------------------------------------------------------------------------------------
+# The export stage
+# --------------------------------------------------------------------------------------------------
+
+
+def export_onnx(ckpt, output: str | Path | None = None, settings: ExportSettings | None = None, *,
+                task_name: str | None = None) -> ExportResult:
     """Export a checkpoint to ONNX, verify it against PyTorch, and write it atomically.
+
+    Example::
+
+        from atexport.export import ExportSettings, export_onnx
+        result = export_onnx("runs/cars/run.pt", settings=ExportSettings(separable=True))  # runs/cars/run.onnx
 
     Args:
         ckpt: path of a ``run.pt`` or a loaded :class:`~atexport.checkpoint.Checkpoint`.
-        output: model path; default ``<checkpoint stem>.onnx`` beside the checkpoint.
-        separable: lift adapter and head tensors to named, swappable initializers (with a manifest).
-        batch: fixed batch size; ``None`` takes the preset's (a dynamic batch axis named ``"batch"``).
-        opset: ONNX opset (>= 20); default from the preset.
-        simplify: run the simplifier (default from the preset: on).
-        simplifier: ``"onnxslim"`` or ``"onnxsim"`` (default from the preset).
-        verify: check parity against the PyTorch model (on by default; off only to save time).
-        backbone_weights: local backbone weights file, for checkpoints whose backbone is not in timm's hub.
-        images: extra real images for parity: a folder, or a list of paths or PIL images.
-        task_name: the task's name in the metadata (default: the checkpoint's file stem).
-        config: export preset name in ``export_configs/`` or a dict.
-        log: optional callable receiving progress lines.
+        output: model path; default :func:`onnx_path_for` (``runs/cars/run.pt`` -> ``runs/cars/run.onnx``).
+        settings: the :class:`~atexport.export.settings.ExportSettings` (separable, batch, opset, simplifier,
+            verify, backbone weights, extra parity photos, preset, log); default ``ExportSettings()``.
+        task_name: the task's name in the metadata (default: the checkpoint's
+            :func:`~atexport.artifact.tasks.default_task_name`, the run folder's name for ``runs/cars/run.pt``).
 
     Returns:
         The :class:`ExportResult`.
@@ -266,24 +300,50 @@ def export_onnx(
         ParityError: the model does not compute what PyTorch computes; it is kept at ``<stem>.failed.onnx``
             (``error.result`` holds the :class:`ExportResult`) and nothing is written at ``output``.
     """
-    from atexport.checkpoint import Checkpoint, build_model, load_checkpoint
-    from atexport.utils.io import check_writable
+    from atexport.checkpoint import build_model
+    from atexport.export.write import write_export
 
-    say = log or (lambda *_: None)
+    s = settings if settings is not None else ExportSettings()
     t_start = time.perf_counter()
-    cfg = load_export_config(config, opset=opset, batch=batch, simplify=simplify, simplifier=simplifier)
-    ex, par = cfg["export"], cfg["parity"]
-    opset = int(ex.get("opset", MIN_OPSET))
-    batch = ex.get("batch")
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise BadInputError(f"--batch {batch}: must be a positive integer (omit it for a dynamic batch axis).")
-    if opset < MIN_OPSET:
-        raise BadInputError(
-            f"--opset {opset}: atexport needs opset >= {MIN_OPSET}, where GELU is one Gelu node and LayerNorm "
-            "one LayerNormalization node (decomposed LayerNorm overflows in FP16 on ViTs)."
-        )
-    do_simplify = bool(ex.get("simplify", True))
-    simplifier = str(ex.get("simplifier", "onnxslim"))
+    ckpt, output = _open_checkpoint(ckpt, output, s)
+    task = task_name or ckpt.name
+    images = s.load_images()
+    require_exporter()
+    _refuse_non_finite(ckpt)
+    s.say(f"building {ckpt.model.backbone} from {ckpt.path or 'checkpoint'} ...")
+    model = build_model(ckpt, backbone_weights=s.backbone_weights)
+    in_shape = [int(v) for v in ckpt.preprocess["input_size"]]
+    lifted, manifest = {}, {}
+    if s.separable:
+        params = dict(model.named_parameters())
+        lifted = {n: params[n].detach().clone() for n in swappable_names(ckpt, model)}
+        manifest = build_manifest(lifted)  # before simplifying: names are the checkpoint's, by construction
+    proto, nodes, seconds = trace_model(model, in_shape, lifted, s, "separable" if s.separable else "fused")
+    if lifted:
+        check_manifest(proto, manifest, "exported model")
+    extra = export_extra(proto, s, nodes, ("LayerNormalization", "Gelu", "Erf", "Gemm", "MatMul"),
+                         {"file": Path(ckpt.path).name if ckpt.path else None, "metrics": ckpt.metrics})
+    meta = _metadata(ckpt, input_name="input", output_name="logits", batch=s.batch, separable=s.separable,
+                     manifest=manifest, task=task, extra=extra)
+    finish_proto(proto, meta, f"{ckpt.model.backbone} {ckpt.regime} task {task!r}", "the exported model")
+    result = ExportResult(path=None, metadata=meta, nodes=nodes, simplifier=s.simplifier if s.simplify else None)
+    data = proto.SerializeToString()
+    if s.verify:
+        s.say("checking parity against PyTorch ...")
+        t0 = time.perf_counter()
+        result.parity = _check_against_torch(model, data, ckpt.preprocess, in_shape, s, images)
+        seconds["verify"] = time.perf_counter() - t0
+    write_export(proto, data, result, output,
+                 f"the exported model does not match PyTorch within the {s.precision} tolerances",
+                 verify=s.verify, seconds=seconds, t_start=t_start, failed_path=failed_path_for(output))
+    return result
+
+
+def _open_checkpoint(ckpt, output, settings: ExportSettings):
+    """``(checkpoint in its export layout, output path)``, refusing an output that cannot be written or is the
+    checkpoint itself, and ``--separable`` where it does not apply (before any model is built)."""
+    from atexport.checkpoint import Checkpoint, load_checkpoint
+    from atexport.utils.io import check_writable
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
@@ -295,92 +355,36 @@ def export_onnx(
     output = check_writable(output, "-o")
     if ckpt.path is not None and output.resolve() == Path(ckpt.path).resolve():
         raise BadInputError(f"-o {output}: that is the checkpoint itself; choose another output path.")
-    task = task_name or ckpt.name
-    if verify and images is not None:  # read --images now: a bad image fails before minutes of export
-        from atexport.parity.images import load_images
+    if settings.separable:
+        check_separable(ckpt)
+    return ckpt, output
 
-        images = load_images(images, limit=par.get("max_images"))
-    require("onnx", "exporting ONNX models", "onnx")
-    require("onnxscript", "the PyTorch ONNX exporter (torch.onnx.export(dynamo=True))", "onnx")
+
+def _refuse_non_finite(ckpt) -> None:
+    """A diverged run (e.g. ``--lr inf``): say so, instead of a "parity lost" after the export."""
     import torch
 
     bad = [n for n, t in ckpt.state_dict.items()
            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:  # a diverged run (e.g. --lr inf): say so, instead of a "parity lost" after the export
+    if bad:
         raise BadInputError(
             f"--ckpt {ckpt.path or 'checkpoint'}: {len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''}); the training run diverged. Retrain with a lower --lr."
         )
-    say(f"building {ckpt.model.backbone} from {ckpt.path or 'checkpoint'} ...")
-    model = build_model(ckpt, backbone_weights=backbone_weights)
-    in_shape = [int(v) for v in ckpt.preprocess["input_size"]]
-    trace_batch = int(batch) if batch is not None else max(int(ex.get("trace_batch", 2)), 2)
-    gen = torch.Generator().manual_seed(0)
-    example = torch.randn((trace_batch, *in_shape), generator=gen)
 
-    lifted = {}
-    manifest = {}
-    if separable:
-        params = dict(model.named_parameters())
-        lifted = {n: params[n].detach().clone() for n in swappable_names(ckpt, model)}
-        manifest = build_manifest(lifted)  # before simplifying: names are the checkpoint's, by construction
 
-    say(f"exporting ({'separable' if separable else 'fused'}, opset {opset}, "
-        f"{'dynamic batch' if batch is None else f'batch {batch}'}) ...")
-    t0 = time.perf_counter()
-    proto = export_module(model, example, lifted, dynamic_batch=batch is None, opset=opset)
-    seconds = {"export": time.perf_counter() - t0}
-    nodes = {"exported": len(proto.graph.node), "simplified": None}
-    stats = None
-    if do_simplify:
-        from atexport.export.simplify import require_inputs
-        from atexport.export.simplify import simplify as run_simplifier
+def _check_against_torch(model, data: bytes, preprocess, in_shape, settings: ExportSettings, images) -> list:
+    """Parity rows of the serialized model against the PyTorch ``model``: photos and seeded random inputs, at
+    every batch size of the settings."""
+    from atexport.parity import check_parity, photo_batch
+    from atexport.runtime.onnxruntime import OnnxRuntimeRunner
+    from atexport.runtime.torch import TorchRunner
 
-        say(f"simplifying with {simplifier} ...")
-        proto, stats = run_simplifier(proto, simplifier)
-        require_inputs(proto, list(lifted))
-        nodes["simplified"] = stats.nodes_after
-        seconds["simplify"] = stats.seconds
-    if lifted:
-        bind_initializers(proto, lifted)
-        check_manifest(proto, manifest, "exported model")
-
-    extra = {
-        "export": export_record(cfg, opset, batch, trace_batch, do_simplify, simplifier),
-        "nodes": nodes,
-        "ops": {k: v for k, v in op_counts(proto).items() if k in ("LayerNormalization", "Gelu", "Erf", "Gemm", "MatMul")},
-        "checkpoint": {"file": Path(ckpt.path).name if ckpt.path else None, "metrics": ckpt.metrics},
-        "parity": None,
-    }
-    meta = _metadata(
-        ckpt, input_name="input", output_name="logits", batch=batch, separable=separable,
-        manifest=manifest, task=task, extra=extra,
-    )
-
-    finish_proto(proto, meta, f"{ckpt.model.backbone} {ckpt.regime} task {task!r}", "the exported model")
-
-    result = ExportResult(path=None, metadata=meta, nodes=nodes, simplifier=simplifier if do_simplify else None)
-    data = proto.SerializeToString()
-    if verify:
-        from atexport.runtime.onnxruntime import OnnxRuntimeRunner
-        from atexport.runtime.torch import TorchRunner
-        from atexport.parity import check_parity, photo_batch
-
-        say("checking parity against PyTorch ...")
-        t0 = time.perf_counter()
-        photos = photo_batch(ckpt.preprocess, extra=images, max_images=par.get("max_images"))
-        sizes = [int(batch)] if batch is not None else [int(b) for b in par.get("batch_sizes", [1, 4])]
-        with TorchRunner(model) as ref, OnnxRuntimeRunner(data, optimization=par.get("optimization", "all")) as cand:
-            result.parity = check_parity(
-                ref, cand, photos, par.get("precision", "fp32"),
-                random_inputs=int(par.get("random_inputs", 8)), seed=int(par.get("seed", 0)),
-                batch_sizes=sizes, tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape,
-            )
-        seconds["verify"] = time.perf_counter() - t0
-
-    from atexport.export.write import write_export
-
-    write_export(proto, data, result, output,
-                 f"the exported model does not match PyTorch within the {par.get('precision', 'fp32')} tolerances",
-                 verify=verify, seconds=seconds, t_start=t_start, failed_path=failed_path_for(output))
-    return result
+    par = settings.parity
+    photos = photo_batch(preprocess, extra=images, max_images=par.get("max_images"))
+    with TorchRunner(model) as ref, OnnxRuntimeRunner(data, optimization=par.get("optimization", "all")) as cand:
+        return check_parity(
+            ref, cand, photos, settings.precision,
+            random_inputs=int(par.get("random_inputs", 8)), seed=int(par.get("seed", 0)),
+            batch_sizes=settings.batch_sizes, tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape,
+        )

@@ -84,8 +84,10 @@ def swap_onnx(
     Args:
         onnx_path: a model exported with ``separable=True``.
         ckpt: the other task's checkpoint (path or :class:`~atexport.checkpoint.Checkpoint`).
-        output: where to write; default ``<checkpoint stem>.onnx`` beside ``onnx_path``.
-        task_name: the task's name in the metadata (default: the checkpoint's stem).
+        output: where to write; default ``<task name>.onnx`` beside ``onnx_path`` (``cars.onnx`` for
+            ``runs/cars/run.pt``: a file beside another task's model is named by its task).
+        task_name: the task's name in the metadata (default: the checkpoint's
+            :func:`~atexport.artifact.tasks.default_task_name`, the run folder's name for ``runs/cars/run.pt``).
         verify: also rebuild the PyTorch model of ``ckpt`` and check parity (needs its backbone).
         backbone_weights: local backbone weights for ``verify``.
         images: extra parity images for ``verify``.
@@ -96,25 +98,62 @@ def swap_onnx(
         IncompatibleCheckpointError: the checkpoint does not fit the model (every reason listed).
         ParityError: ``verify`` found a mismatch (nothing written).
     """
-    from onnx import numpy_helper
-
-    from atexport.artifact.fit import check_fits
     from atexport.artifact.metadata import read_onnx_metadata, write_onnx_metadata
-    from atexport.artifact.onnx import check_manifest, read_onnx
+    from atexport.artifact.onnx import read_onnx
     from atexport.checkpoint import Checkpoint, load_checkpoint
-    from atexport.utils.io import atomic_write_bytes, check_writable
+    from atexport.utils.io import atomic_write_bytes
 
     t0 = time.perf_counter()
     proto = read_onnx(onnx_path)
     meta = read_onnx_metadata(proto, str(onnx_path))
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
+    output = _swap_output(onnx_path, ckpt, output)
+    replaced = _swap_tensors(proto, meta, ckpt, task_name, f"--onnx {onnx_path}")
+    previous = meta.task
+    meta.task = task_name or ckpt.name
+    meta.class_names = list(ckpt.model.class_names) if ckpt.model.class_names else None
+    meta.extra = dict(meta.extra or {})
+    meta.extra["checkpoint"] = {"file": Path(ckpt.path).name if ckpt.path else None, "metrics": ckpt.metrics}
+    meta.extra["swap"] = {"from_task": previous, "from_file": Path(onnx_path).name, "tensors": replaced}
+    meta.extra["parity"] = None  # the export's parity numbers were for the previous task's weights
+    write_onnx_metadata(proto, meta)
+    data = proto.SerializeToString()
+    _smoke_run(data, meta, f"--onnx {onnx_path} swapped to {ckpt.path}")
+    seconds = {"swap": time.perf_counter() - t0}
+    parity = []
+    if verify:
+        parity = _verify_swapped(data, meta, ckpt, backbone_weights, images, config)
+        seconds["verify"] = time.perf_counter() - t0 - seconds["swap"]
+        meta.extra["parity"] = [r.to_dict() for r in parity]
+        write_onnx_metadata(proto, meta)
+        data = proto.SerializeToString()
+    atomic_write_bytes(output, data)
+    seconds["total"] = time.perf_counter() - t0
+    return SwapResult(path=output, metadata=meta, swapped=replaced, seconds=seconds, parity=parity)
+
+
+def _swap_output(onnx_path, ckpt, output) -> Path:
+    """The file a swap writes: ``output``, or ``<task name>.onnx`` beside the model (``cars.onnx`` for
+    ``runs/cars/run.pt``); never the checkpoint itself."""
+    from atexport.utils.io import check_writable
+
     if output is None:
         output = Path(onnx_path).with_name(f"{ckpt.name}.onnx")
     output = check_writable(output, "-o")
     if ckpt.path is not None and output.resolve() == Path(ckpt.path).resolve():
         raise BadInputError(f"-o {output}: that is the checkpoint itself; choose another output path.")
-    where = f"--onnx {onnx_path}"
+    return output
+
+
+def _swap_tensors(proto, meta: ModelMetadata, ckpt, task_name, where: str) -> int:
+    """Overwrite the manifest's initializers of ``proto`` with the checkpoint's tensors, once
+    :func:`~atexport.artifact.fit.check_fits` has accepted them; returns how many were replaced."""
+    from onnx import numpy_helper
+
+    from atexport.artifact.fit import check_fits
+    from atexport.artifact.onnx import check_manifest
+
     if meta.tasks:
         raise IncompatibleCheckpointError(
             f"{where} is a multi-task model (tasks: {', '.join(t['name'] for t in meta.tasks)}); change its tasks "
@@ -129,27 +168,7 @@ def swap_onnx(
             replaced += 1
     if replaced != len(weights):
         raise BadInputError(f"{where}: only {replaced} of {len(weights)} manifest initializers found in the graph.")
-    previous = meta.task
-    meta.task = task_name or ckpt.name
-    meta.class_names = list(ckpt.model.class_names) if ckpt.model.class_names else None
-    meta.extra = dict(meta.extra or {})
-    meta.extra["checkpoint"] = {"file": Path(ckpt.path).name if ckpt.path else None, "metrics": ckpt.metrics}
-    meta.extra["swap"] = {"from_task": previous, "from_file": Path(onnx_path).name, "tensors": replaced}
-    meta.extra["parity"] = None  # the export's parity numbers were for the previous task's weights
-    write_onnx_metadata(proto, meta)
-    data = proto.SerializeToString()
-    _smoke_run(data, meta, f"{where} swapped to {ckpt.path}")
-    seconds = {"swap": time.perf_counter() - t0}
-    parity = []
-    if verify:
-        parity = _verify_swapped(data, meta, ckpt, backbone_weights, images, config)
-        seconds["verify"] = time.perf_counter() - t0 - seconds["swap"]
-        meta.extra["parity"] = [r.to_dict() for r in parity]
-        write_onnx_metadata(proto, meta)
-        data = proto.SerializeToString()
-    atomic_write_bytes(output, data)
-    seconds["total"] = time.perf_counter() - t0
-    return SwapResult(path=output, metadata=meta, swapped=replaced, seconds=seconds, parity=parity)
+    return replaced
 
 
 def _verify_swapped(data, meta, ckpt, backbone_weights, images, config):

@@ -22,7 +22,7 @@ from atexport import configs
 from atexport.errors import BadInputError
 
 REGIMES = ("adapter", "head", "full")
-INITS = ("zero", "small")  # atexport.adapter.INITS (not imported: it would pull in torch)
+INITS = ("zero", "small")  # atexport.adapters.adaptertune.INITS (not imported: it would pull in torch)
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 PREPROCESS_MODES = ("timm", "official")  # atexport.models.PREPROCESS_MODES (not imported: torch-free here)
 DEVICES = ("auto", "cpu", "cuda")

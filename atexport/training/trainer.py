@@ -215,7 +215,7 @@ class _Run:
     def _build_model(self, class_names):
         import torch
 
-        from atexport.adapter import inject_adapters
+        from atexport.adapters import inject_adapters
         from atexport.models import ModelSpec, backbone_fingerprint, create_backbone, preprocess_config
         from atexport.utils.io import sha256_file
 
@@ -280,11 +280,9 @@ class _Run:
 
     # -- the run ----------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        import torch
-
-        from atexport.checkpoint import check_fingerprint, load_checkpoint
-
-        cfg, env, log, out = self.cfg, self.env, self.log, self.out
+        """Train: build the model, resume if asked, run the epochs (saving ``run.pt`` at each best validation
+        epoch and ``last.pt`` after every epoch), then test the best epoch."""
+        cfg, env, out = self.cfg, self.env, self.out
         data = self._load_data()
         self.n_test = len(data["test"])
         class_names = data["train"].class_names
@@ -293,31 +291,53 @@ class _Run:
         self.params = param_report(model, cfg.regime, adapter_cfg)
         self.model, self.spec, self.fingerprint = model, spec, fingerprint
         self.preprocess, self.adapter_cfg = preprocess, adapter_cfg
-
-        state = None
-        if self.resume:
-            last = load_checkpoint(out / LAST, flag="--resume", layout="trained")
-            check_fingerprint(last.fingerprint, model, f"--resume {out / LAST}")
-            diffs = cfg.differences(last.config)
-            if diffs:
-                raise IncompatibleCheckpointError(
-                    f"--resume {out / LAST}: the run was started with other settings ({'; '.join(diffs)}). "
-                    "Resume with the original settings, or start a new run with another -o."
-                )
-            if not last.resume:
-                raise IncompatibleCheckpointError(f"--resume {out / LAST}: the file holds no resume state.")
-            model.load_state_dict(last.state_dict, strict=False)
-            state = last.resume
-
+        state = self._resume_state(model) if self.resume else None
         if env.is_main:
-            log(f"data: {cfg.dataset}  train {len(data['train'])}  "
-                + (f"val {len(data['val'])}  " if "val" in data else "(no validation split)  ")
-                + f"test {len(data['test'])}  classes {len(class_names)}")
-            log(f"model: {spec.backbone} {spec.model_args or ''} ({spec.source['kind']} backbone), "
-                f"input {preprocess['input_size']}, device {env.device}, amp {env.amp_name}"
-                + (f", {env.world_size} processes" if env.distributed else ""))
-            log(describe_params(self.params, cfg.regime))
+            self._log_start(data, class_names)
+        self._prepare_training(params, data)
+        history, start_epoch, step = self._restore(state)
+        if env.is_main:
+            write_config(out / CONFIG, cfg)
 
+        self.t_start = time.perf_counter()  # the ETA of the epoch lines counts epochs of this invocation
+        for epoch in range(start_epoch, cfg.epochs):
+            step = self._run_epoch(epoch, step, history)
+        return self._finish(history)
+
+    def _resume_state(self, model) -> dict:
+        """The resume state of ``last.pt``, its trained tensors loaded into ``model``; refused when the run was
+        started with other settings or on another backbone."""
+        from atexport.checkpoint import check_fingerprint, load_checkpoint
+
+        out = self.out
+        last = load_checkpoint(out / LAST, flag="--resume", layout="trained")
+        check_fingerprint(last.fingerprint, model, f"--resume {out / LAST}")
+        diffs = self.cfg.differences(last.config)
+        if diffs:
+            raise IncompatibleCheckpointError(
+                f"--resume {out / LAST}: the run was started with other settings ({'; '.join(diffs)}). "
+                "Resume with the original settings, or start a new run with another -o."
+            )
+        if not last.resume:
+            raise IncompatibleCheckpointError(f"--resume {out / LAST}: the file holds no resume state.")
+        model.load_state_dict(last.state_dict, strict=False)
+        return last.resume
+
+    def _log_start(self, data, class_names) -> None:
+        cfg, env, spec, log = self.cfg, self.env, self.spec, self.log
+        log(f"data: {cfg.dataset}  train {len(data['train'])}  "
+            + (f"val {len(data['val'])}  " if "val" in data else "(no validation split)  ")
+            + f"test {len(data['test'])}  classes {len(class_names)}")
+        log(f"model: {spec.backbone} {spec.model_args or ''} ({spec.source['kind']} backbone), "
+            f"input {self.preprocess['input_size']}, device {env.device}, amp {env.amp_name}"
+            + (f", {env.world_size} processes" if env.distributed else ""))
+        log(describe_params(self.params, cfg.regime))
+
+    def _prepare_training(self, params, data) -> None:
+        """Move the model to the device (wrapped for DDP), make the optimizer, scaler, loaders, schedule, loss."""
+        import torch
+
+        cfg, env, model = self.cfg, self.env, self.model
         model.to(env.device)
         train_model = model
         if env.distributed:
@@ -327,71 +347,77 @@ class _Run:
         self.train_model = train_model
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = env.grad_scaler()
-        self._loaders(data, preprocess)
+        self._loaders(data, self.preprocess)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-        history, start_epoch, step = [], 0, 0
+    def _restore(self, state: dict | None) -> tuple[list, int, int]:
+        """``(history, first epoch, step)``: fresh, or restored from a resume state (optimizer, scaler, random
+        generators, best epoch so far and its tensors)."""
+        from atexport.checkpoint import load_checkpoint
+
+        cfg, env, out = self.cfg, self.env, self.out
         self.best = {"val_top1": None, "epoch": None}
         self.best_state = None
-        if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
-                raise IncompatibleCheckpointError(
-                    f"--resume: {state['steps_per_epoch']} steps per epoch when started, {self.steps_per_epoch} now "
-                    "(data set or batch size changed)."
-                )
-            start_epoch, step = int(state["epoch"]), int(state["step"])
-            history = [dict(h) for h in state.get("history", [])]
-            self.best = dict(state.get("best") or self.best)
-            set_rng_state(state["rng"])
-            if not (out / RUN).exists():
-                raise IncompatibleCheckpointError(
-                    f"--resume: {out / RUN} (the best epoch so far) is missing; start over with --overwrite."
-                )
-            best_ckpt = load_checkpoint(out / RUN, flag="--resume", layout="trained")
-            self.best_state = best_ckpt.state_dict
-            if best_ckpt.metrics.get("test_top1") is not None and start_epoch >= cfg.epochs:
-                self.test_metrics = best_ckpt.metrics
-            if env.is_main:
-                log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs} (step {step})")
+        if state is None:
+            return [], 0, 0
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
+            raise IncompatibleCheckpointError(
+                f"--resume: {state['steps_per_epoch']} steps per epoch when started, {self.steps_per_epoch} now "
+                "(data set or batch size changed)."
+            )
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        history = [dict(h) for h in state.get("history", [])]
+        self.best = dict(state.get("best") or self.best)
+        set_rng_state(state["rng"])
+        if not (out / RUN).exists():
+            raise IncompatibleCheckpointError(
+                f"--resume: {out / RUN} (the best epoch so far) is missing; start over with --overwrite."
+            )
+        best_ckpt = load_checkpoint(out / RUN, flag="--resume", layout="trained")
+        self.best_state = best_ckpt.state_dict
+        if best_ckpt.metrics.get("test_top1") is not None and start_epoch >= cfg.epochs:
+            self.test_metrics = best_ckpt.metrics
         if env.is_main:
-            write_config(out / CONFIG, cfg)
+            self.log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs} (step {step})")
+        return history, start_epoch, step
 
-        self.t_start = time.perf_counter()  # the ETA of the epoch lines counts epochs of this invocation
-        for epoch in range(start_epoch, cfg.epochs):
-            row, step = self._train_epoch(epoch, step)
-            if "val" in self.eval_loaders:
-                row.update({f"val_{k}": v for k, v in self.evaluate("val").items()})
-            self._check_finite(row)  # a diverged epoch never becomes run.pt (best) nor last.pt
-            improved = "val_top1" not in row or self.best["val_top1"] is None or row["val_top1"] > self.best["val_top1"]
-            row["best"] = improved
-            history.append(row)
-            if improved:
-                self.best = {"val_top1": row.get("val_top1"), "epoch": row["epoch"]}
-                self.best_state = self._trainable_state()
-                if env.is_main:
-                    self._save(out / RUN, self.best_state, self._run_metrics(row))
+    def _run_epoch(self, epoch: int, step: int, history: list) -> int:
+        """Train one epoch, validate, save ``run.pt`` if it is the best so far and ``last.pt`` always; returns
+        the step count."""
+        cfg, env, out = self.cfg, self.env, self.out
+        row, step = self._train_epoch(epoch, step)
+        if "val" in self.eval_loaders:
+            row.update({f"val_{k}": v for k, v in self.evaluate("val").items()})
+        self._check_finite(row)  # a diverged epoch never becomes run.pt (best) nor last.pt
+        improved = "val_top1" not in row or self.best["val_top1"] is None or row["val_top1"] > self.best["val_top1"]
+        row["best"] = improved
+        history.append(row)
+        if improved:
+            self.best = {"val_top1": row.get("val_top1"), "epoch": row["epoch"]}
+            self.best_state = self._trainable_state()
             if env.is_main:
-                resume_state = {
-                    "epoch": epoch + 1, "step": step, "steps_per_epoch": self.steps_per_epoch,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                    "scheduler": {"name": "warmup_cosine", "step": step, "total_steps": self.total_steps,
-                                  "warmup_steps": self.warmup_steps, "base_lr": cfg.lr, "min_lr": cfg.min_lr},
-                    "rng": rng_state(), "best": dict(self.best), "history": history,
-                }
-                self._save(out / LAST, self._trainable_state(), dict(row, params=self.params), resume_state)
-                self._write_metrics(history)
-                log(self._epoch_line(row))
-            if self.on_epoch_end is not None:
-                self.on_epoch_end(dict(row))
-
-        return self._finish(history)
+                self._save(out / RUN, self.best_state, self._run_metrics(row))
+        if env.is_main:
+            resume_state = {
+                "epoch": epoch + 1, "step": step, "steps_per_epoch": self.steps_per_epoch,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "scheduler": {"name": "warmup_cosine", "step": step, "total_steps": self.total_steps,
+                              "warmup_steps": self.warmup_steps, "base_lr": cfg.lr, "min_lr": cfg.min_lr},
+                "rng": rng_state(), "best": dict(self.best), "history": history,
+            }
+            self._save(out / LAST, self._trainable_state(), dict(row, params=self.params), resume_state)
+            self._write_metrics(history)
+            self.log(self._epoch_line(row))
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(dict(row))
+        return step
 
     def _aux_loss(self):
         """The adapter family's extra loss of the last forward (Adapter-X ``balance``), or ``None``."""

@@ -141,8 +141,20 @@ def _unchanged_rows(before: bytes, after: bytes, meta, kept: Mapping[int, int], 
             for i in old_ids.tolist()]
 
 
-def _edit(proto, meta, where, banks, output, action, task, kept: Mapping[int, int], t0, *,
-          source_sha256: str | None, in_place: bool) -> TaskEditResult:
+@dataclass
+class _OpenEdit:
+    """A multi-task model opened for an edit: what was read, where the result goes, and how to write it safely."""
+
+    proto: Any
+    meta: Any
+    where: str
+    output: Path
+    source_sha256: str | None  # the model file's hash when it was read (None: not read from a file)
+    in_place: bool  # the output is the model file itself
+    t0: float  # when the edit started
+
+
+def _edit(opened: _OpenEdit, banks, action: str, task: str, kept: Mapping[int, int]) -> TaskEditResult:
     """Write banks and metadata, check the untouched tasks still give the same logits, write safely.
 
     ``kept`` maps old index -> new index of the tasks that must be unchanged.
@@ -151,6 +163,7 @@ def _edit(proto, meta, where, banks, output, action, task, kept: Mapping[int, in
     from atexport.export.multitask.lock import unchanged_since
     from atexport.export.write import write_verified
 
+    proto, meta, where, output = opened.proto, opened.meta, opened.where, opened.output
     before = proto.SerializeToString()
     old_names = {int(t["index"]): t["name"] for t in list_tasks(proto)} if kept else {}
     _write_banks(proto, meta, banks)
@@ -167,18 +180,19 @@ def _edit(proto, meta, where, banks, output, action, task, kept: Mapping[int, in
     result = TaskEditResult(path=Path(output), metadata=meta, action=action, task=task, parity=rows,
                             unchanged_max_abs=max((r.max_abs for r in rows), default=0.0))
     # The model is replaced only if it is still the file this edit read (another edit may have won).
-    with unchanged_since(output, source_sha256, where, check=in_place):
+    with unchanged_since(output, opened.source_sha256, where, check=opened.in_place):
         write_verified(data, output, rows, f"{where}: editing the bank changed the logits of untouched tasks "
                        "(a bug in atexport)", result=result, only_failed=True)
-    result.seconds = {"total": time.perf_counter() - t0}
+    result.seconds = {"total": time.perf_counter() - opened.t0}
     return result
 
 
-def _open_edit(model, output):
-    """``(proto, meta, where, output, sha256 of the model read, in place?)`` for an edit of ``model``."""
+def _open_edit(model, output) -> _OpenEdit:
+    """Read ``model`` for an edit and decide where the result goes (``output``, default the model itself)."""
     from atexport.export.multitask.lock import file_sha256
     from atexport.utils.io import check_writable
 
+    t0 = time.perf_counter()
     is_file = isinstance(model, (str, os.PathLike))
     # Hashed before reading: if the file changes in between, the edit fails at the end (never loses a task).
     sha = file_sha256(model) if is_file else None
@@ -190,7 +204,7 @@ def _open_edit(model, output):
         output = model  # edited in place, atomically
     out = check_writable(output, "-o")
     in_place = is_file and out.resolve() == Path(model).resolve()
-    return proto, meta, where, out, sha, in_place
+    return _OpenEdit(proto, meta, where, out, sha, in_place, t0)
 
 
 def add_task(model, ckpt, output=None, *, name: str | None = None, replace: bool = False) -> TaskEditResult:
@@ -218,8 +232,8 @@ def add_task(model, ckpt, output=None, *, name: str | None = None, replace: bool
     """
     from atexport.checkpoint import Checkpoint, load_checkpoint
 
-    t0 = time.perf_counter()
-    proto, meta, where, out, sha, in_place = _open_edit(model, output)
+    opened = _open_edit(model, output)
+    proto, meta, where = opened.proto, opened.meta, opened.where
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
     ckpt = ckpt.for_export()
@@ -247,8 +261,7 @@ def add_task(model, ckpt, output=None, *, name: str | None = None, replace: bool
             banks[b] = np.concatenate([banks[b], slices[b][None]], axis=0)
         meta.tasks.append(task_entry(ckpt, name, idx))
         kept = {i: i for i in range(k)}
-    return _edit(proto, meta, where, banks, out, "replace" if replace else "add", name, kept, t0,
-                 source_sha256=sha, in_place=in_place)
+    return _edit(opened, banks, "replace" if replace else "add", name, kept)
 
 
 def remove_task(model, name: str, output=None) -> TaskEditResult:
@@ -261,8 +274,8 @@ def remove_task(model, name: str, output=None) -> TaskEditResult:
         BadInputError: not a multi-task model, an INT8 model, unknown task, last task, bad output path,
             the model changed while this edit ran.
     """
-    t0 = time.perf_counter()
-    proto, meta, where, out, sha, in_place = _open_edit(model, output)
+    opened = _open_edit(model, output)
+    proto, meta, where = opened.proto, opened.meta, opened.where
     by_name = {t["name"]: t for t in meta.tasks}
     if name not in by_name:
         raise BadInputError(f"{where} has no task {name!r}; it has {sorted(by_name)}.")
@@ -278,7 +291,7 @@ def remove_task(model, name: str, output=None) -> TaskEditResult:
         kept[int(t["index"])] = new
         t["index"] = new
     meta.tasks = tasks
-    return _edit(proto, meta, where, banks, out, "remove", name, kept, t0, source_sha256=sha, in_place=in_place)
+    return _edit(opened, banks, "remove", name, kept)
 
 
 def _refuse_int8(meta, where):

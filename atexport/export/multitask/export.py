@@ -13,16 +13,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from atexport.artifact.bank import LAYOUT, PAD_LOGIT, TASK_AXIS, TASK_INPUT, bank_manifest, mixed_task_ids
 from atexport.artifact.fit import check_same_family
 from atexport.artifact.tasks import default_task_name
-from atexport.errors import BadInputError, require
+from atexport.errors import BadInputError
 from atexport.export.multitask.edit import task_entry
-from atexport.export.onnx import ExportResult, export_record
+from atexport.export.onnx import ExportResult
+from atexport.export.settings import ExportSettings
 
 
 @dataclass
@@ -136,31 +137,28 @@ def _multitask_metadata(ckpts, names, *, batch, manifest, max_classes, layout, e
 def export_multitask(
     ckpts: Sequence,
     output: str | Path | None = None,
+    settings: ExportSettings | None = None,
     *,
     task_names: Sequence[str] | None = None,
     max_classes: int | None = None,
-    batch: int | None = None,
-    opset: int | None = None,
-    simplify: bool | None = None,
-    simplifier: str | None = None,
-    verify: bool = True,
-    backbone_weights: str | Path | None = None,
-    images=None,
-    config: str | Mapping = "onnx",
-    log=None,
 ) -> MultiTaskResult:
     """Export several checkpoints of one backbone as one multi-task ONNX model, verify it, write it atomically.
+
+    Example::
+
+        from atexport.export import ExportSettings, export_multitask
+        export_multitask(["runs/cars/run.pt", "runs/birds/run.pt"], "tasks.onnx", ExportSettings(batch=8))
 
     Args:
         ckpts: checkpoint paths or loaded :class:`~atexport.checkpoint.Checkpoint` objects (one per task).
         output: model path; default ``tasks.onnx`` in the checkpoints' common folder.
+        settings: the :class:`~atexport.export.settings.ExportSettings`, as for
+            :func:`~atexport.export.onnx.export_onnx` (``separable`` does not matter: the bank is always
+            swappable); default ``ExportSettings()``.
         task_names: one name per checkpoint (default: :func:`~atexport.artifact.tasks.default_task_name`,
             the file stem, or the run folder's name for ``runs/cars/run.pt``).
         max_classes: width of the logits, i.e. the most classes any task (also one added later with
             :func:`~atexport.export.multitask.add_task`) may have; default: the largest class count among ``ckpts``.
-        batch: fixed batch size; ``None`` takes the preset's (dynamic axis ``"batch"``).
-        opset, simplify, simplifier, verify, backbone_weights, images, config, log: as in
-            :func:`~atexport.export.onnx.export_onnx`.
 
     Returns:
         The :class:`MultiTaskResult`.
@@ -172,32 +170,61 @@ def export_multitask(
         ParityError: some task's logits differ from its own PyTorch model; the model is kept at
             ``<stem>.failed.onnx`` and nothing is written at ``output``.
     """
-    from atexport.checkpoint import Checkpoint, load_checkpoint
     from atexport.artifact.onnx import check_manifest
-    from atexport.export.module import MIN_OPSET, bind_initializers, export_module, finish_proto
-    from atexport.export.onnx import load_export_config, op_counts
+    from atexport.export.module import finish_proto
     from atexport.export.multitask.modules import build_multitask_model
+    from atexport.export.onnx import export_extra, require_exporter, trace_model
     from atexport.export.write import write_export
+
+    s = settings if settings is not None else ExportSettings()
+    t_start = time.perf_counter()
+    ckpts, names, max_classes, output = _open_checkpoints(ckpts, output, task_names, max_classes)
+    images = s.load_images()
+    require_exporter()
+    import torch
+
+    s.say(f"building {ckpts[0].model.backbone} with a bank of {len(ckpts)} tasks ...")
+    model, layout, bank = build_multitask_model(ckpts, max_classes, s.backbone_weights)
+    in_shape = [int(v) for v in ckpts[0].preprocess["input_size"]]
+    ids = torch.from_numpy(mixed_task_ids(s.trace_batch, len(ckpts)))
+    manifest = bank_manifest(layout, len(ckpts))
+    proto, nodes, seconds = trace_model(model, in_shape, bank, s, f"multi-task, {LAYOUT} layout",
+                                        extra_inputs={TASK_INPUT: ids})
+    check_manifest(proto, manifest, "exported multi-task model")
+    _set_task_axis(proto, bank)
+    extra = export_extra(proto, s, nodes, ("LayerNormalization", "Gelu", "Erf", "Gemm", "MatMul", "Gather"),
+                         {"files": [Path(ck.path).name if ck.path else None for ck in ckpts]})
+    meta = _multitask_metadata(ckpts, names, batch=s.batch, manifest=manifest, max_classes=max_classes,
+                               layout=layout, extra=extra)
+    finish_proto(proto, meta, f"{ckpts[0].model.backbone} {ckpts[0].regime}, {len(ckpts)} tasks "
+                 f"({', '.join(names[:8])}{'...' if len(names) > 8 else ''})", "the multi-task model")
+    result = MultiTaskResult(path=None, metadata=meta, nodes=nodes, simplifier=s.simplifier if s.simplify else None)
+    data = proto.SerializeToString()
+    if s.verify:
+        s.say("checking every task against its own PyTorch model, on mixed-task batches ...")
+        t0 = time.perf_counter()
+        result.parity = _verify_against_single_task(data, meta, ckpts, s, images, in_shape)
+        seconds["verify"] = time.perf_counter() - t0
+    write_export(proto, data, result, output,
+                 "the multi-task model does not match the tasks' own PyTorch models within the "
+                 f"{s.precision} tolerances", verify=s.verify, seconds=seconds, t_start=t_start,
+                 only_failed=True)
+    return result
+
+
+def _open_checkpoints(ckpts, output, task_names, max_classes):
+    """``(checkpoints in their export layout, task names, logits width, output path)``, every refusal (a family
+    without a bank, checkpoints that cannot share one model, bad names or width, bad output) before any model
+    is built."""
+    from atexport.adapters import check_export_mode  # the family says whether its layout fits the bank
+    from atexport.checkpoint import Checkpoint, load_checkpoint
     from atexport.utils.io import check_writable
 
-    say = log or (lambda *_: None)
-    t_start = time.perf_counter()
     if isinstance(ckpts, (str, os.PathLike, Checkpoint)):
         ckpts = [ckpts]
     if not ckpts:
         raise BadInputError("give at least one checkpoint (--ckpt) for a multi-task model.")
-    cfg = load_export_config(config, opset=opset, batch=batch, simplify=simplify, simplifier=simplifier)
-    ex, par = cfg["export"], cfg["parity"]
-    opset = int(ex.get("opset", MIN_OPSET))
-    batch = ex.get("batch")
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise BadInputError(f"--batch {batch}: must be a positive integer (omit it for a dynamic batch axis).")
-    do_simplify = bool(ex.get("simplify", True))
-    simplifier = str(ex.get("simplifier", "onnxslim"))
-
     ckpts = [(ck if isinstance(ck, Checkpoint) else load_checkpoint(ck)).for_export() for ck in ckpts]
-    from atexport.adapters import check_export_mode  # the family says whether its layout fits the bank
-
     for ck in ckpts:
         check_export_mode(ck.adapter, "multitask", f"--multitask {ck.path or 'checkpoint'}")
     check_same_family([ck.task_weights() for ck in ckpts])
@@ -213,83 +240,22 @@ def export_multitask(
     for ck in ckpts:
         if ck.path is not None and output.resolve() == Path(ck.path).resolve():
             raise BadInputError(f"-o {output}: that is a checkpoint; choose another output path.")
-    require("onnx", "exporting ONNX models", "onnx")
-    require("onnxscript", "the PyTorch ONNX exporter (torch.onnx.export(dynamo=True))", "onnx")
-    import torch
-
-    say(f"building {ckpts[0].model.backbone} with a bank of {len(ckpts)} tasks ...")
-    model, layout, bank = build_multitask_model(ckpts, max_classes, backbone_weights)
-    in_shape = [int(v) for v in ckpts[0].preprocess["input_size"]]
-    trace_batch = int(batch) if batch is not None else max(int(ex.get("trace_batch", 2)), 2)
-    example = torch.randn((trace_batch, *in_shape), generator=torch.Generator().manual_seed(0))
-    ids = torch.from_numpy(mixed_task_ids(trace_batch, len(ckpts)))
-    manifest = bank_manifest(layout, len(ckpts))
-
-    say(f"exporting (multi-task, {LAYOUT} layout, opset {opset}, "
-        f"{'dynamic batch' if batch is None else f'batch {batch}'}) ...")
-    t0 = time.perf_counter()
-    proto = export_module(
-        model, example, bank, extra_inputs={TASK_INPUT: ids},
-        extra_dynamic={TASK_INPUT: {0: "batch"}} if batch is None else None,
-        dynamic_batch=batch is None, opset=opset,
-    )
-    seconds = {"export": time.perf_counter() - t0}
-    nodes = {"exported": len(proto.graph.node), "simplified": None}
-    if do_simplify:
-        from atexport.export.simplify import require_inputs
-        from atexport.export.simplify import simplify as run_simplifier
-
-        say(f"simplifying with {simplifier} ...")
-        proto, stats = run_simplifier(proto, simplifier)
-        require_inputs(proto, [*bank, TASK_INPUT])
-        nodes["simplified"] = stats.nodes_after
-        seconds["simplify"] = stats.seconds
-    bind_initializers(proto, bank)
-    check_manifest(proto, manifest, "exported multi-task model")
-    _set_task_axis(proto, bank)
-    extra = {
-        "export": export_record(cfg, opset, batch, trace_batch, do_simplify, simplifier),
-        "nodes": nodes,
-        "ops": {k: v for k, v in op_counts(proto).items()
-                if k in ("LayerNormalization", "Gelu", "Erf", "Gemm", "MatMul", "Gather")},
-        "checkpoint": {"files": [Path(ck.path).name if ck.path else None for ck in ckpts]},
-        "parity": None,
-    }
-    meta = _multitask_metadata(ckpts, names, batch=batch, manifest=manifest, max_classes=max_classes,
-                               layout=layout, extra=extra)
-
-    finish_proto(proto, meta, f"{ckpts[0].model.backbone} {ckpts[0].regime}, {len(ckpts)} tasks "
-                 f"({', '.join(names[:8])}{'...' if len(names) > 8 else ''})", "the multi-task model")
-
-    result = MultiTaskResult(path=None, metadata=meta, nodes=nodes, simplifier=simplifier if do_simplify else None)
-    data = proto.SerializeToString()
-    if verify:
-        say("checking every task against its own PyTorch model, on mixed-task batches ...")
-        t0 = time.perf_counter()
-        result.parity = _verify_against_single_task(data, meta, ckpts, backbone_weights, images, par, in_shape, batch)
-        seconds["verify"] = time.perf_counter() - t0
-    write_export(proto, data, result, output,
-                 "the multi-task model does not match the tasks' own PyTorch models within the "
-                 f"{par.get('precision', 'fp32')} tolerances", verify=verify, seconds=seconds, t_start=t_start,
-                 only_failed=True)
-    return result
+    return ckpts, names, max_classes, output
 
 
-def _verify_against_single_task(data, meta, ckpts, backbone_weights, images, par, in_shape, batch):
+def _verify_against_single_task(data, meta, ckpts, settings: ExportSettings, images, in_shape):
     """Each task's rows of mixed-task batches against that task's own single-task PyTorch model."""
-    from atexport.checkpoint import build_model
+    from atexport.parity import photo_batch, random_batch
+    from atexport.parity.compare import load_tolerances
     from atexport.runtime.batching import run_batched
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
-    from atexport.runtime.torch import TorchRunner
-    from atexport.parity.compare import load_tolerances
-    from atexport.parity import photo_batch, random_batch
 
-    tol = load_tolerances(par.get("tolerances", "tolerances"))[par.get("precision", "fp32")]
+    par = settings.parity
+    tol = load_tolerances(par.get("tolerances", "tolerances"))[settings.precision]
     sets = [("photos", photo_batch(ckpts[0].preprocess, extra=images, max_images=par.get("max_images")))]
     if int(par.get("random_inputs", 8)):
         sets.append(("random", random_batch(int(par["random_inputs"]), in_shape, int(par.get("seed", 0)))))
     k = len(ckpts)
-    sizes = [int(batch)] if batch is not None else [int(b) for b in par.get("batch_sizes", [1, 4])]
     # Mixed-task batches: the set is repeated and tasks assigned round-robin, shifted by one per copy,
     # so consecutive samples belong to different tasks. With few tasks every task sees every input
     # (K copies); with many, each task sees at least two.
@@ -299,6 +265,21 @@ def _verify_against_single_task(data, meta, ckpts, backbone_weights, images, par
         reps = k if k * n <= 64 else max(1, -(-2 * k // n))
         ids = np.concatenate([mixed_task_ids(n, k, offset=j) for j in range(reps)])
         prepared.append((kind, np.concatenate([x] * reps), ids))
+    refs = _single_task_logits(ckpts, settings.backbone_weights, prepared)
+    rows = []
+    with OnnxRuntimeRunner(data, optimization=par.get("optimization", "all")) as cand:
+        for bs in settings.batch_sizes:
+            for kind, x, ids in prepared:
+                y = run_batched(cand, x, bs, per_sample={TASK_INPUT: ids})
+                rows += _task_rows(meta, y, ids, refs, kind, bs, tol)
+    return rows
+
+
+def _single_task_logits(ckpts, backbone_weights, prepared) -> dict:
+    """``{(task index, input set): logits}`` of each task's own PyTorch model on its rows of ``prepared``."""
+    from atexport.checkpoint import build_model
+    from atexport.runtime.torch import TorchRunner
+
     ref_model = build_model(ckpts[0], backbone_weights=backbone_weights)
     refs = {}
     with TorchRunner(ref_model) as ref:
@@ -308,13 +289,7 @@ def _verify_against_single_task(data, meta, ckpts, backbone_weights, images, par
             ref_model.eval()
             for kind, x, ids in prepared:
                 refs[(i, kind)] = ref.infer(x[ids == i])
-    rows = []
-    with OnnxRuntimeRunner(data, optimization=par.get("optimization", "all")) as cand:
-        for bs in sizes:
-            for kind, x, ids in prepared:
-                y = run_batched(cand, x, bs, per_sample={TASK_INPUT: ids})
-                rows += _task_rows(meta, y, ids, refs, kind, bs, tol)
-    return rows
+    return refs
 
 
 def _task_rows(meta, y, ids, refs, kind, bs, tol):

@@ -27,8 +27,9 @@ from atexport.errors import AtexportError, IncompatibleCheckpointError
 
 
 @functools.lru_cache(maxsize=None)
-def _classes() -> dict:
-    """The torch modules, defined on first use (torch is imported only when exporting)."""
+def _bank_ops() -> dict:
+    """The per-sample bank operations a family's layers are made of, defined on first use (torch is imported
+    only when exporting)."""
     import torch
     from torch import nn
 
@@ -68,6 +69,17 @@ def _classes() -> dict:
 
         def select(self, p):
             return torch.index_select(p, 0, self.ctx.task_id)
+
+    return {"TaskContext": TaskContext, "BankLinear": BankLinear, "BankOps": BankOps}
+
+
+@functools.lru_cache(maxsize=None)
+def _classes() -> dict:
+    """The torch modules of the multi-task model (and :func:`_bank_ops`' classes), defined on first use."""
+    from torch import nn
+
+    ops_classes = _bank_ops()
+    TaskContext, BankOps = ops_classes["TaskContext"], ops_classes["BankOps"]
 
     class Bank(nn.Module):
         """Every bank tensor, named as the layout names it: the family's layers at their paths
@@ -116,7 +128,7 @@ def _classes() -> dict:
             finally:
                 self.ctx.task_id = None
 
-    return {"TaskContext": TaskContext, "BankLinear": BankLinear, "BankOps": BankOps, "MultiTaskModel": MultiTaskModel}
+    return {**ops_classes, "MultiTaskModel": MultiTaskModel}
 
 
 def build_multitask_model(ckpts: Sequence, max_classes: int, backbone_weights=None):

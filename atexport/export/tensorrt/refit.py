@@ -110,7 +110,8 @@ def refit_engine(engine_path: str | os.PathLike, ckpt, output: str | os.PathLike
     Args:
         engine_path: an engine built with ``atexport trt --refit`` from a separable or multi-task model.
         ckpt: the other task's checkpoint (path or loaded).
-        output: engine to write (default: ``<checkpoint stem>.engine`` beside the engine; a multi-task engine
+        output: engine to write (default: ``<task name>.engine`` beside the engine, ``cars.engine`` for
+            ``runs/cars/run.pt``, as every swap names its output; a multi-task engine
             is refitted in place).
         task_name: task name in the metadata (default: the checkpoint's default name); for a multi-task engine,
             the task to replace.
@@ -161,7 +162,7 @@ def refit_engine(engine_path: str | os.PathLike, ckpt, output: str | os.PathLike
     if output is None:
         if ckpt.path is None:
             raise BadInputError("give an output path (-o): the checkpoint was not loaded from a file.")
-        output = Path(engine_path).with_name(Path(ckpt.path).stem + Path(engine_path).suffix)
+        output = Path(engine_path).with_name(ckpt.name + Path(engine_path).suffix)  # named by the task, as every swap
     output = check_writable(output, "-o")
     trt, _runtime, engine, _ = load_engine(engine_path, log=log)
     onnx_out = None

@@ -208,10 +208,11 @@ def export_tensorrt(onnx: str | os.PathLike | None = None, ckpt=None, *, precisi
     # -- (export,) convert
     if onnx is None:
         from atexport.export.onnx import export_onnx
+        from atexport.export.settings import ExportSettings
 
         say("exporting the checkpoint to ONNX first ...")
-        res = export_onnx(ckpt, separable=bool(eng.refit), verify=verify, backbone_weights=backbone_weights,
-                          images=images, log=log)
+        res = export_onnx(ckpt, None, ExportSettings(separable=bool(eng.refit), verify=verify,
+                                                     backbone_weights=backbone_weights, images=images, log=log))
         onnx = res.path
         _, src_meta = read_onnx_model(onnx)
         check_batch_for_model(src_meta, eng.batch)
