@@ -92,13 +92,14 @@ def quantize_all(fp32: Path, folder: Path, calib: np.ndarray) -> dict:
     import openvino as ov
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
-    from atexport.export.precision import quantize_int8
+    from atexport.export.precision import Int8Options, quantize_int8
 
     out = {"FP32": (fp32, None)}
     for name, kw in (("atexport S8S8", {}), ("atexport U8S8", {"target": "cpu"}),
                      ("atexport naive S8S8", {"smooth": "off", "keep_float": "none"})):
         t0 = time.perf_counter()
-        r = quantize_int8(fp32, folder / f"{name.replace(' ', '_')}.onnx", calib, verify=False, cache=False, **kw)
+        r = quantize_int8(fp32, folder / f"{name.replace(' ', '_')}.onnx", calib, verify=False,
+                          options=Int8Options(cache=False, **kw))
         say(f"{name}: {time.perf_counter() - t0:.1f}s; " + r.summary().replace("\n", " | "))
         out[name] = (r.path, None)
     inp = onnx.load(str(fp32)).graph.input[0].name
