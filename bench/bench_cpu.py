@@ -88,8 +88,8 @@ def proxy_checkpoint(folder: Path) -> Path:
 def artifacts(ckpt: Path, folder: Path, calib_count: int | None, keep_float) -> dict:
     """FP32 ONNX (fused and separable) and the two INT8 Q/DQ files of a checkpoint (cached in ``folder``)."""
     from atexport.export.onnx import export_onnx
+    from atexport.export.precision import Int8Options, quantize_int8
     from atexport.export.settings import ExportSettings
-    from atexport.export.precision import quantize_int8
 
     folder.mkdir(parents=True, exist_ok=True)
     out = {"fp32": folder / "model.onnx", "sep": folder / "sep.onnx",
@@ -102,8 +102,8 @@ def artifacts(ckpt: Path, folder: Path, calib_count: int | None, keep_float) -> 
     for key, target in (("s8s8", "tensorrt"), ("u8s8", "cpu")):
         if not out[key].is_file():
             say(f"quantizing {out['fp32']} for target {target} ...")
-            quantize_int8(out["fp32"], out[key], "digits", target=target, count=calib_count, keep_float=keep_float,
-                          verify=False)
+            quantize_int8(out["fp32"], out[key], "digits", verify=False,
+                          options=Int8Options(target=target, count=calib_count, keep_float=keep_float))
     return out
 
 

@@ -120,7 +120,7 @@ def _routing(ckpt_path, x) -> dict:
 def run(out: Path, seeds: str, epochs: int, rounds: int, calls: int, transfer: Path | None = None, log=print,
         arms=None) -> dict:
     from atexport.export.onnx import export_onnx
-    from atexport.export.precision import quantize_int8
+    from atexport.export.precision import Int8Options, quantize_int8
     from atexport.training import TrainConfig, train
 
     t0 = time.perf_counter()
@@ -154,7 +154,7 @@ def run(out: Path, seeds: str, epochs: int, rounds: int, calls: int, transfer: P
         if x is None:
             x, y = _test_batch(task["task_dataset"], exp.metadata.preprocess)
         r["ort_fp32_top1"] = _top1(_session(exp.path), x, y)
-        i8 = quantize_int8(exp.path, out / "onnx" / f"{name}.int8.onnx", str(calib_dir), count=128)
+        i8 = quantize_int8(exp.path, out / "onnx" / f"{name}.int8.onnx", str(calib_dir), options=Int8Options(count=128))
         r["ort_int8_top1"] = _top1(_session(i8.path), x, y)
         r["int8_loss_pt"] = r["ort_fp32_top1"] - r["ort_int8_top1"]
         r["int8_keep_float"] = (i8.metadata.extra.get("precision") or {}).get("keep_float")

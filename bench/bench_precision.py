@@ -163,7 +163,7 @@ def variants(fp32: Path, folder: Path, methods, extras: bool) -> dict:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from atexport.export.precision import linear_nodes, quantize_int8, to_fp16
+    from atexport.export.precision import Int8Options, linear_nodes, quantize_int8, to_fp16
     from atexport.artifact.metadata import read_onnx_metadata
 
     out = {}
@@ -173,7 +173,7 @@ def variants(fp32: Path, folder: Path, methods, extras: bool) -> dict:
         path = folder / f"{fp32.stem}.{name.replace(' ', '_').replace(',', '').replace('(', '').replace(')', '')}.onnx"
         if path.exists():  # --workdir: made by an earlier run (calibration and sensitivity are cached anyway)
             path.unlink()
-        r = quantize_int8(fp32, path, "digits", verify=False, **kw)
+        r = quantize_int8(fp32, path, "digits", verify=False, options=Int8Options(**kw))
         kf = read_onnx_metadata(onnx.load(str(r.path))).extra["precision"].get("keep_float")
         out[name] = (r.path, kf, time.perf_counter() - t0)
         say(f"  {name}: {time.perf_counter() - t0:.0f}s" + (f", float {kf['layers']}" if kf else ""))

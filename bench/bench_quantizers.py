@@ -96,7 +96,7 @@ def quantize_all(fp32: Path, folder: Path, calib: np.ndarray, reuse: bool = Fals
     import openvino as ov
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
-    from atexport.export.precision import quantize_int8
+    from atexport.export.precision import Int8Options, quantize_int8
 
     out = {"FP32": (fp32, None)}
     for name, kw in (("atexport S8S8", {}), ("atexport U8S8", {"target": "cpu"}),
@@ -104,7 +104,7 @@ def quantize_all(fp32: Path, folder: Path, calib: np.ndarray, reuse: bool = Fals
         path = folder / f"{name.replace(' ', '_')}.onnx"
         if not (reuse and path.exists()):
             t0 = time.perf_counter()
-            r = quantize_int8(fp32, path, calib, verify=False, cache=False, **kw)
+            r = quantize_int8(fp32, path, calib, verify=False, options=Int8Options(cache=False, **kw))
             say(f"{name}: {time.perf_counter() - t0:.1f}s; " + r.summary().replace("\n", " | "))
         out[name] = (path, None)
     inp = onnx.load(str(fp32)).graph.input[0].name

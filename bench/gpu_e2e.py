@@ -146,17 +146,17 @@ def run_steps(work: Path, triton: bool) -> None:
 
     @step("2a. FP16 refittable engine builds with parity")
     def fp16():
-        res = export_tensorrt(ckpt=ckpt_a, precision="fp16", output=work / "a.fp16.engine",
-                              engine=EngineOptions(refit=True, batch=",".join(map(str, BATCH))))
+        res = export_tensorrt(ckpt=ckpt_a, precision="fp16",
+                              engine=EngineOptions(refit=True, batch=",".join(map(str, BATCH)),
+                                                   output=work / "a.fp16.engine"))
         assert res.engine and res.parity and all(r.passed for r in res.parity), "parity rows failed"
         state["fp16"] = res
         return f"{len(res.parity)} parity rows passed, {res.engine.seconds['build']:.1f} s"
 
     @step("2b. INT8 engine builds with parity")
     def int8():
-        res = export_tensorrt(ckpt=ckpt_a, precision="int8", output=work / "a.int8.engine",
-                              int8=Int8Options(calib="digits", count=64),
-                              engine=EngineOptions(batch=",".join(map(str, BATCH))))
+        res = export_tensorrt(ckpt=ckpt_a, precision="int8", int8=Int8Options(calib="digits", count=64),
+                              engine=EngineOptions(batch=",".join(map(str, BATCH)), output=work / "a.int8.engine"))
         assert res.engine and res.parity and all(r.passed for r in res.parity), "parity rows failed"
         state["int8"] = res
         return f"{len(res.parity)} parity rows passed"
@@ -206,8 +206,8 @@ def run_steps(work: Path, triton: bool) -> None:
         from atexport.export.settings import ExportSettings
 
         mt = export_multitask([ckpt_a, ckpt_b], work / "tasks.onnx", ExportSettings(verify=False)).path
-        res = export_tensorrt(mt, precision="fp16", output=work / "tasks.fp16.engine",
-                              engine=EngineOptions(batch=",".join(map(str, BATCH))))
+        res = export_tensorrt(mt, precision="fp16",
+                              engine=EngineOptions(batch=",".join(map(str, BATCH)), output=work / "tasks.fp16.engine"))
         assert res.parity and all(r.passed for r in res.parity), "multi-task parity failed"
         state["mt_onnx"], state["mt_engine"] = mt, res.engine.path
         ids = np.array([0, 1, 1, 0, 1, 0, 0], dtype=np.int64)

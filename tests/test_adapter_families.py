@@ -395,7 +395,7 @@ def test_fp16_and_int8_pass_verification(fam_dir, fam_ckpts, name):
     CLS row only the position embedding) moving it by noise of scale 0.005 takes INT8's photo min cosine
     from 0.989 to 0.83 (measured, not explained; trained models untested).
     """
-    from atexport.export.precision import quantize_int8, to_fp16
+    from atexport.export.precision import Int8Options, quantize_int8, to_fp16
 
     path, _, _ = fam_ckpts[name]
     if name.startswith("adapterx") or name.startswith("lora"):
@@ -404,7 +404,7 @@ def test_fp16_and_int8_pass_verification(fam_dir, fam_ckpts, name):
     fp32 = _export(fam_dir, path, f"{name}_prec_fused", separable=False)
     f16 = to_fp16(fp32.path, fam_dir / f"{name}.fp16.onnx")
     assert f16.path.is_file() and all(r.passed for r in f16.parity)
-    i8 = quantize_int8(fp32.path, fam_dir / f"{name}.int8.onnx", "digits", count=64)
+    i8 = quantize_int8(fp32.path, fam_dir / f"{name}.int8.onnx", "digits", options=Int8Options(count=64))
     assert i8.path.is_file() and all(r.passed for r in i8.parity)
 
 
@@ -517,7 +517,7 @@ def test_adaring_task_swaps_into_an_adaptertune_model(tmp_path, fam_dir, fam_ckp
 def test_verify_reports_adapterx_routing_per_backend(fam_dir):
     """verify runs the family's probe: the chosen expert per token in FP32, FP16 and INT8 ONNX vs PyTorch,
     with the near-ties; FP32 must match (away from near-ties), FP16/INT8 flips are counted."""
-    from atexport.export.precision import quantize_int8, to_fp16
+    from atexport.export.precision import Int8Options, quantize_int8, to_fp16
     from atexport.verify import verify
 
     path, _ = _family_checkpoint(fam_dir / "adapterx_digits.pt", CASES["adapterx"], weight_seed=1, scale=0.02,
@@ -525,7 +525,8 @@ def test_verify_reports_adapterx_routing_per_backend(fam_dir):
     fp32 = _export(fam_dir, path, "adapterx_digits", separable=False)
     f16 = to_fp16(fp32.path, fam_dir / "adapterx_digits.fp16.onnx")
     # INT8 of random experts fails its own logits check here (not the subject): written unverified
-    i8 = quantize_int8(fp32.path, fam_dir / "adapterx_digits.int8.onnx", "digits", count=32, verify=False)
+    i8 = quantize_int8(fp32.path, fam_dir / "adapterx_digits.int8.onnx", "digits", verify=False,
+                       options=Int8Options(count=32))
     res = verify(path, onnx=fp32.path, onnx_fp16=f16.path, onnx_int8=i8.path, dataset="digits", limit=24,
                  batch_size=24, strict=False, progress=False)
     rows = {r["name"]: r for r in res.probes}

@@ -71,10 +71,11 @@ def test_bench_cli_and_its_errors(tiny_ckpt, bench_onnx, tmp_path):
 def test_bench_times_openvino_at_every_precision_in_one_run(tiny_ckpt, bench_onnx, tmp_path):
     pytest.importorskip("openvino", reason="needs the openvino package: pip install 'atexport[openvino]'")
     from atexport.benchmark import benchmark, cpu_has_bf16
-    from atexport.export.precision import quantize_int8
+    from atexport.export.precision import Int8Options, quantize_int8
     from atexport.utils.machine import has_amx
 
-    q = quantize_int8(bench_onnx, tmp_path / "tiny.int8.onnx", "digits", count=64, keep_float="none", verify=False).path
+    q = quantize_int8(bench_onnx, tmp_path / "tiny.int8.onnx", "digits", verify=False,
+                      options=Int8Options(count=64, keep_float="none")).path
     res = benchmark(tiny_ckpt, onnx=bench_onnx, onnx_int8=q, batches="2", runs=2, warmup=1, threads=1)
     got = [(r.backend, r.precision) for r in res.rows]
     bf16 = cpu_has_bf16()

@@ -106,21 +106,23 @@ def test_model_hash_ignores_metadata_not_weights(calib_fp32):
 
 
 def test_cache_reused_then_not_for_a_changed_model(calib_fp32, tmp_path):
-    from atexport.export.precision import quantize_int8
+    from atexport.export.precision import Int8Options, quantize_int8
 
     cache = tmp_path / "tiny.calib.json"
-    first = quantize_int8(calib_fp32, tmp_path / "a.int8.onnx", {"name": "digits", "source": "digits", "count": 32, "min_images": 16}, cache=cache, verify=False, keep_float="none")
+    first = quantize_int8(calib_fp32, tmp_path / "a.int8.onnx", {"name": "digits", "source": "digits", "count": 32, "min_images": 16}, verify=False,
+                          options=Int8Options(cache=cache, keep_float="none"))
     assert first.calibration["cache_status"].startswith("computed") and cache.is_file()
     doc = json.loads(cache.read_text())
     assert doc["model_sha256"] == model_hash(onnx.load(str(calib_fp32)))
 
-    second = quantize_int8(calib_fp32, tmp_path / "b.int8.onnx", {"name": "digits", "source": "digits", "count": 32, "min_images": 16}, cache=cache, verify=False, keep_float="none")
+    second = quantize_int8(calib_fp32, tmp_path / "b.int8.onnx", {"name": "digits", "source": "digits", "count": 32, "min_images": 16}, verify=False,
+                           options=Int8Options(cache=cache, keep_float="none"))
     assert second.calibration["cache_status"] == "reused"
     assert onnx.load(str(tmp_path / "a.int8.onnx")).graph == onnx.load(str(tmp_path / "b.int8.onnx")).graph
 
     # other images: recomputed
-    other = quantize_int8(calib_fp32, tmp_path / "c.int8.onnx", {"name": "d", "source": "digits", "count": 32, "seed": 7, "min_images": 16},
-                          cache=cache, verify=False, keep_float="none")
+    other = quantize_int8(calib_fp32, tmp_path / "c.int8.onnx", {"name": "d", "source": "digits", "count": 32, "seed": 7, "min_images": 16}, verify=False,
+                          options=Int8Options(cache=cache, keep_float="none"))
     assert "other calibration images" in other.calibration["cache_status"]
 
     # a changed model (one weight changed): never reuses another model's ranges
@@ -130,8 +132,8 @@ def test_cache_reused_then_not_for_a_changed_model(calib_fp32, tmp_path):
     w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
     changed = tmp_path / "changed.onnx"
     onnx.save(m, str(changed))
-    res = quantize_int8(changed, tmp_path / "d.int8.onnx", {"name": "d", "source": "digits", "count": 32, "seed": 7, "min_images": 16},
-                        cache=cache, verify=False, keep_float="none")
+    res = quantize_int8(changed, tmp_path / "d.int8.onnx", {"name": "d", "source": "digits", "count": 32, "seed": 7, "min_images": 16}, verify=False,
+                        options=Int8Options(cache=cache, keep_float="none"))
     assert "another model" in res.calibration["cache_status"]
     assert json.loads(cache.read_text())["model_sha256"] == model_hash(m)
 
@@ -139,33 +141,36 @@ def test_cache_reused_then_not_for_a_changed_model(calib_fp32, tmp_path):
 def test_sensitivity_is_cached_with_the_calibration(calib_fp32, tmp_path):
     """keep_float=auto measures per-layer sensitivity once; the next run on the same model, images and
     settings reuses it (and chooses the same layers); other sensitivity settings measure again."""
-    from atexport.export.precision import quantize_int8
+    from atexport.export.precision import Int8Options, quantize_int8
 
     cache = tmp_path / "tiny.calib.json"
     calib = {"name": "digits", "source": "digits", "count": 32, "min_images": 16}
-    first = quantize_int8(calib_fp32, tmp_path / "a.int8.onnx", calib, cache=cache, verify=False, keep_float="auto")
+    first = quantize_int8(calib_fp32, tmp_path / "a.int8.onnx", calib, verify=False,
+                          options=Int8Options(cache=cache, keep_float="auto"))
     kf1 = first.metadata.extra["precision"]["keep_float"]
     assert kf1["sensitivity"]["cache_status"].startswith("computed") and "saved" in kf1["sensitivity"]["cache_status"]
     assert json.loads(cache.read_text())["sensitivity"]["result"]["scores"]
-    second = quantize_int8(calib_fp32, tmp_path / "b.int8.onnx", calib, cache=cache, verify=False, keep_float="auto")
+    second = quantize_int8(calib_fp32, tmp_path / "b.int8.onnx", calib, verify=False,
+                           options=Int8Options(cache=cache, keep_float="auto"))
     kf2 = second.metadata.extra["precision"]["keep_float"]
     assert kf2["sensitivity"]["cache_status"] == "reused" and kf2["layers"] == kf1["layers"]
-    from atexport.export.precision import load_precision_config
+    from atexport.export.precision import Int8Options, load_precision_config
 
     cfg = load_precision_config()
     cfg["int8"]["keep_float"] = {**cfg["int8"]["keep_float"], "images": 16}
-    third = quantize_int8(calib_fp32, tmp_path / "c.int8.onnx", calib, cache=cache, verify=False, keep_float="auto", config=cfg)
+    third = quantize_int8(calib_fp32, tmp_path / "c.int8.onnx", calib, verify=False, config=cfg,
+                          options=Int8Options(cache=cache, keep_float="auto"))
     assert "other settings" in third.metadata.extra["precision"]["keep_float"]["sensitivity"]["cache_status"]
 
 
 def test_histogram_calibration_is_collected_in_steps(calib_fp32, tmp_path):
     """percentile: images go to ONNX Runtime's calibrator a few at a time (its memory grows with every
     intermediate output of a step) and the merged histograms still give sane, recorded ranges."""
-    from atexport.export.precision import check_int8_graph, quantize_int8
+    from atexport.export.precision import check_int8_graph, Int8Options, quantize_int8
 
     calib = {"name": "digits", "source": "digits", "count": 48, "min_images": 16}
-    res = quantize_int8(calib_fp32, tmp_path / "p.int8.onnx", calib, method="percentile", cache=tmp_path / "p.calib.json",
-                        verify=False, keep_float="none")
+    res = quantize_int8(calib_fp32, tmp_path / "p.int8.onnx", calib, verify=False,
+                        options=Int8Options(method="percentile", cache=tmp_path / "p.calib.json", keep_float="none"))
     settings = res.metadata.extra["precision"]["calibration_settings"]
     assert settings["method"] == "percentile" and settings["collect_images"] == 32 and settings["num_bins"] == 2048
     m = onnx.load(str(res.path))

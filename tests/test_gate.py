@@ -114,12 +114,12 @@ def test_broken_candidate_fails():
 @pytest.fixture(scope="module")
 def int8_pair(tmp_path_factory, tiny_ckpt):
     from atexport.export.onnx import export_onnx
+    from atexport.export.precision import Int8Options, quantize_int8
     from atexport.export.settings import ExportSettings
-    from atexport.export.precision import quantize_int8
 
     d = tmp_path_factory.mktemp("gate")
     fp32 = export_onnx(tiny_ckpt, d / "tiny.onnx", ExportSettings(verify=False)).path
-    return fp32, quantize_int8(fp32, d / "tiny.int8.onnx", "digits", count=64, keep_float="none")
+    return fp32, quantize_int8(fp32, d / "tiny.int8.onnx", "digits", options=Int8Options(count=64, keep_float="none"))
 
 
 def test_int8_is_judged_on_held_out_in_domain_images(int8_pair):

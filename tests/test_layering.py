@@ -159,8 +159,8 @@ def models(tmp_path_factory, tiny_ckpt, tiny_ckpt_b):
     from atexport.checkpoint import export_task_weights
     from atexport.export.multitask import export_multitask
     from atexport.export.onnx import export_onnx
+    from atexport.export.precision import Int8Options, convert_precision
     from atexport.export.settings import ExportSettings
-    from atexport.export.precision import convert_precision
 
     d = tmp_path_factory.mktemp("layering")
     sep = export_onnx(tiny_ckpt, d / "sep.onnx", ExportSettings(separable=True, verify=False)).path
@@ -168,8 +168,8 @@ def models(tmp_path_factory, tiny_ckpt, tiny_ckpt_b):
         "separable": sep,
         "fused": export_onnx(tiny_ckpt, d / "fused.onnx", ExportSettings(verify=False)).path,
         "fp16": convert_precision(sep, "fp16", d / "sep.fp16.onnx", verify=False).path,
-        "int8": convert_precision(sep, "int8", d / "sep.int8.onnx", calibration="digits", count=32,
-                                  keep_float="none", verify=False).path,
+        "int8": convert_precision(sep, "int8", d / "sep.int8.onnx", verify=False,
+                                  int8=Int8Options(calib="digits", count=32, keep_float="none")).path,
         "multitask": export_multitask([tiny_ckpt, tiny_ckpt_b], d / "tasks.onnx", ExportSettings(verify=False)).path,
         "npz": export_task_weights(tiny_ckpt_b, d / "b.npz", name="b"),
     }

@@ -210,6 +210,7 @@ def test_int8_full_refusals(tiny_ckpt, tmp_path):
 
 def test_int8_full_parity_failure_keeps_failed_copy(tiny_ckpt, tmp_path):
     """Outside the int8 row (here a zero-tolerance one): exit 5, the model kept at .failed.tflite."""
+    from atexport.export.edge import EdgeOptions
     from atexport.export.litert import export_litert
 
     tol = tmp_path / "tight.yaml"
@@ -218,7 +219,8 @@ def test_int8_full_parity_failure_keeps_failed_copy(tiny_ckpt, tmp_path):
     out = tmp_path / "m.tflite"
     cfg = {"parity": {"tolerances": str(tol), "max_images": 2, "random_inputs": 2}}
     with pytest.raises(ParityError, match="held-out digits") as e:
-        export_litert(tiny_ckpt, out, precision="int8-full", calib="digits", calib_count=16, config=cfg)
+        export_litert(tiny_ckpt, out, precision="int8-full", calib="digits", calib_count=16,
+                      options=EdgeOptions(config=cfg))
     assert e.value.exit_code == 5 and not out.exists()
     assert (tmp_path / "m.failed.tflite").is_file() and (tmp_path / "m.failed.tflite.json").is_file()
     side = json.loads((tmp_path / "m.failed.tflite.json").read_text())
@@ -226,6 +228,7 @@ def test_int8_full_parity_failure_keeps_failed_copy(tiny_ckpt, tmp_path):
 
 
 def test_parity_failure_keeps_failed_copy(tiny_ckpt, tmp_path):
+    from atexport.export.edge import EdgeOptions
     from atexport.export.litert import export_litert
 
     tol = tmp_path / "zero.yaml"
@@ -233,7 +236,7 @@ def test_parity_failure_keeps_failed_copy(tiny_ckpt, tmp_path):
     out = tmp_path / "m.tflite"
     cfg = {"parity": {"tolerances": str(tol), "max_images": 2, "random_inputs": 2}}
     with pytest.raises(ParityError, match="litert fp32 model does not match PyTorch") as e:
-        export_litert(tiny_ckpt, out, config=cfg)
+        export_litert(tiny_ckpt, out, options=EdgeOptions(config=cfg))
     assert e.value.exit_code == 5 and not out.exists()
     assert (tmp_path / "m.failed.tflite").is_file() and (tmp_path / "m.failed.tflite.json").is_file()
 

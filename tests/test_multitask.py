@@ -212,11 +212,12 @@ def test_task_slice_is_torch_free_and_pads():
 
 @pytest.fixture(scope="session")
 def precision_models(mt, mt_dir):
-    from atexport.export.precision import convert_precision
+    from atexport.export.precision import convert_precision, Int8Options
 
     return {
         "fp16": convert_precision(mt.path, "fp16", mt_dir / "tasks.fp16.onnx"),
-        "int8": convert_precision(mt.path, "int8", mt_dir / "tasks.int8.onnx", calibration="digits", count=64),
+        "int8": convert_precision(mt.path, "int8", mt_dir / "tasks.int8.onnx",
+                                  int8=Int8Options(calib="digits", count=64)),
     }
 
 

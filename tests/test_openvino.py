@@ -55,9 +55,10 @@ def sep_b(tiny_ckpt_b, ov_dir):
 
 @pytest.fixture(scope="session")
 def int8(fused, ov_dir):
-    from atexport.export.precision import quantize_int8
+    from atexport.export.precision import Int8Options, quantize_int8
 
-    return quantize_int8(fused, ov_dir / "fused.int8.onnx", "digits", count=64, keep_float="none", verify=False).path
+    return quantize_int8(fused, ov_dir / "fused.int8.onnx", "digits", verify=False,
+                         options=Int8Options(count=64, keep_float="none")).path
 
 
 @pytest.fixture(scope="session")

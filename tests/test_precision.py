@@ -14,6 +14,7 @@ import pytest
 
 from atexport.errors import BadInputError
 from atexport.export.precision import (
+    Int8Options,
     check_fp16_graph,
     check_int8_graph,
     float_types_by_node,
@@ -52,7 +53,8 @@ def tiny_fp16(prec_dir, tiny_fp32):
 @pytest.fixture(scope="session")
 def tiny_int8(prec_dir, tiny_fp32):
     """Every Linear layer quantized (no mixed precision): the policy tests inspect the plain placement."""
-    return quantize_int8(tiny_fp32, prec_dir / "tiny.int8.onnx", "digits", count=64, keep_float="none")
+    return quantize_int8(tiny_fp32, prec_dir / "tiny.int8.onnx", "digits",
+                         options=Int8Options(count=64, keep_float="none"))
 
 
 @pytest.fixture(scope="session")
@@ -192,7 +194,8 @@ def test_all_ops_int8_is_measurably_worse(tiny_fp32, tiny_int8, tmp_path):
     from atexport.errors import ParityError
 
     try:
-        worse = quantize_int8(tiny_fp32, tmp_path / "all.int8.onnx", "digits", count=64, op_policy="all", cache=False)
+        worse = quantize_int8(tiny_fp32, tmp_path / "all.int8.onnx", "digits",
+                              options=Int8Options(count=64, op_policy="all", cache=False))
     except ParityError as e:  # failing the int8 tolerance is this model's point; compare its rows anyway
         worse = e.result
     rep = qdq_report(onnx.load(str(worse.path or worse.failed_path)))
@@ -205,14 +208,15 @@ def test_all_ops_int8_is_measurably_worse(tiny_fp32, tiny_int8, tmp_path):
 
 
 def test_int8_cpu_target_u8s8(tiny_fp32, tmp_path):
-    res = quantize_int8(tiny_fp32, tmp_path / "cpu.int8.onnx", "digits", count=64, target="cpu")
+    res = quantize_int8(tiny_fp32, tmp_path / "cpu.int8.onnx", "digits", options=Int8Options(count=64, target="cpu"))
     rep = qdq_report(onnx.load(str(res.path)))
     assert "UINT8" in rep["quant_types"] and set(rep["dq_consumers"]) <= {"MatMul", "Gemm"}
     assert res.passed
 
 
 def test_int8_parity_against_pytorch(tiny_fp32, tiny_ckpt, tmp_path):
-    res = quantize_int8(tiny_fp32, tmp_path / "ref.int8.onnx", "digits", count=64, reference=_torch_reference(tiny_ckpt))
+    res = quantize_int8(tiny_fp32, tmp_path / "ref.int8.onnx", "digits", reference=_torch_reference(tiny_ckpt),
+                        options=Int8Options(count=64))
     assert res.passed and res.reference == "pytorch"
 
 
@@ -259,7 +263,8 @@ def test_parse_keep_float(value, parsed):
 def test_keep_float_auto_keeps_sensitive_layers_float_and_lowers_logit_error(tiny_fp32, tiny_int8, digits_test_batch, tmp_path):
     """auto: the layers it picks are plain float MatMul/Gemm in the file (no DQ input), every other Linear
     layer keeps its Q/DQ, and the logit error on held-out digits images drops well below plain INT8's."""
-    res = quantize_int8(tiny_fp32, tmp_path / "auto.int8.onnx", "digits", count=64, keep_float="auto")
+    res = quantize_int8(tiny_fp32, tmp_path / "auto.int8.onnx", "digits",
+                        options=Int8Options(count=64, keep_float="auto"))
     assert res.passed
     m = onnx.load(str(res.path))
     kf = read_onnx_metadata(m).extra["precision"]["keep_float"]
@@ -280,8 +285,8 @@ def test_keep_float_auto_keeps_sensitive_layers_float_and_lowers_logit_error(tin
 
 
 def test_keep_float_by_name(tiny_fp32, tiny_int8, digits_test_batch, tmp_path):
-    res = quantize_int8(tiny_fp32, tmp_path / "named.int8.onnx", "digits", count=64, keep_float="head,*.adapter.*",
-                        verify=False)
+    res = quantize_int8(tiny_fp32, tmp_path / "named.int8.onnx", "digits", verify=False,
+                        options=Int8Options(count=64, keep_float="head,*.adapter.*"))
     m = onnx.load(str(res.path))
     kf = read_onnx_metadata(m).extra["precision"]["keep_float"]
     assert len(kf["layers"]) == 9 and "head" in kf["layers"] and "sensitivity" not in kf
@@ -289,7 +294,8 @@ def test_keep_float_by_name(tiny_fp32, tiny_int8, digits_test_batch, tmp_path):
     assert "Gemm" not in rep["quantized_nodes"] and rep["quantized_nodes"]["MatMul"] == 16
     assert _rel_error(tiny_fp32, res.path, digits_test_batch) < _rel_error(tiny_fp32, tiny_int8.path, digits_test_batch)
     with pytest.raises(BadInputError, match="no quantized Linear layer has that name"):
-        quantize_int8(tiny_fp32, tmp_path / "bad.int8.onnx", "digits", count=64, keep_float=["blocks.9.mlp.fc3"])
+        quantize_int8(tiny_fp32, tmp_path / "bad.int8.onnx", "digits",
+                      options=Int8Options(count=64, keep_float=["blocks.9.mlp.fc3"]))
 
 
 def test_cli_int8_keep_float(tiny_fp32, tmp_path, monkeypatch):
@@ -311,27 +317,30 @@ def test_cli_int8_keep_float(tiny_fp32, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("precision, options, flag", [
-    ("fp16", {"calibration": "digits"}, "--calib applies to --precision int8, not fp16"),
+    ("fp16", {"calib": "digits"}, "--calib applies to --precision int8, not fp16"),
     ("fp16", {"count": 32}, "--calib-count applies to --precision int8"),
     ("fp16", {"method": "entropy"}, "--calib-method applies to --precision int8"),
     ("fp16", {"cache": False}, "--no-calib-cache applies to --precision int8"),
     ("fp16", {"keep_float": "auto"}, "--int8-keep-float applies to --precision int8, not fp16"),
     ("fp16", {"target": "cpu"}, "--target applies to --precision int8"),
     ("fp16", {"op_policy": "all"}, "op_policy applies to --precision int8"),
-    ("int8", {"calibration": "digits", "block_ops": ["Softmax"]}, "block_ops applies to --precision fp16, not int8"),
-    ("int8", {"calibration": "digits", "keep_io_types": False}, "keep_io_types applies to --precision fp16"),
+    ("int8", {"calib": "digits", "block_ops": ["Softmax"]}, "block_ops applies to --precision fp16, not int8"),
+    ("int8", {"calib": "digits", "keep_io_types": False}, "keep_io_types applies to --precision fp16"),
     ("int8", {}, "INT8 needs calibration images"),
     ("fp32", {}, "expected fp16 or int8"),
-    ("fp32", {"calibration": "digits"}, "--calib applies to --precision int8, not fp32"),
+    ("fp32", {"calib": "digits"}, "--calib applies to --precision int8, not fp32"),
     ("bf16", {}, "--precision bf16: expected one of"),
 ])
 def test_convert_precision_refuses_flags_that_do_not_apply(tiny_fp32, tmp_path, precision, options, flag):
     """The library refuses a flag of another precision (exit 2, one sentence), before reading the model;
     the command line only passes the flags on."""
-    from atexport.export.precision import convert_precision
+    from atexport.export.precision import Fp16Options, convert_precision
 
+    options = dict(options)
+    fp16 = {k: options.pop(k) for k in ("block_ops", "keep_io_types") if k in options}
     with pytest.raises(BadInputError, match=re.escape(flag)) as e:
-        convert_precision(tiny_fp32, precision, tmp_path / "out.onnx", verify=False, **options)
+        convert_precision(tiny_fp32, precision, tmp_path / "out.onnx", verify=False, int8=Int8Options(**options),
+                          fp16=Fp16Options(**fp16))
     assert e.value.exit_code == 2
     assert not (tmp_path / "out.onnx").exists()
 
@@ -349,7 +358,8 @@ def test_separable_precision_keeps_tensors_swappable(tiny_sep_fp32, tiny_ckpt_b,
     from atexport.parity import photo_batch
 
     fp16 = to_fp16(tiny_sep_fp32, tmp_path / "sep.fp16.onnx")
-    int8 = quantize_int8(tiny_sep_fp32, tmp_path / "sep.int8.onnx", "digits", count=64, keep_float="none")
+    int8 = quantize_int8(tiny_sep_fp32, tmp_path / "sep.int8.onnx", "digits",
+                         options=Int8Options(count=64, keep_float="none"))
     for res in (fp16, int8):
         m = onnx.load(str(res.path))
         meta = read_onnx_metadata(m)
@@ -387,8 +397,8 @@ def test_calibration_drops_only_the_expected_ort_warnings(tiny_sep_fp32, tmp_pat
         ort.InferenceSession(str(tiny_sep_fp32), so, providers=["CPUExecutionProvider"])
 
     capfd.readouterr()
-    quantize_int8(tiny_sep_fp32, tmp_path / "quiet.int8.onnx", "digits", count=32, keep_float="none", cache=False,
-                  verify=False)
+    quantize_int8(tiny_sep_fp32, tmp_path / "quiet.int8.onnx", "digits", verify=False,
+                  options=Int8Options(count=32, keep_float="none", cache=False))
     assert "appears in graph inputs" not in capfd.readouterr().err
     if hasattr(ort, "set_default_logger_callback"):  # older ONNX Runtime: the block's severity is raised instead
         with expected_ort_messages(("a message ONNX Runtime never writes",)):

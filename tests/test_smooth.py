@@ -84,13 +84,14 @@ def test_smoothing_is_exact_in_fp32_and_names_what_it_did(outlier_onnx, test_spl
 
 
 def test_naive_int8_loses_and_the_default_keeps_the_model(outlier_onnx, test_split, tmp_path):
-    from atexport.export.precision import quantize_int8
+    from atexport.export.precision import Int8Options, quantize_int8
 
     ref = _logits(outlier_onnx, test_split)
     with pytest.raises(ParityError) as e:  # per-tensor INT8 of the outlier channels: refused by the gate
-        quantize_int8(outlier_onnx, tmp_path / "naive.int8.onnx", "digits", smooth="off", keep_float="none", cache=False)
+        quantize_int8(outlier_onnx, tmp_path / "naive.int8.onnx", "digits",
+                      options=Int8Options(smooth="off", keep_float="none", cache=False))
     naive = _logits(e.value.result.failed_path, test_split)
-    default = quantize_int8(outlier_onnx, tmp_path / "default.int8.onnx", "digits", cache=False)
+    default = quantize_int8(outlier_onnx, tmp_path / "default.int8.onnx", "digits", options=Int8Options(cache=False))
     good = _logits(default.path, test_split)
     assert _rel_error(ref, naive) > 5 * _rel_error(ref, good)
     assert (good.argmax(1) == ref.argmax(1)).mean() > (naive.argmax(1) == ref.argmax(1)).mean() + 0.2
@@ -103,11 +104,11 @@ def test_naive_int8_loses_and_the_default_keeps_the_model(outlier_onnx, test_spl
 def test_no_outliers_no_smoothing(tiny_ckpt, tmp_path):
     """A model without outlier channels is quantized as before (nothing smoothed, the same calibration)."""
     from atexport.export.onnx import export_onnx
+    from atexport.export.precision import Int8Options, quantize_int8
     from atexport.export.settings import ExportSettings
-    from atexport.export.precision import quantize_int8
 
     fp32 = export_onnx(tiny_ckpt, tmp_path / "tiny.onnx", ExportSettings(verify=False)).path
-    res = quantize_int8(fp32, tmp_path / "tiny.int8.onnx", "digits", count=64, keep_float="none")
+    res = quantize_int8(fp32, tmp_path / "tiny.int8.onnx", "digits", options=Int8Options(count=64, keep_float="none"))
     assert res.graph["smoothed"]["smoothed"] == [] and "none had outlier channels" in res.summary()
 
 
@@ -129,15 +130,15 @@ def test_swappable_layers_are_never_rescaled(outlier_onnx):
     ({"smooth": 0.5, "op_policy": "all"}, "Linear-only policy"),
 ])
 def test_bad_smooth_values_are_refused(outlier_onnx, tmp_path, kwargs, match):
-    from atexport.export.precision import quantize_int8
+    from atexport.export.precision import Int8Options, quantize_int8
 
     with pytest.raises(BadInputError, match=match):
-        quantize_int8(outlier_onnx, tmp_path / "x.int8.onnx", "digits", **kwargs)
+        quantize_int8(outlier_onnx, tmp_path / "x.int8.onnx", "digits", options=Int8Options(**kwargs))
     assert not (tmp_path / "x.int8.onnx").exists()
 
 
 def test_smooth_with_fp16_is_refused(outlier_onnx, tmp_path):
-    from atexport.export.precision import convert_precision
+    from atexport.export.precision import convert_precision, Int8Options
 
     with pytest.raises(BadInputError, match="--int8-smooth applies to --precision int8"):
-        convert_precision(outlier_onnx, "fp16", tmp_path / "x.fp16.onnx", smooth=0.5)
+        convert_precision(outlier_onnx, "fp16", tmp_path / "x.fp16.onnx", int8=Int8Options(smooth=0.5))

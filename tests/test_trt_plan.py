@@ -187,7 +187,7 @@ def test_build_engine_and_parity(tmp_path, tiny_ckpt, precision):
 
     res = export_tensorrt(ckpt=tiny_ckpt, precision=precision,
                           int8=Int8Options(calib="digits") if precision == "int8" else None,
-                          output=tmp_path / f"m.{precision}.engine", engine=EngineOptions(batch="1,4,8"))
+                          engine=EngineOptions(batch="1,4,8", output=tmp_path / f"m.{precision}.engine"))
     assert res.engine is not None and res.engine.path.is_file()
     assert res.parity and all(r.passed for r in res.parity)
     side = json.loads(res.engine.sidecar_path.read_text())
@@ -207,8 +207,8 @@ def test_refit_engine_swaps_task(tmp_path, tiny_ckpt, tiny_ckpt_b):
     from atexport.runtime.torch import TorchRunner
     from atexport.parity import check_parity, photo_batch
 
-    res = export_tensorrt(ckpt=tiny_ckpt, precision="fp16", output=tmp_path / "a.engine",
-                          engine=EngineOptions(refit=True, batch="1,4,8"))
+    res = export_tensorrt(ckpt=tiny_ckpt, precision="fp16",
+                          engine=EngineOptions(refit=True, batch="1,4,8", output=tmp_path / "a.engine"))
     out = refit_engine(res.engine.path, tiny_ckpt_b, tmp_path / "b.engine")
     assert out.refitted == len(res.plan.refittable_weights)
     assert out.parity and all(r.passed for r in out.parity)  # checked against the swapped ONNX model in ORT
@@ -225,8 +225,8 @@ def test_refit_engine_swaps_task(tmp_path, tiny_ckpt, tiny_ckpt_b):
 def test_refit_refuses_misfit(tmp_path, tiny_ckpt, tiny_ckpt_every2):
     from atexport.export.tensorrt import EngineOptions, export_tensorrt, refit_engine
 
-    res = export_tensorrt(ckpt=tiny_ckpt, precision="fp16", output=tmp_path / "a.engine",
-                          engine=EngineOptions(refit=True, batch="1,4,8"))
+    res = export_tensorrt(ckpt=tiny_ckpt, precision="fp16",
+                          engine=EngineOptions(refit=True, batch="1,4,8", output=tmp_path / "a.engine"))
     with pytest.raises(IncompatibleCheckpointError):
         refit_engine(res.engine.path, tiny_ckpt_every2, tmp_path / "c.engine")
 
@@ -378,8 +378,8 @@ def test_multitask_engine_mixed_batch_and_task_refit(mt_trt, tmp_path, precision
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
     from atexport.runtime.tensorrt import TensorRTRunner
 
-    res = export_tensorrt(mt_trt.path, precision=precision, output=tmp_path / "tasks.engine",
-                          engine=EngineOptions(refit=True, batch="1,4,8"))
+    res = export_tensorrt(mt_trt.path, precision=precision,
+                          engine=EngineOptions(refit=True, batch="1,4,8", output=tmp_path / "tasks.engine"))
     assert res.parity and all(r.passed for r in res.parity) and {"task_id"} <= {p.input for p in res.plan.profiles}
     x = np.random.default_rng(0).standard_normal((7, 3, 32, 32)).astype(np.float32)
     ids = np.array([0, 1, 1, 0, 1, 0, 0], dtype=np.int64)
@@ -449,13 +449,13 @@ def test_trt_refuses_engine_flags_for_cpu_int8_and_calib_for_ready_models(tmp_pa
     fp32 = export_onnx(tiny_ckpt, tmp_path / "m.onnx", ExportSettings(verify=False)).path
     with pytest.raises(BadInputError, match="--batch, -o apply to a TensorRT engine; --target cpu"):
         export_tensorrt(fp32, precision="int8", int8=Int8Options(calib="digits", target="cpu"),
-                        engine=EngineOptions(batch="1,2,4"), output=tmp_path / "x.engine")
+                        engine=EngineOptions(batch="1,2,4", output=tmp_path / "x.engine"))
     with pytest.raises(BadInputError, match="--refit needs a model exported with 'atexport onnx --separable'"):
-        export_tensorrt(fp32, precision="fp16", engine=EngineOptions(refit=True), build="no")
+        export_tensorrt(fp32, precision="fp16", engine=EngineOptions(refit=True, build="no"))
     with pytest.raises(BadInputError, match="--calib applies to --precision int8, not fp32"):
         export_tensorrt(fp32, precision="fp32", int8=Int8Options(calib="digits"))
     with pytest.raises(BadInputError, match="--onnx-out applies to converting a model; .* is already fp32"):
-        export_tensorrt(fp32, precision="fp32", precision_output=tmp_path / "y.onnx", build="no")
+        export_tensorrt(fp32, precision="fp32", precision_output=tmp_path / "y.onnx", engine=EngineOptions(build="no"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 

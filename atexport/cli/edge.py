@@ -37,9 +37,11 @@ def _export(fmt, ckpts, output, precision, separable, backbone_weights, task_nam
             config, **kw):
     """One checkpoint: the single-task exporter of ``fmt``; several: one multi-task model (task_id input)."""
     from atexport.errors import BadInputError
+    from atexport.export.edge import EdgeOptions
 
-    common = dict(precision=precision, verify=not no_verify, images=images, backbone_weights=backbone_weights,
-                  config=config, log=lambda msg: click.echo(msg, err=True))
+    options = EdgeOptions(images=images, backbone_weights=backbone_weights, config=config,
+                          threads=kw.pop("threads", None))
+    common = dict(precision=precision, verify=not no_verify, options=options, log=lambda msg: click.echo(msg, err=True))
     if len(ckpts) > 1:
         if separable:
             raise BadInputError("--separable is for one --ckpt; several make a multi-task model (task_id input).")

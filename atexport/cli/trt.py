@@ -99,10 +99,10 @@ def trt_cmd(onnx_path, ckpt, precision, calib, calib_count, calib_method, calib_
                        target=target)
     engine = EngineOptions(batch=batch, workspace_gb=workspace, refit=refit, version_compatible=version_compatible,
                            hardware_compatible=hardware_compatible, timing_cache=timing_cache,
-                           optimization_level=opt_level)
+                           optimization_level=opt_level, build=build, output=output)
     result = export_tensorrt(
-        onnx_path, ckpt, precision=precision, output=output, precision_output=onnx_out, int8=int8, engine=engine,
-        build=build, verify=not no_verify, images=images, backbone_weights=backbone_weights,
+        onnx_path, ckpt, precision=precision, precision_output=onnx_out, int8=int8, engine=engine,
+        verify=not no_verify, images=images, backbone_weights=backbone_weights,
         log=lambda line: click.echo(line, err=True),
     )
     # The precision model's summary and parity went to stderr as it was made (before TensorRT was needed).

@@ -70,6 +70,34 @@ class EdgeResult:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class EdgeOptions:
+    """What the on-device exports share besides the model, the output and the precision; made once and
+    validated on construction.
+
+    Attributes:
+        images: extra real images for parity (a folder or a list of paths or PIL images).
+        backbone_weights: local backbone weights file, for backbones not in timm's hub.
+        config: the export preset holding the parity settings (``export_configs/``, name or YAML path).
+        threads: LiteRT interpreter threads for the parity check and full-integer calibration (LiteRT only).
+    """
+
+    images: Any = None
+    backbone_weights: Any = None
+    config: Any = "onnx"
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise BadInputError(f"--threads {self.threads}: must be a positive integer.")
+
+    def refuse_threads(self, fmt: str) -> None:
+        """Refuse ``threads`` for a format whose runtime takes none (ExecuTorch)."""
+        if self.threads is not None:
+            raise BadInputError(f"--threads applies to LiteRT, not {fmt}; drop it.")
+
+
 @dataclass
 class EdgeModel:
     """The PyTorch side of an on-device export (see :func:`prepare`)."""
@@ -183,6 +211,17 @@ def check_parity_vs_torch(em: EdgeModel, candidate, precision: str, label: str, 
                             seed=int(em.par.get("seed", 0)), batch_sizes=[1], label=label,
                             tolerances=em.par.get("tolerances", "tolerances"),
                             input_shape=[int(v) for v in em.ckpt.preprocess["input_size"]])
+
+
+def check_runner(em: EdgeModel, runner, precision: str, label: str, say, *, judged=None,
+                 judged_name: str = "held-out") -> list:
+    """Parity of ``runner`` (the artifact in its runtime, not yet entered) against PyTorch; a separable
+    artifact is fed the exported task's tensors, as the runtime feeds them from ``<artifact>.task.npz``."""
+    with runner:
+        if em.names:
+            runner.add_task(weights=dict(zip(em.names, (t.numpy() for t in em.example[1:]))), name="exported")
+            runner.use("exported")
+        return check_parity_vs_torch(em, runner, precision, label, say, judged=judged, judged_name=judged_name)
 
 
 def own_task_bytes(em: EdgeModel) -> dict[str, bytes]:

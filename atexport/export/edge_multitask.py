@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Sequence
 
 from atexport.errors import BadInputError
-from atexport.export.edge import EdgeResult
+from atexport.export.edge import EdgeOptions, EdgeResult
 
 SUFFIXES = {"litert": ".tflite", "executorch": ".pte"}
 
 
 def export_multitask_edge(ckpts: Sequence, output: str | os.PathLike, fmt: str, *, precision: str = "fp32",
                           task_names: Sequence[str] | None = None, max_classes: int | None = None, verify: bool = True,
-                          images=None, backbone_weights=None, config="onnx", log=None) -> EdgeResult:
+                          options: EdgeOptions | None = None, log=None) -> EdgeResult:
     """Convert several checkpoints to one verified multi-task ``.tflite`` (``fmt="litert"``) or ``.pte``.
 
     Args:
@@ -35,7 +35,7 @@ def export_multitask_edge(ckpts: Sequence, output: str | os.PathLike, fmt: str, 
         fmt: ``litert`` or ``executorch``.
         precision: ``fp32`` or ``int8`` (as for the single-task export of ``fmt``).
         task_names, max_classes: as in :func:`atexport.export.multitask.export_multitask`.
-        verify, images, backbone_weights, config, log: as in :func:`atexport.export.litert.export_litert`.
+        verify, options, log: as in :func:`atexport.export.litert.export_litert` (``options.threads``: LiteRT only).
 
     Raises:
         BadInputError: no checkpoints, bad names, output with another suffix.
@@ -45,27 +45,58 @@ def export_multitask_edge(ckpts: Sequence, output: str | os.PathLike, fmt: str, 
     """
     import torch
 
-    from atexport.artifact.fit import check_same_family
-    from atexport.checkpoint import Checkpoint, build_model, load_checkpoint
-    from atexport.export.edge import refuse_precision, write_edge
-    from atexport.export.multitask.export import _multitask_metadata, _names
+    from atexport.export.edge import write_edge
+    from atexport.export.multitask.export import _multitask_metadata
     from atexport.export.multitask.modules import build_multitask_model
     from atexport.export.onnx import load_export_config
-    from atexport.parity import check_parity, photo_batch
-    from atexport.runtime.tasks import task_runners
-    from atexport.runtime.torch import TorchRunner
-    from atexport.utils.io import check_writable
 
     say = log or (lambda *_: None)
+    opts = options if options is not None else EdgeOptions()
     t_start = time.perf_counter()
+    precision, ckpts, names, max_classes, out = _check_request(ckpts, output, fmt, precision, (task_names, max_classes))
+    if fmt == "executorch":
+        opts.refuse_threads("ExecuTorch")
+    par = dict(load_export_config(opts.config)["parity"])
+    say(f"building {ckpts[0].model.backbone} with a bank of {len(ckpts)} tasks ...")
+    model, layout, _ = build_multitask_model(ckpts, max_classes, opts.backbone_weights)
+    in_shape = [int(v) for v in ckpts[0].preprocess["input_size"]]
+    example = (torch.randn((1, *in_shape), generator=torch.Generator().manual_seed(0)),
+               torch.zeros(1, dtype=torch.int64))
+    say(f"converting to {fmt} (multi-task, {len(ckpts)} tasks, {precision}) ...")
+    t0 = time.perf_counter()
+    data, record = _convert(fmt, model, example, precision)
+    seconds = {"convert": time.perf_counter() - t0}
+    extra = {fmt: record, "checkpoint": {"files": [Path(ck.path).name if ck.path else None for ck in ckpts]},
+             "parity": None}
+    meta = _multitask_metadata(ckpts, names, batch=1, manifest={}, max_classes=max_classes, layout=layout, extra=extra)
+    meta.separable, meta.precision = False, precision  # banks are constants here
+    meta.extra["task_input"]["shape"] = [1]
+    result = EdgeResult(path=None, format=fmt, precision=precision, metadata=meta, seconds=seconds)
+    if verify:
+        t0 = time.perf_counter()
+        result.parity = _check_tasks(_runner(fmt, data, meta, opts.threads), fmt, meta, ckpts, par, opts, say)
+        seconds["verify"] = time.perf_counter() - t0
+    write_edge(data, result, out, verify=verify, t_start=t_start)
+    return result
+
+
+def _check_request(ckpts: Sequence, output, fmt: str, precision: str, names_width):
+    """Validate the request; returns the precision, the checkpoints (loaded, checked to share one model), the
+    task names, the logits width and the output path."""
+    from atexport.adapters import check_export_mode
+    from atexport.artifact.fit import check_same_family
+    from atexport.checkpoint import Checkpoint, load_checkpoint
+    from atexport.export.edge import refuse_precision
+    from atexport.export.multitask.export import _names
+    from atexport.utils.io import check_writable
+
+    task_names, max_classes = names_width
     if fmt not in SUFFIXES:
         raise BadInputError(f"unknown on-device format {fmt!r}; expected litert or executorch.")
     precision = refuse_precision(precision, ("fp32", "int8"))
     if not ckpts:
         raise BadInputError("give at least one checkpoint (--ckpt) for a multi-task model.")
     ckpts = [(ck if isinstance(ck, Checkpoint) else load_checkpoint(ck)).for_export() for ck in ckpts]
-    from atexport.adapters import check_export_mode
-
     for ck in ckpts:
         check_export_mode(ck.adapter, "multitask", f"--ckpt {ck.path or 'checkpoint'}")
     check_same_family([ck.task_weights() for ck in ckpts])
@@ -77,13 +108,11 @@ def export_multitask_edge(ckpts: Sequence, output: str | os.PathLike, fmt: str, 
     out = check_writable(output, "-o")
     if out.suffix.lower() != SUFFIXES[fmt]:
         raise BadInputError(f"-o {out}: this artifact is a {SUFFIXES[fmt]} file; give a path ending in {SUFFIXES[fmt]}.")
-    par = dict(load_export_config(config)["parity"])
-    say(f"building {ckpts[0].model.backbone} with a bank of {len(ckpts)} tasks ...")
-    model, layout, _ = build_multitask_model(ckpts, max_classes, backbone_weights)
-    in_shape = [int(v) for v in ckpts[0].preprocess["input_size"]]
-    example = (torch.randn((1, *in_shape), generator=torch.Generator().manual_seed(0)), torch.zeros(1, dtype=torch.int64))
-    say(f"converting to {fmt} (multi-task, {len(ckpts)} tasks, {precision}) ...")
-    t0 = time.perf_counter()
+    return precision, ckpts, names, max_classes, out
+
+
+def _convert(fmt: str, model, example, precision: str) -> tuple[bytes, dict]:
+    """The multi-task model converted to ``fmt`` (banks as constants), and its ``extra.<fmt>`` record."""
     if fmt == "litert":
         from atexport.export.litert import _convert, _versions, quantize_dynamic_range
 
@@ -93,42 +122,43 @@ def export_multitask_edge(ckpts: Sequence, output: str | os.PathLike, fmt: str, 
         record = {"signature": "serving_default", "image_input": "args_0", "task_input": "args_1",
                   "logits_output": "output_0", "weight_inputs": {}, "batch": 1, "versions": _versions(),
                   "quantization": "dynamic_wi8_afp32" if precision == "int8" else None}
-    else:
-        from atexport.export.executorch import _lower, _versions
+        return data, record
+    from atexport.export.executorch import _lower, _versions
 
-        data = _lower(model, example, precision)
-        record = {"method": "forward", "image_input": 0, "task_input": 1, "logits_output": 0, "delegate": "xnnpack",
-                  "weight_inputs": {}, "batch": 1, "versions": _versions(),
-                  "quantization": "xnnpack symmetric per-channel dynamic" if precision == "int8" else None}
-    seconds = {"convert": time.perf_counter() - t0}
-    extra = {fmt: record, "checkpoint": {"files": [Path(ck.path).name if ck.path else None for ck in ckpts]},
-             "parity": None}
-    meta = _multitask_metadata(ckpts, names, batch=1, manifest={}, max_classes=max_classes, layout=layout, extra=extra)
-    meta.separable, meta.precision = False, precision  # banks are constants here
-    meta.extra["task_input"]["shape"] = [1]
-    result = EdgeResult(path=None, format=fmt, precision=precision, metadata=meta, seconds=seconds)
-    if verify:
-        t0 = time.perf_counter()
-        photos = photo_batch(ckpts[0].preprocess, extra=images, max_images=par.get("max_images"))
-        say(f"checking every task against its own PyTorch model on {len(photos)} photos ...")
-        runner = _runner(fmt, data, meta)
-        with runner:
-            for (task, cand), ck in zip(task_runners(meta, runner), ckpts):
-                with TorchRunner(build_model(ck, backbone_weights=backbone_weights)) as ref:
-                    result.parity += check_parity(
-                        ref, cand, photos, precision, random_inputs=int(par.get("random_inputs", 8)),
-                        seed=int(par.get("seed", 0)), batch_sizes=[1], label=f"{fmt} {precision} {task['name']}",
-                        tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape)
-        seconds["verify"] = time.perf_counter() - t0
-    write_edge(data, result, out, verify=verify, t_start=t_start)
-    return result
+    data = _lower(model, example, precision)
+    record = {"method": "forward", "image_input": 0, "task_input": 1, "logits_output": 0, "delegate": "xnnpack",
+              "weight_inputs": {}, "batch": 1, "versions": _versions(),
+              "quantization": "xnnpack symmetric per-channel dynamic" if precision == "int8" else None}
+    return data, record
 
 
-def _runner(fmt: str, data: bytes, meta):
+def _check_tasks(runner, fmt: str, meta, ckpts, par: dict, opts: EdgeOptions, say) -> list:
+    """Every task of the artifact (``runner``) against its own checkpoint's PyTorch model on real photos."""
+    from atexport.checkpoint import build_model
+    from atexport.parity import check_parity, photo_batch
+    from atexport.runtime.tasks import task_runners
+    from atexport.runtime.torch import TorchRunner
+
+    precision = meta.precision
+    in_shape = [int(v) for v in ckpts[0].preprocess["input_size"]]
+    photos = photo_batch(ckpts[0].preprocess, extra=opts.images, max_images=par.get("max_images"))
+    say(f"checking every task against its own PyTorch model on {len(photos)} photos ...")
+    rows = []
+    with runner:
+        for (task, cand), ck in zip(task_runners(meta, runner), ckpts):
+            with TorchRunner(build_model(ck, backbone_weights=opts.backbone_weights)) as ref:
+                rows += check_parity(
+                    ref, cand, photos, precision, random_inputs=int(par.get("random_inputs", 8)),
+                    seed=int(par.get("seed", 0)), batch_sizes=[1], label=f"{fmt} {precision} {task['name']}",
+                    tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape)
+    return rows
+
+
+def _runner(fmt: str, data: bytes, meta, threads: int | None = None):
     if fmt == "litert":
         from atexport.runtime.litert import LiteRTRunner
 
-        return LiteRTRunner(data, metadata=meta, name=f"litert-{meta.precision}")
+        return LiteRTRunner(data, threads=threads, metadata=meta, name=f"litert-{meta.precision}")
     from atexport.runtime.executorch import ExecuTorchRunner
 
     return ExecuTorchRunner(data, metadata=meta, name=f"executorch-{meta.precision}")

@@ -27,7 +27,7 @@ import os
 import time
 
 from atexport.errors import require
-from atexport.export.edge import EdgeResult
+from atexport.export.edge import EdgeOptions, EdgeResult
 
 PRECISIONS = ("fp32", "int8", "int8-static")
 
@@ -75,21 +75,9 @@ def _versions() -> dict:
     return out
 
 
-def export_executorch(
-    ckpt,
-    output: str | os.PathLike | None = None,
-    *,
-    separable: bool = False,
-    precision: str = "fp32",
-    calib=None,
-    calib_count: int | None = None,
-    verify: bool = True,
-    images=None,
-    task_name: str | None = None,
-    backbone_weights=None,
-    config="onnx",
-    log=None,
-) -> EdgeResult:
+def export_executorch(ckpt, output: str | os.PathLike | None = None, *, separable: bool = False,
+                      precision: str = "fp32", calib=None, calib_count: int | None = None, verify: bool = True,
+                      task_name: str | None = None, options: EdgeOptions | None = None, log=None) -> EdgeResult:
     """Convert a checkpoint to a verified ExecuTorch ``.pte`` (XNNPACK, batch 1), written atomically with its sidecar.
 
     Args:
@@ -102,10 +90,10 @@ def export_executorch(
             folder of images; default ``digits``).
         calib_count: how many calibration images (default: the set's).
         verify: check parity against PyTorch before writing (on by default).
-        images: extra real images for parity.
         task_name: the task's name in the metadata (default: the checkpoint's).
-        backbone_weights: local backbone weights file, for backbones not in timm's hub.
-        config: the export preset holding the parity settings.
+        options: :class:`~atexport.export.edge.EdgeOptions`: extra parity ``images``, local
+            ``backbone_weights``, the export preset ``config`` holding the parity settings (``threads`` is
+            LiteRT's and refused here).
         log: optional callable receiving progress lines.
 
     Raises:
@@ -114,18 +102,12 @@ def export_executorch(
         MissingDependencyError: executorch is not installed (``pip install 'atexport[executorch]'``).
         ParityError: outside the tolerance; kept at ``<stem>.failed.pte`` (with its sidecar), nothing at ``output``.
     """
-    from atexport.export.edge import (
-        check_parity_vs_torch,
-        edge_metadata,
-        module_to_convert,
-        own_task_bytes,
-        prepare,
-        refuse_precision,
-        write_edge,
-    )
+    from atexport.export.edge import (check_runner, edge_metadata, module_to_convert, own_task_bytes, prepare,
+                                      refuse_precision, write_edge)
     from atexport.runtime.executorch import ExecuTorchRunner
 
     say = log or (lambda *_: None)
+    opts = options if options is not None else EdgeOptions()
     t_start = time.perf_counter()
     precision = refuse_precision(precision, PRECISIONS)
     if precision != "int8-static" and (calib is not None or calib_count is not None):
@@ -133,9 +115,10 @@ def export_executorch(
 
         raise BadInputError(f"--calib applies to --precision int8-static (static activation ranges); {precision} "
                             "needs no calibration set.")
+    opts.refuse_threads("ExecuTorch")
     require("executorch", "exporting ExecuTorch programs", "executorch")
-    em = prepare(ckpt, output, ".pte", separable=separable, images=images, task_name=task_name,
-                 backbone_weights=backbone_weights, config=config)
+    em = prepare(ckpt, output, ".pte", separable=separable, images=opts.images, task_name=task_name,
+                 backbone_weights=opts.backbone_weights, config=opts.config)
     say(f"lowering {em.ckpt.model.backbone} to ExecuTorch + XNNPACK ({'separable' if em.names else 'fused'}, "
         f"{precision}) ...")
     t0 = time.perf_counter()
@@ -148,22 +131,23 @@ def export_executorch(
         calib_batch, calib_desc = cs.batch(em.ckpt.preprocess), cs.to_dict()
     data = _lower(module_to_convert(em), em.example, precision, calib_batch)
     seconds = {"convert": time.perf_counter() - t0}
-    record = {"method": "forward", "image_input": 0, "logits_output": 0, "delegate": "xnnpack",
-              "weight_inputs": {n: i + 1 for i, n in enumerate(em.names)},
-              "quantization": {"int8": "xnnpack symmetric per-channel dynamic",
-                               "int8-static": "xnnpack symmetric per-channel static"}.get(precision),
-              "calibration": calib_desc,
-              "batch": 1, "versions": _versions()}
     row = "int8" if precision.startswith("int8") else precision  # metadata precision and tolerance row
-    meta = edge_metadata(em, "executorch", row, record)
+    meta = edge_metadata(em, "executorch", row, _record(em, precision, calib_desc))
     result = EdgeResult(path=None, format="executorch", precision=precision, metadata=meta, seconds=seconds)
     if verify:
         t0 = time.perf_counter()
-        with ExecuTorchRunner(data, metadata=meta, name=f"executorch-{precision}") as runner:
-            if em.names:
-                runner.add_task(weights=dict(zip(em.names, (t.numpy() for t in em.example[1:]))), name="exported")
-                runner.use("exported")
-            result.parity = check_parity_vs_torch(em, runner, row, f"executorch {precision}", say)
+        runner = ExecuTorchRunner(data, metadata=meta, name=f"executorch-{precision}")
+        result.parity = check_runner(em, runner, row, f"executorch {precision}", say)
         seconds["verify"] = time.perf_counter() - t0
     write_edge(data, result, em.output, verify=verify, t_start=t_start, extra_files=own_task_bytes(em))
     return result
+
+
+def _record(em, precision: str, calib_desc) -> dict:
+    """``extra.executorch`` of the metadata: the method, its inputs and output, the quantization, the versions."""
+    return {"method": "forward", "image_input": 0, "logits_output": 0, "delegate": "xnnpack",
+            "weight_inputs": {n: i + 1 for i, n in enumerate(em.names)},
+            "quantization": {"int8": "xnnpack symmetric per-channel dynamic",
+                             "int8-static": "xnnpack symmetric per-channel static"}.get(precision),
+            "calibration": calib_desc,
+            "batch": 1, "versions": _versions()}

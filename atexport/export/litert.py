@@ -32,7 +32,7 @@ import os
 import time
 
 from atexport.errors import BadInputError, require
-from atexport.export.edge import EdgeResult
+from atexport.export.edge import EdgeOptions, EdgeResult
 
 PRECISIONS = ("fp32", "int8", "int8-full")
 
@@ -99,22 +99,9 @@ def _versions() -> dict:
     return out
 
 
-def export_litert(
-    ckpt,
-    output: str | os.PathLike | None = None,
-    *,
-    separable: bool = False,
-    precision: str = "fp32",
-    calib=None,
-    calib_count: int | None = None,
-    verify: bool = True,
-    images=None,
-    threads: int | None = None,
-    task_name: str | None = None,
-    backbone_weights=None,
-    config="onnx",
-    log=None,
-) -> EdgeResult:
+def export_litert(ckpt, output: str | os.PathLike | None = None, *, separable: bool = False, precision: str = "fp32",
+                  calib=None, calib_count: int | None = None, verify: bool = True, task_name: str | None = None,
+                  options: EdgeOptions | None = None, log=None) -> EdgeResult:
     """Convert a checkpoint to a verified LiteRT ``.tflite`` (batch 1), written atomically with its sidecar.
 
     Args:
@@ -126,11 +113,9 @@ def export_litert(
             path or a folder of images); its held-out images are the judged parity row.
         calib_count: how many calibration images (default: the set's).
         verify: check parity against PyTorch before writing (on by default).
-        images: extra real images for parity (a folder or a list of paths or PIL images).
-        threads: LiteRT threads for the check.
         task_name: the task's name in the metadata (default: the checkpoint's).
-        backbone_weights: local backbone weights file, for backbones not in timm's hub.
-        config: the export preset holding the parity settings.
+        options: :class:`~atexport.export.edge.EdgeOptions`: extra parity ``images``, LiteRT ``threads`` for the
+            check, local ``backbone_weights``, the export preset ``config`` holding the parity settings.
         log: optional callable receiving progress lines.
 
     Raises:
@@ -140,19 +125,46 @@ def export_litert(
         MissingDependencyError: litert-torch or ai-edge-litert is not installed (``pip install 'atexport[litert-export]'``).
         ParityError: outside the tolerance; kept at ``<stem>.failed.tflite`` (with its sidecar), nothing at ``output``.
     """
-    from atexport.export.edge import (
-        check_parity_vs_torch,
-        edge_metadata,
-        module_to_convert,
-        own_task_bytes,
-        prepare,
-        refuse_precision,
-        write_edge,
-    )
-    from atexport.runtime.litert import SIGNATURE, LiteRTRunner, require_litert
+    from atexport.export.edge import check_runner, edge_metadata, module_to_convert, own_task_bytes, prepare, write_edge
+    from atexport.runtime.litert import LiteRTRunner, require_litert
 
     say = log or (lambda *_: None)
+    opts = options if options is not None else EdgeOptions()
     t_start = time.perf_counter()
+    precision = _check_flags(precision, calib, calib_count, separable)
+    require("litert_torch", "converting models to LiteRT (.tflite)", "litert-export")
+    require_litert()
+    em = prepare(ckpt, output, ".tflite", separable=separable, images=opts.images, task_name=task_name,
+                 backbone_weights=opts.backbone_weights, config=opts.config)
+    say(f"converting {em.ckpt.model.backbone} to LiteRT ({'separable' if em.names else 'fused'}, {precision}) ...")
+    t0 = time.perf_counter()
+    data = _convert(module_to_convert(em), em.example)
+    seconds = {"convert": time.perf_counter() - t0}
+    calib_desc, held_out, held_name = None, None, None
+    if precision == "int8":
+        t0 = time.perf_counter()
+        data = quantize_dynamic_range(data)
+        seconds["quantize"] = time.perf_counter() - t0
+    elif precision == "int8-full":
+        data, calib_desc, held_out, held_name = _full_integer(data, em, (calib, calib_count), opts.threads, say,
+                                                              seconds)
+    row = "int8" if precision.startswith("int8") else precision  # metadata precision and tolerance row
+    meta = edge_metadata(em, "litert", row, _record(em, precision, calib_desc))
+    result = EdgeResult(path=None, format="litert", precision=precision, metadata=meta, seconds=seconds)
+    if verify:
+        t0 = time.perf_counter()
+        runner = LiteRTRunner(data, threads=opts.threads, metadata=meta, name=f"litert-{precision}")
+        result.parity = check_runner(em, runner, row, f"litert {precision}", say, judged=held_out,
+                                     judged_name=held_name or "held-out")
+        seconds["verify"] = time.perf_counter() - t0
+    write_edge(data, result, em.output, verify=verify, t_start=t_start, extra_files=own_task_bytes(em))
+    return result
+
+
+def _check_flags(precision: str, calib, calib_count, separable: bool) -> str:
+    """The precision (lower case), refusing calibration flags where they do not apply."""
+    from atexport.export.edge import refuse_precision
+
     precision = refuse_precision(precision, PRECISIONS)
     full = precision == "int8-full"
     if not full and (calib is not None or calib_count is not None):
@@ -164,47 +176,32 @@ def export_litert(
     if full and separable:
         raise BadInputError("--precision int8-full is for fused models: a --separable model's task tensors are "
                             "inputs, and static ranges would fix them to the exported task's.")
-    require("litert_torch", "converting models to LiteRT (.tflite)", "litert-export")
-    require_litert()
-    em = prepare(ckpt, output, ".tflite", separable=separable, images=images, task_name=task_name,
-                 backbone_weights=backbone_weights, config=config)
-    say(f"converting {em.ckpt.model.backbone} to LiteRT ({'separable' if em.names else 'fused'}, {precision}) ...")
-    t0 = time.perf_counter()
-    data = _convert(module_to_convert(em), em.example)
-    seconds = {"convert": time.perf_counter() - t0}
-    calib_desc, held_out, held_name = None, None, None
-    if precision == "int8":
-        t0 = time.perf_counter()
-        data = quantize_dynamic_range(data)
-        seconds["quantize"] = time.perf_counter() - t0
-    elif full:
-        from atexport.export.precision.calibration import load_calibration_set
+    return precision
 
-        cs = load_calibration_set(calib, count=calib_count)
-        say(f"loading calibration images ({cs.name}: {cs.source}, up to {cs.count}) ...")
-        calib_batch, calib_desc = cs.batch(em.ckpt.preprocess), cs.to_dict()
-        held_out, held_name = cs.batch(em.ckpt.preprocess, "holdout"), f"held-out {cs.name}"
-        say(f"full-integer quantization, calibrated on {len(calib_batch)} images ...")
-        t0 = time.perf_counter()
-        data = quantize_full_integer(data, calib_batch, threads=threads)
-        seconds["quantize"] = time.perf_counter() - t0
+
+def _full_integer(data: bytes, em, calib_spec, threads, say, seconds: dict):
+    """Full-integer quantization calibrated on the set ``calib_spec`` (``(calib, count)``); returns the model,
+    the set's description and its held-out images with their row name."""
+    from atexport.export.precision.calibration import load_calibration_set
+
+    calib, calib_count = calib_spec
+    cs = load_calibration_set(calib, count=calib_count)
+    say(f"loading calibration images ({cs.name}: {cs.source}, up to {cs.count}) ...")
+    calib_batch, calib_desc = cs.batch(em.ckpt.preprocess), cs.to_dict()
+    held_out, held_name = cs.batch(em.ckpt.preprocess, "holdout"), f"held-out {cs.name}"
+    say(f"full-integer quantization, calibrated on {len(calib_batch)} images ...")
+    t0 = time.perf_counter()
+    data = quantize_full_integer(data, calib_batch, threads=threads)
+    seconds["quantize"] = time.perf_counter() - t0
+    return data, calib_desc, held_out, held_name
+
+
+def _record(em, precision: str, calib_desc) -> dict:
+    """``extra.litert`` of the metadata: the signature, its inputs and output, the quantization, the versions."""
+    from atexport.runtime.litert import SIGNATURE
+
     # litert_torch names the signature's inputs args_0.. in the order given and its output output_0
-    record = {"signature": SIGNATURE, "image_input": "args_0", "logits_output": "output_0",
-              "weight_inputs": {n: f"args_{i + 1}" for i, n in enumerate(em.names)},
-              "quantization": {"int8": "dynamic_wi8_afp32", "int8-full": "static_wi8_ai8 (float input and output)"}
-              .get(precision), "calibration": calib_desc, "batch": 1, "versions": _versions()}
-    row = "int8" if precision.startswith("int8") else precision  # metadata precision and tolerance row
-    meta = edge_metadata(em, "litert", row, record)
-    result = EdgeResult(path=None, format="litert", precision=precision, metadata=meta, seconds=seconds)
-    if verify:
-        t0 = time.perf_counter()
-        runner = LiteRTRunner(data, threads=threads, metadata=meta, name=f"litert-{precision}")
-        with runner:
-            if em.names:  # the exported task's tensors, as the runtime feeds them from model.tflite.task.npz
-                runner.add_task(weights=dict(zip(em.names, (t.numpy() for t in em.example[1:]))), name="exported")
-                runner.use("exported")
-            result.parity = check_parity_vs_torch(em, runner, row, f"litert {precision}", say, judged=held_out,
-                                                  judged_name=held_name or "held-out")
-        seconds["verify"] = time.perf_counter() - t0
-    write_edge(data, result, em.output, verify=verify, t_start=t_start, extra_files=own_task_bytes(em))
-    return result
+    return {"signature": SIGNATURE, "image_input": "args_0", "logits_output": "output_0",
+            "weight_inputs": {n: f"args_{i + 1}" for i, n in enumerate(em.names)},
+            "quantization": {"int8": "dynamic_wi8_afp32", "int8-full": "static_wi8_ai8 (float input and output)"}
+            .get(precision), "calibration": calib_desc, "batch": 1, "versions": _versions()}

@@ -186,9 +186,39 @@ def to_openvino(
         MissingDependencyError: openvino is not installed, or the CPU cannot run the precision.
         ParityError: outside the tolerance; the IR is kept at ``<stem>.failed.xml``, nothing at ``output``.
     """
-    from atexport.artifact.onnx import failed_path_for
     from atexport.export.precision import load_precision_config
-    from atexport.utils.io import clean_stale_temps
+
+    say = log or (lambda *_: None)
+    t_start = time.perf_counter()
+    ov, src, ov_model, meta, precision = _read_source(onnx_in, precision)
+    out = _check_output(src, output, precision)
+    if out.resolve() == src.resolve():
+        raise BadInputError(f"-o {out}: that is the input model; choose another output path.")
+    cache = None if cache_dir is False else Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir(out)
+    par = dict(load_precision_config(config)["parity"])
+    seconds = {"read": time.perf_counter() - t_start}
+
+    meta.extra = dict(meta.extra or {})
+    record = {"precision": precision, "source": src.name, "source_precision": meta.precision,
+              "openvino": ov.get_version(), "weights": "fp32 (compress_to_fp16=False)",
+              "cache_dir": cache.name if cache else None}
+    result = OpenVINOResult(path=None, precision=precision, metadata=meta, cache_dir=cache, seconds=seconds)
+    _write_ir(ov_model, src, out, result, record, (verify, images, par, threads, say))
+    if cache:  # compile the written IR once: loads it back (metadata included) and fills the cache
+        from atexport.runtime.openvino import OpenVINORunner
+
+        t0 = time.perf_counter()
+        with OpenVINORunner(str(out), threads=threads, cache_dir=cache) as r:
+            if r.precision != precision:
+                raise BadInputError(f"{out}: reads back as {r.precision}, written as {precision} (a bug).")
+        seconds["cache"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+    return result
+
+
+def _read_source(onnx_in, precision: str | None):
+    """``(openvino, source path, OpenVINO model, metadata, precision)`` of an atexport ONNX model, the
+    precision resolved against the model (its own when ``None``)."""
     from atexport.runtime.openvino import (
         check_ov_graph,
         is_quantized,
@@ -198,8 +228,6 @@ def to_openvino(
         resolve_precision,
     )
 
-    say = log or (lambda *_: None)
-    t_start = time.perf_counter()
     if precision is not None and str(precision).lower() not in IR_PRECISIONS:
         raise BadInputError(f"--precision {precision}: expected one of {', '.join(IR_PRECISIONS)}.")
     ov = require_openvino()
@@ -214,19 +242,22 @@ def to_openvino(
     if meta is None:
         raise BadInputError(f"{where}: no atexport metadata (preprocessing, classes); export it with 'atexport onnx'.")
     check_ov_graph(meta, ov_model, where)
-    precision = resolve_precision(precision, is_quantized(ov_model), where)
-    out = _check_output(src, output, precision)
-    if out.resolve() == src.resolve():
-        raise BadInputError(f"-o {out}: that is the input model; choose another output path.")
-    cache = None if cache_dir is False else Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir(out)
-    par = dict(load_precision_config(config)["parity"])
-    seconds = {"read": time.perf_counter() - t_start}
+    return ov, src, ov_model, meta, resolve_precision(precision, is_quantized(ov_model), where)
 
-    meta.extra = dict(meta.extra or {})
-    record = {"precision": precision, "source": src.name, "source_precision": meta.precision,
-              "openvino": ov.get_version(), "weights": "fp32 (compress_to_fp16=False)",
-              "cache_dir": cache.name if cache else None}
-    result = OpenVINOResult(path=None, precision=precision, metadata=meta, cache_dir=cache, seconds=seconds)
+
+def _write_ir(ov_model, src: Path, out: Path, result: OpenVINOResult, record: dict, check) -> None:
+    """Save the IR in a temporary folder beside ``out``, check its parity, and move it to ``out`` (or to
+    ``.failed.xml``, raising :class:`ParityError`).
+
+    Args:
+        check: ``(verify, images, parity settings, threads, say)``.
+    """
+    from atexport.artifact.onnx import failed_path_for
+    from atexport.runtime.openvino import read_ov_model
+    from atexport.utils.io import clean_stale_temps
+
+    verify, images, par, threads, say = check
+    meta, precision, seconds = result.metadata, result.precision, result.seconds
     # named as atomic writes name their temporaries (.NAME.<pid>.<random>.tmp): a run killed here leaves a
     # folder that the next write of this output removes (clean_stale_temps), as it removes stale files
     clean_stale_temps(out)
@@ -260,13 +291,3 @@ def to_openvino(
             err.result = result
             raise err
         result.path = _move_ir(xml, out)
-    if cache:  # compile the written IR once: loads it back (metadata included) and fills the cache
-        from atexport.runtime.openvino import OpenVINORunner
-
-        t0 = time.perf_counter()
-        with OpenVINORunner(str(out), threads=threads, cache_dir=cache) as r:
-            if r.precision != precision:
-                raise BadInputError(f"{out}: reads back as {r.precision}, written as {precision} (a bug).")
-        seconds["cache"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - t_start
-    return result

@@ -18,6 +18,8 @@ One module per subject:
 * :mod:`~atexport.export.precision.inspect`: graph inspection (:func:`fp16_report`, :func:`qdq_report`,
   :func:`check_fp16_graph`, :func:`check_int8_graph`, :func:`linear_nodes`, :func:`layer_names`).
 * :mod:`~atexport.export.precision.common`: the result, the preset, reading the input, the verified write.
+* :mod:`~atexport.export.precision.options`: the settings, made once and validated: :class:`Int8Options`,
+  :class:`Fp16Options`, :class:`ParityCheck`.
 
 :func:`convert_precision` is the one entry point ``atexport trt`` uses; :func:`check_precision_flags`
 refuses options that do not apply to the chosen precision (``calibration`` with ``fp16``...), so a
@@ -25,6 +27,8 @@ Python caller is refused exactly as the command line is.
 """
 
 from __future__ import annotations
+
+from typing import Mapping
 
 from atexport.errors import BadInputError
 from atexport.export.precision.calibration import (
@@ -56,6 +60,7 @@ from atexport.export.precision.inspect import (
     toposort,
 )
 from atexport.export.precision.int8 import int8_settings, quantize_int8
+from atexport.export.precision.options import Fp16Options, Int8Options, ParityCheck
 from atexport.export.precision.keep_float import (
     RANK_BY,
     SENSITIVITY_MODES,
@@ -69,7 +74,8 @@ from atexport.export.precision.keep_float import (
 )
 
 __all__ = [
-    "CalibrationSet", "CalibrationWarning", "LINEAR_OPS", "METHODS", "OP_POLICIES", "PRECISIONS", "RANK_BY",
+    "CalibrationSet", "CalibrationWarning", "Fp16Options", "Int8Options", "LINEAR_OPS", "ParityCheck",
+    "METHODS", "OP_POLICIES", "PRECISIONS", "RANK_BY",
     "SENSITIVITY_MODES", "TARGETS", "PrecisionResult", "available_sets", "check_fp16_graph", "check_int8_graph",
     "check_precision_flags", "choose_keep_float", "convert_precision", "precision_path_for", "failed_path_for",
     "float_types_by_node", "fp16_report", "int8_settings", "keep_layers_float", "layer_names", "layer_sensitivity",
@@ -77,7 +83,7 @@ __all__ = [
     "qdq_report", "quantize_int8", "rank_layers", "select_layers", "to_fp16", "toposort",
 ]
 
-# Options only INT8 has: (keyword of convert_precision / quantize_int8, the atexport trt flag).
+# Options only INT8 has: (keyword of check_precision_flags, the atexport trt flag); Int8Options.as_given() names them.
 INT8_OPTIONS = (
     ("calibration", "--calib"),
     ("count", "--calib-count"),
@@ -97,9 +103,9 @@ def check_precision_flags(precision: str, **options) -> None:
 
     Args:
         precision: ``fp32``, ``fp16`` or ``int8``.
-        **options: the options given, by their :func:`convert_precision` keyword (``calibration``, ``count``,
-            ``method``, ``cache``, ``keep_float``, ``smooth``, ``target``, ``op_policy``, ``block_ops``, ``keep_io_types``);
-            ``None`` means not given.
+        **options: the options given, by their :meth:`Int8Options.as_given` / :meth:`Fp16Options.as_given`
+            keyword (``calibration``, ``count``, ``method``, ``cache``, ``keep_float``, ``smooth``, ``target``,
+            ``op_policy``, ``block_ops``, ``keep_io_types``); ``None`` means not given.
 
     Raises:
         BadInputError: an unknown precision, or an option of another precision (exit 2).
@@ -123,9 +129,9 @@ def check_precision_flags(precision: str, **options) -> None:
                 raise BadInputError(f"{flag} applies to --precision fp16, not {precision}; drop it.")
 
 
-def convert_precision(onnx_in, precision: str, onnx_out=None, *, calibration=None, count=None, method=None,
-                      cache=None, keep_float=None, smooth=None, target=None, op_policy=None, block_ops=None,
-                      keep_io_types=None, **common) -> PrecisionResult:
+def convert_precision(onnx_in, precision: str, onnx_out=None, *, int8: Int8Options | None = None,
+                      fp16: Fp16Options | None = None, verify: bool = True, reference=None, images=None,
+                      config: str | Mapping = "precision", log=None) -> PrecisionResult:
     """Convert an FP32 atexport ONNX model to ``fp16`` (:func:`to_fp16`) or ``int8`` (:func:`quantize_int8`).
 
     Options of the other precision are refused (:func:`check_precision_flags`), and so is ``fp32``
@@ -134,23 +140,21 @@ def convert_precision(onnx_in, precision: str, onnx_out=None, *, calibration=Non
     Args:
         onnx_in, onnx_out: the FP32 model and the output path (default beside it).
         precision: ``fp16`` or ``int8``.
-        calibration, count, method, cache, keep_float, smooth, target, op_policy: INT8 only (see :func:`quantize_int8`);
-            ``calibration`` is required for INT8.
-        block_ops, keep_io_types: FP16 only (see :func:`to_fp16`).
-        **common: ``verify``, ``reference``, ``images``, ``config``, ``log``.
+        int8: INT8 only (:class:`Int8Options`, see :func:`quantize_int8`); its ``calib`` is required for INT8.
+        fp16: FP16 only (:class:`Fp16Options`: ``block_ops``, ``keep_io_types``, see :func:`to_fp16`).
+        verify, reference, images, config, log: as in :func:`to_fp16`.
     """
-    int8 = {"calibration": calibration, "count": count, "method": method, "cache": cache, "keep_float": keep_float,
-            "smooth": smooth, "target": target, "op_policy": op_policy}
-    fp16 = {"block_ops": block_ops, "keep_io_types": keep_io_types}
-    check_precision_flags(precision, **int8, **fp16)
+    int8 = int8 if int8 is not None else Int8Options()
+    fp16 = fp16 if fp16 is not None else Fp16Options()
+    check_precision_flags(precision, **int8.as_given(), **fp16.as_given())
     if precision == "fp32":
         raise BadInputError("--precision fp32: expected fp16 or int8 for a precision model (an FP32 model needs no conversion).")
+    common = {"verify": verify, "reference": reference, "images": images, "config": config, "log": log}
     if precision == "fp16":
-        return to_fp16(onnx_in, onnx_out, block_ops=block_ops, keep_io_types=keep_io_types, **common)
-    if calibration is None:
+        return to_fp16(onnx_in, onnx_out, block_ops=fp16.block_ops, keep_io_types=fp16.keep_io_types, **common)
+    if int8.calib is None:
         raise BadInputError(
             "INT8 needs calibration images: --calib NAME (sets: " + ", ".join(available_sets()) + ") or --calib DIR "
             "(a folder of the task's images)."
         )
-    return quantize_int8(onnx_in, onnx_out, calibration, count=count, method=method, cache=cache, keep_float=keep_float,
-                         smooth=smooth, target=target, op_policy=op_policy or "linear", **common)
+    return quantize_int8(onnx_in, onnx_out, options=int8, **common)

@@ -18,12 +18,15 @@ import json
 import logging
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from atexport.artifact.bank import mixed_task_ids
+from atexport.errors import BadInputError
+from atexport.export.precision.common import METHODS
 
 # ONNX Runtime log messages (C++ logger) that calibration always causes on a model with overridable
 # initializers (separable and multi-task models): the swappable tensors are graph inputs on purpose.
@@ -144,15 +147,67 @@ class _Slice:
         return self.reader.get_next()
 
 
-def calibrate(model_path: str, batch: np.ndarray, *, op_types: Sequence[str] | None, method: str,
-              symmetric: bool, percentile: float, num_bins: int, num_quantized_bins: int,
-              input_name: str, fixed_batch: int | None, tasks: tuple | None = None,
-              collect_images: int = 32, log=None) -> dict:
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How the activation ranges are measured; with the model and the images, what the ranges depend on.
+
+    Attributes:
+        method: ``minmax``, ``percentile`` or ``entropy``.
+        symmetric: symmetric histogram ranges (TensorRT's zero points 0).
+        percentile: the percentile kept by ``percentile``.
+        num_bins, num_quantized_bins: histogram bins (``percentile``, ``entropy``) and the target bins
+            (``entropy``).
+        collect_images: images per ``collect_data`` call (bounds the calibrators' memory).
+        op_types: the op types whose inputs are calibrated (``None``: every op).
+    """
+
+    method: str = "minmax"
+    symmetric: bool = True
+    percentile: float = 99.99
+    num_bins: int = 2048
+    num_quantized_bins: int = 128
+    collect_images: int = 32
+    op_types: tuple | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise BadInputError(f"--calib-method {self.method}: expected one of {METHODS}.")
+        if self.op_types is not None:
+            object.__setattr__(self, "op_types", tuple(self.op_types))
+
+    @classmethod
+    def from_preset(cls, method: str, symmetric: bool, op_types, ccfg: Mapping) -> "CalibrationSettings":
+        """The settings of ``method`` with the numbers of the preset's ``calibration`` section."""
+        return cls(method=method, symmetric=bool(symmetric), percentile=float(ccfg.get("percentile", 99.99)),
+                   num_bins=int(ccfg.get("num_bins", 2048)),
+                   num_quantized_bins=int(ccfg.get("num_quantized_bins", 128)),
+                   collect_images=int(ccfg.get("collect_images", 32)), op_types=op_types)
+
+    def cache_settings(self) -> dict:
+        """What the ranges depend on besides the model and the images (part of the cache key): the
+        numbers that ``method`` uses, ``None`` for the others."""
+        import onnxruntime
+
+        method = self.method
+        return {
+            "method": method,
+            "calibrated_ops": list(self.op_types) if self.op_types else "all",
+            "symmetric_histogram": self.symmetric,
+            "percentile": self.percentile if method == "percentile" else None,
+            "num_bins": self.num_bins if method != "minmax" else None,
+            "num_quantized_bins": self.num_quantized_bins if method == "entropy" else None,
+            "collect_images": self.collect_images if method != "minmax" else None,
+            "onnxruntime": onnxruntime.__version__,
+        }
+
+
+def calibrate(model_path: str, batch: np.ndarray, settings: CalibrationSettings, *, input_name: str,
+              fixed_batch: int | None, tasks: tuple | None = None, log=None) -> dict:
     """Run ONNX Runtime's calibrator and return its tensor ranges as a JSON-able document.
 
     The histogram methods get ``num_bins`` explicitly: ``quantize_static`` cannot pass it, and with the
     default 128 bins (= ``num_quantized_bins``) Entropy silently degenerates to MinMax. Images are fed
-    ``collect_images`` at a time (see :class:`_Slice`): in one call, percentile calibration of vit_small
+    ``settings.collect_images`` at a time (see :class:`_Slice`): in one call, percentile calibration of vit_small
     at 224 px on 256 images held over 22 GB and was killed for memory on a 24 GB machine. Progress: a bar
     with ETA on a terminal, else a line through ``log`` every few seconds.
     """
@@ -160,23 +215,24 @@ def calibrate(model_path: str, batch: np.ndarray, *, op_types: Sequence[str] | N
 
     from onnxruntime.quantization.calibrate import CalibrationCacheEncoder, create_calibrator
 
-    extra = {"symmetric": bool(symmetric)}
+    method = settings.method
+    extra = {"symmetric": bool(settings.symmetric)}
     if method == "percentile":
-        extra.update(num_bins=int(num_bins), percentile=float(percentile))
+        extra.update(num_bins=int(settings.num_bins), percentile=float(settings.percentile))
     elif method == "entropy":
-        extra.update(num_bins=int(num_bins), num_quantized_bins=int(num_quantized_bins))
+        extra.update(num_bins=int(settings.num_bins), num_quantized_bins=int(settings.num_quantized_bins))
     with tempfile.TemporaryDirectory(prefix="atexport-calib-") as tmp, expected_ort_messages(), \
             expected_quantizer_logs():
         calibrator = create_calibrator(
             Path(model_path),
-            list(op_types) if op_types else [],
+            list(settings.op_types) if settings.op_types else [],
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=ort_method(method),
             extra_options=extra,
         )
         chunk = fixed_batch or 8
         reader = BatchReader(batch, input_name, chunk, fixed_batch is not None, tasks)
-        per_call = max(1, int(collect_images) // chunk)
+        per_call = max(1, int(settings.collect_images) // chunk)
         # The histogram calibrators print progress ("Collecting tensor data ...") to stdout; keep the
         # command's stdout for its results.
         steps = -(-len(batch) // (chunk * per_call))

@@ -22,6 +22,7 @@ from atexport.export.precision.common import (
     prepare_output,
     read_fp32,
 )
+from atexport.export.precision.options import ParityCheck
 from atexport.export.precision.verified import finish
 from atexport.export.precision.inspect import check_fp16_graph, fp16_report, producers, toposort
 
@@ -60,8 +61,6 @@ def to_fp16(
     """
     say = log or (lambda *_: None)
     require("onnxruntime", "converting ONNX models to FP16 (onnxruntime.transformers.float16)", "onnx")
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     cfg = load_precision_config(config)
     f16 = cfg["fp16"]
@@ -71,43 +70,15 @@ def to_fp16(
     block = list(block_ops if block_ops is not None else f16.get("block_ops", ["LayerNormalization", "Softmax"]))
     keep_io = bool(f16.get("keep_io_types", True) if keep_io_types is None else keep_io_types)
 
-    model = onnx.ModelProto()
-    model.CopyFrom(src)
-    # Swappable tensors: take their initializers out so the converter sees plain FP32 graph inputs
-    # (kept FP32, cast to FP16 inside the graph), then put the FP32 values back.
-    swappable = [e.get("initializer", k) for k, e in (meta.manifest or {}).items()]
-    held = {i.name: i for i in model.graph.initializer if i.name in set(swappable)}
-    if held:
-        keep = [i for i in model.graph.initializer if i.name not in held]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-        if not keep_io:
-            raise BadInputError("a separable model keeps its swappable tensors FP32; keep_io_types=False is refused.")
     say(f"converting to FP16 (kept in FP32: {', '.join(block)}) ...")
     t0 = time.perf_counter()
-    nodes = _fp16_node_block_list(model, f16)
-    converted = convert_float_to_float16(
-        model,
-        keep_io_types=keep_io,
-        op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(block)),
-        node_block_list=nodes,
-        max_finite_val=float(f16.get("max_finite_val", 65504.0)),
-        min_positive_val=float(f16.get("min_positive_val", 5.96e-08)),
-    )
-    if held:
-        converted.graph.initializer.extend(held.values())
-    toposort(converted)  # the converter appends its input casts last; checkers and TensorRT need order
+    converted, held, nodes = _convert(src, meta, f16, block, keep_io)
     seconds = {"convert": time.perf_counter() - t0}
-    try:
-        onnx.checker.check_model(converted, full_check=False)
-    except Exception as e:
-        raise AtexportError(f"the FP16 model fails onnx.checker ({str(e).splitlines()[0][:300]}); a bug.") from e
-    problems = check_fp16_graph(converted, block)
-    if problems:
-        raise AtexportError(f"the FP16 conversion did not keep the FP32 block list: {'; '.join(problems[:5])} (a bug).")
+    _check_fp16_model(converted, block)
 
     report = fp16_report(converted)
-    report["recipe"] = f"onnxruntime float16, FP32: {', '.join(block)}" + (f" + {len(nodes)} named nodes" if nodes else "")
+    report["recipe"] = (f"onnxruntime float16, FP32: {', '.join(block)}"
+                        + (f" + {len(nodes)} named nodes" if nodes else ""))
     if held:
         report["swappable"] = f"{len(held)} tensors kept FP32 overridable initializers, cast to FP16 in the graph"
     import onnxruntime
@@ -127,10 +98,56 @@ def to_fp16(
     }
     carry_over(converted, src)
     result = PrecisionResult(path=None, precision="fp16", metadata=meta, graph=report, seconds=seconds)
-    finish(converted, meta, out, result, verify=verify, src_model=src, reference=reference, images=images,
-           par=cfg["parity"], say=say)
+    finish(converted, meta, out, result, src, ParityCheck(verify=verify, reference=reference, images=images,
+                                                          parity=cfg["parity"], say=say))
     result.seconds["total"] = time.perf_counter() - t_start
     return result
+
+
+def _convert(src, meta, f16: Mapping, block: list[str], keep_io: bool):
+    """ONNX Runtime's float16 converter on a copy of ``src``; returns the converted model, the swappable
+    initializers held out of the conversion (FP32, put back) and the nodes kept FP32 by rule."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.ModelProto()
+    model.CopyFrom(src)
+    # Swappable tensors: take their initializers out so the converter sees plain FP32 graph inputs
+    # (kept FP32, cast to FP16 inside the graph), then put the FP32 values back.
+    swappable = [e.get("initializer", k) for k, e in (meta.manifest or {}).items()]
+    held = {i.name: i for i in model.graph.initializer if i.name in set(swappable)}
+    if held:
+        keep = [i for i in model.graph.initializer if i.name not in held]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        if not keep_io:
+            raise BadInputError("a separable model keeps its swappable tensors FP32; keep_io_types=False is refused.")
+    nodes = _fp16_node_block_list(model, f16)
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=keep_io,
+        op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(block)),
+        node_block_list=nodes,
+        max_finite_val=float(f16.get("max_finite_val", 65504.0)),
+        min_positive_val=float(f16.get("min_positive_val", 5.96e-08)),
+    )
+    if held:
+        converted.graph.initializer.extend(held.values())
+    toposort(converted)  # the converter appends its input casts last; checkers and TensorRT need order
+    return converted, held, nodes
+
+
+def _check_fp16_model(converted, block: list[str]) -> None:
+    """The FP16 model passes ``onnx.checker`` and keeps the FP32 block list (else a bug)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(converted, full_check=False)
+    except Exception as e:
+        raise AtexportError(f"the FP16 model fails onnx.checker ({str(e).splitlines()[0][:300]}); a bug.") from e
+    problems = check_fp16_graph(converted, block)
+    if problems:
+        raise AtexportError(f"the FP16 conversion did not keep the FP32 block list: {'; '.join(problems[:5])} (a bug).")
 
 
 def _fp16_node_block_list(model, f16: dict) -> list[str]:

@@ -18,10 +18,9 @@ through the model's preprocessing), :func:`activation_ranges` (calibrate or reus
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,7 +31,6 @@ from atexport.errors import AtexportError, BadInputError, require
 from atexport.export.precision.common import (
     LINEAR_OPS,
     METHODS,
-    OP_POLICIES,
     TARGETS,
     PrecisionResult,
     carry_over,
@@ -40,9 +38,12 @@ from atexport.export.precision.common import (
     prepare_output,
     read_fp32,
 )
+from atexport.export.precision.calibrate import CalibrationSettings
+from atexport.export.precision.options import Int8Options, ParityCheck
 from atexport.export.precision.verified import finish
 from atexport.export.precision.inspect import check_int8_graph, linear_nodes, producers, prune_qdq, qdq_report
-from atexport.export.precision.keep_float import RANK_BY, SENSITIVITY_MODES, apply_keep_float, parse_keep_float
+from atexport.export.precision.keep_float import (RANK_BY, SENSITIVITY_MODES, KeepFloatRequest, apply_keep_float,
+                                                   parse_keep_float)
 
 
 @dataclass
@@ -91,16 +92,14 @@ def parse_smooth(value) -> float | None:
     return alpha or None
 
 
-def int8_options(cfg: Mapping, *, target: str | None, method: str | None, op_policy: str, keep_float,
-                 smooth=None) -> Int8Request:
-    """Validate an INT8 request against the preset ``cfg``; every bad value is a :class:`BadInputError`."""
+def int8_options(cfg: Mapping, options: Int8Options) -> Int8Request:
+    """Validate an INT8 request (``options``) against the preset ``cfg``; every bad value is a
+    :class:`BadInputError`."""
     i8, ccfg = cfg["int8"], cfg["calibration"]
-    target = "tensorrt" if target is None else target
-    method = str(method or ccfg.get("method", "minmax")).lower()
+    target, op_policy, keep_float, smooth = options.target, options.op_policy, options.keep_float, options.smooth
+    method = str(options.method or ccfg.get("method", "minmax")).lower()
     if method not in METHODS:
         raise BadInputError(f"--calib-method {method}: expected one of {METHODS}.")
-    if op_policy not in OP_POLICIES:
-        raise BadInputError(f"op_policy {op_policy!r}: expected one of {OP_POLICIES}.")
     settings = int8_settings(target, i8)
     kf_cfg = dict(i8.get("keep_float") or {})
     kf = parse_keep_float(kf_cfg.get("layers", "none") if keep_float is None else keep_float)
@@ -140,25 +139,13 @@ def calibration_batch(calibration, meta, *, count: int | None, ccfg: Mapping, sa
     return cs.batch(meta.preprocess), cs.batch(meta.preprocess, "holdout"), cs.to_dict()
 
 
-def calibration_settings(opts: Int8Request, calib_ops, ccfg: Mapping) -> dict:
-    """What the calibration ranges depend on besides the model and the images (part of the cache key)."""
-    import onnxruntime
-
-    method = opts.method
-    return {
-        "method": method,
-        "calibrated_ops": calib_ops or "all",
-        "symmetric_histogram": opts.settings["activation_symmetric"],
-        "percentile": float(ccfg.get("percentile", 99.99)) if method == "percentile" else None,
-        "num_bins": int(ccfg.get("num_bins", 2048)) if method != "minmax" else None,
-        "num_quantized_bins": int(ccfg.get("num_quantized_bins", 128)) if method == "entropy" else None,
-        "collect_images": int(ccfg.get("collect_images", 32)) if method != "minmax" else None,
-        "onnxruntime": onnxruntime.__version__,
-    }
+def calibration_settings(opts: Int8Request, calib_ops, ccfg: Mapping) -> CalibrationSettings:
+    """How the activation ranges of ``opts`` are measured (the preset's numbers, the request's method)."""
+    return CalibrationSettings.from_preset(opts.method, opts.settings["activation_symmetric"], calib_ops, ccfg)
 
 
-def activation_ranges(model_path: Path, batch: np.ndarray, meta, opts: Int8Request, calib_ops, ccfg: Mapping, *,
-                      key, cache_path: Path | None, cs_desc: dict, say) -> tuple[dict, str, float | None]:
+def activation_ranges(model_path: Path, batch: np.ndarray, meta, settings: CalibrationSettings, *, key,
+                      cache_path: Path | None, cs_desc: dict, say) -> tuple[dict, str, float | None]:
     """The calibrated activation ranges: from the cache when it was made under ``key``, else measured
     (and cached). Returns the ranges, the cache status and the calibration seconds (``None`` if reused)."""
     from atexport.export.precision import calibration as calib
@@ -168,17 +155,12 @@ def activation_ranges(model_path: Path, batch: np.ndarray, meta, opts: Int8Reque
     if ranges is not None:
         say(f"reusing calibration cache {cache_path} ({why}) ...")
         return ranges, "reused", None
-    say(f"calibrating ({opts.method}, {len(batch)} images; cache: {why}) ...")
+    say(f"calibrating ({settings.method}, {len(batch)} images; cache: {why}) ...")
     in_batch = meta.input["shape"][0]
     t0 = time.perf_counter()
-    ranges = calibrate(
-        str(model_path), batch, op_types=calib_ops, method=opts.method,
-        symmetric=opts.settings["activation_symmetric"],
-        percentile=float(ccfg.get("percentile", 99.99)), num_bins=int(ccfg.get("num_bins", 2048)),
-        num_quantized_bins=int(ccfg.get("num_quantized_bins", 128)),
-        input_name=meta.input.get("name", "input"), fixed_batch=int(in_batch) if isinstance(in_batch, int) else None,
-        tasks=task_input(meta), collect_images=int(ccfg.get("collect_images", 32)), log=say,
-    )
+    ranges = calibrate(str(model_path), batch, settings, input_name=meta.input.get("name", "input"),
+                       fixed_batch=int(in_batch) if isinstance(in_batch, int) else None, tasks=task_input(meta),
+                       log=say)
     seconds = time.perf_counter() - t0
     if cache_path is None:
         return ranges, "computed", seconds
@@ -274,130 +256,186 @@ def check_int8_model(model, opts: Int8Request, meta) -> None:
         check_manifest(model, meta.manifest, "INT8 model")
 
 
-def quantize_int8(
-    onnx_in,
-    onnx_out=None,
-    calibration="digits",
-    *,
-    target: str | None = None,
-    method: str | None = None,
-    op_policy: str = "linear",
-    keep_float=None,
-    smooth=None,
-    count: int | None = None,
-    cache: str | os.PathLike | bool | None = None,
-    verify: bool = True,
-    reference=None,
-    images=None,
-    config: str | Mapping = "precision",
-    log=None,
-) -> PrecisionResult:
+def quantize_int8(onnx_in, onnx_out=None, calibration=None, *, options: Int8Options | None = None,
+                  verify: bool = True, reference=None, images=None, config: str | Mapping = "precision",
+                  log=None) -> PrecisionResult:
     """Quantize an FP32 atexport ONNX model to explicit INT8 (Q/DQ), check parity, write it atomically.
 
     Args:
         onnx_in: the FP32 model (path or ``onnx.ModelProto``) exported by ``atexport onnx``.
         onnx_out: output path; default ``<stem>.int8.onnx`` beside the input.
         calibration: calibration set: a name in ``calibration/``, a YAML path, a folder of images, a
-            :class:`~atexport.export.precision.calibration.CalibrationSet`, or an already preprocessed float32 batch.
-        target: ``tensorrt`` (default: symmetric signed INT8 activations, zero points 0) or ``cpu`` (U8S8,
-            for ONNX Runtime's x86 kernels); both quantize the same Linear layers.
-        method: calibration method ``minmax``, ``percentile`` or ``entropy`` (default from the preset).
-        op_policy: ``linear`` (default: MatMul/Gemm with constant weights only) or ``all`` (every op ONNX
-            Runtime can quantize; exists to show why ``linear`` is the default — it is measurably worse).
-        keep_float: Linear layers left in float (no Q/DQ): ``"none"``, ``"auto"`` (the most sensitive layers
-            while the logit error keeps dropping, within a share of the Linear multiply-adds), an integer N
-            (the N most sensitive layers), or layer names/globs (``["head", "*.adapter.*"]``, see
-            :func:`~atexport.export.precision.inspect.layer_names`). Sensitivity is each layer's effect on the
-            logit error on calibration images, cached with the calibration. Default from the preset
-            (``int8.keep_float``).
-        smooth: SmoothQuant-style outlier migration folded into LayerNorm and Linear weights before calibration
-            (:mod:`~atexport.export.precision.smooth`): ``"off"`` or an alpha in (0, 1]; default from the preset
-            (``int8.smooth``). Only LayerNorms whose output channels are uneven are smoothed.
-        count: override the calibration set's image count.
-        cache: calibration cache file; default ``<output stem>.calib.json``; ``False`` disables it.
+            :class:`~atexport.export.precision.calibration.CalibrationSet`, or an already preprocessed float32 batch
+            (default: ``options.calib``, else ``digits``).
+        options: the :class:`~atexport.export.precision.options.Int8Options` (default: all defaults), whose
+            fields are:
+            target: ``tensorrt`` (default: symmetric signed INT8 activations, zero points 0) or ``cpu`` (U8S8,
+                for ONNX Runtime's x86 kernels); both quantize the same Linear layers.
+            method: calibration method ``minmax``, ``percentile`` or ``entropy`` (default from the preset).
+            op_policy: ``linear`` (default: MatMul/Gemm with constant weights only) or ``all`` (every op ONNX
+                Runtime can quantize; exists to show why ``linear`` is the default — it is measurably worse).
+            keep_float: Linear layers left in float (no Q/DQ): ``"none"``, ``"auto"`` (the most sensitive layers
+                while the logit error keeps dropping, within a share of the Linear multiply-adds), an integer N
+                (the N most sensitive layers), or layer names/globs (``["head", "*.adapter.*"]``, see
+                :func:`~atexport.export.precision.inspect.layer_names`). Sensitivity is each layer's effect on the
+                logit error on calibration images, cached with the calibration. Default from the preset
+                (``int8.keep_float``).
+            smooth: SmoothQuant-style outlier migration folded into LayerNorm and Linear weights before calibration
+                (:mod:`~atexport.export.precision.smooth`): ``"off"`` or an alpha in (0, 1]; default from the preset
+                (``int8.smooth``). Only LayerNorms whose output channels are uneven are smoothed.
+            count: override the calibration set's image count.
+            cache: calibration cache file; default ``<output stem>.calib.json``; ``False`` disables it.
         verify, reference, images, config, log: as in :func:`~atexport.export.precision.to_fp16`.
 
     Raises:
         BadInputError: unreadable input, input without atexport metadata or not FP32, bad options.
         ParityError: outside the int8 tolerance; the model is kept at ``<stem>.failed.onnx``.
     """
-    from atexport.export.precision import calibration as calib
-
     say = log or (lambda *_: None)
+    options = options if options is not None else Int8Options()
+    calibration = _calibration_source(calibration, options)
     require("onnxruntime", "INT8 quantization (onnxruntime.quantization)", "onnx")
-    import onnx
 
     cfg = load_precision_config(config)
-    ccfg = cfg["calibration"]
-    opts = int8_options(cfg, target=target, method=method, op_policy=op_policy, keep_float=keep_float, smooth=smooth)
+    opts = int8_options(cfg, options)
     t_start = time.perf_counter()
     src, where, meta = read_fp32(onnx_in)
-    out = prepare_output(onnx_in, onnx_out, "int8")
+    job = _Int8Job(opts=opts, cfg=cfg, src=src, meta=meta, out=prepare_output(onnx_in, onnx_out, "int8"), say=say)
+    _select_layers(job, where)
+    _load_calibration(job, calibration, options)
+    model, rewired = _quantize(job)
+    kf_info = _keep_float(job, model)
+    check_int8_model(model, opts, meta)
 
-    # Which nodes: the Linear layers (constant weights); swappable ones stay float.
-    swappable = [e.get("initializer", k) for k, e in (meta.manifest or {}).items()]
-    plain, swap_linear = linear_nodes(src, swappable)
-    linear = opts.op_policy == "linear"
-    if linear and not plain:
+    report = _graph_report(model, opts, job.plain, job.swap_linear, rewired, kf_info, job.smoothed)
+    calibration_info = dict(job.cs_desc)
+    calibration_info.update(images=int(len(job.batch)), held_out=0 if job.holdout is None else int(len(job.holdout)),
+                            data_sha256=job.key.data_sha256, method=opts.method,
+                            cache=str(job.cache_path) if job.cache_path else None, cache_status=job.status)
+    meta.precision = "int8"
+    meta.extra = dict(meta.extra or {})
+    meta.extra["precision"] = _int8_record(opts, calibration_info, job.key.settings, job.key.model_sha256,
+                                           job.swap_linear, kf_info, report, cfg)
+    carry_over(model, src)
+    result = PrecisionResult(path=None, precision="int8", metadata=meta, graph=report, calibration=calibration_info,
+                             seconds=job.seconds)
+    check = ParityCheck(verify=verify, reference=reference, images=images, parity=cfg["parity"], say=say)
+    finish(model, meta, job.out, result, src, check, holdout=job.holdout, holdout_name=job.cs_desc.get("name"))
+    result.seconds["total"] = time.perf_counter() - t_start
+    return result
+
+
+@dataclass
+class _Int8Job:
+    """The state of one :func:`quantize_int8` run, filled in step by step."""
+
+    opts: Int8Request
+    cfg: Mapping
+    src: Any  # the FP32 input model
+    meta: Any
+    out: Path
+    say: Any
+    seconds: dict = field(default_factory=dict)
+    swappable: list = field(default_factory=list)
+    plain: list = field(default_factory=list)  # the Linear layers to quantize (node names)
+    swap_linear: list = field(default_factory=list)  # Linear layers using swappable tensors (kept float)
+    batch: Any = None  # the calibration images, preprocessed
+    holdout: Any = None
+    cs_desc: dict = field(default_factory=dict)
+    work: Any = None  # the FP32 model that is calibrated and quantized (smoothed, or the input)
+    smoothed: dict | None = None
+    calib_settings: CalibrationSettings | None = None
+    key: Any = None  # the calibration cache key
+    cache_path: Path | None = None
+    status: str = ""  # the calibration cache status
+
+    @property
+    def linear(self) -> bool:
+        return self.opts.op_policy == "linear"
+
+    @property
+    def fixed(self) -> int | None:
+        in_batch = self.meta.input["shape"][0]
+        return int(in_batch) if isinstance(in_batch, int) else None
+
+
+def _calibration_source(calibration, options: Int8Options):
+    """The calibration images: ``calibration`` or ``options.calib`` (not both), else the ``digits`` set."""
+    if calibration is not None and options.calib is not None and calibration is not options.calib:
+        raise BadInputError("give the calibration images once: as calibration or as Int8Options.calib, not both.")
+    if calibration is not None:
+        return calibration
+    return options.calib if options.calib is not None else "digits"
+
+
+def _select_layers(job: _Int8Job, where: str) -> None:
+    """Which nodes: the Linear layers (constant weights); swappable ones stay float."""
+    job.swappable = [e.get("initializer", k) for k, e in (job.meta.manifest or {}).items()]
+    job.plain, job.swap_linear = linear_nodes(job.src, job.swappable)
+    if job.linear and not job.plain:
         raise BadInputError(f"{where}: no MatMul/Gemm layer with a constant weight to quantize.")
-    calib_ops = opts.op_types if linear else None
 
+
+def _load_calibration(job: _Int8Job, calibration, options: Int8Options) -> None:
+    """The calibration images, the model they calibrate (smoothed first if asked) and the cache key."""
+    from atexport.export.precision import calibration as calib
+
+    opts, ccfg = job.opts, job.cfg["calibration"]
     t0 = time.perf_counter()
-    batch, holdout, cs_desc = calibration_batch(calibration, meta, count=count, ccfg=ccfg, say=say)
-    seconds = {"load_images": time.perf_counter() - t0}
-    in_batch = meta.input["shape"][0]
-    fixed = int(in_batch) if isinstance(in_batch, int) else None
-    work, smoothed = src, None  # the FP32 model that is calibrated and quantized (smoothed, or the input)
+    job.batch, job.holdout, job.cs_desc = calibration_batch(calibration, job.meta, count=options.count, ccfg=ccfg,
+                                                            say=job.say)
+    job.seconds["load_images"] = time.perf_counter() - t0
+    job.work = job.src
     if opts.smooth is not None:
         from atexport.export.precision.smooth import smooth_model
 
         t0 = time.perf_counter()
-        work, smoothed = smooth_model(src, batch, alpha=opts.smooth, min_ratio=opts.smooth_min_ratio,
-                                      swappable=swappable, fixed=fixed, tasks=task_input(meta))
-        seconds["smooth"] = time.perf_counter() - t0
-    dsha = calib.data_hash(batch)
-    calib_settings = calibration_settings(opts, calib_ops, ccfg)
-    mhash = calib.model_hash(work)
-    key = calib.CacheKey(model_sha256=mhash, data_sha256=dsha, settings=calib_settings)
-    cache_path = None if cache is False else Path(cache) if cache not in (None, True) else calib.default_cache_path(out)
+        job.work, job.smoothed = smooth_model(job.src, job.batch, alpha=opts.smooth, min_ratio=opts.smooth_min_ratio,
+                                              swappable=job.swappable, fixed=job.fixed, tasks=task_input(job.meta))
+        job.seconds["smooth"] = time.perf_counter() - t0
+    dsha = calib.data_hash(job.batch)
+    job.calib_settings = calibration_settings(opts, opts.op_types if job.linear else None, ccfg)
+    job.key = calib.CacheKey(model_sha256=calib.model_hash(job.work), data_sha256=dsha,
+                             settings=job.calib_settings.cache_settings())
+    cache = options.cache
+    job.cache_path = (None if cache is False else Path(cache) if cache not in (None, True)
+                      else calib.default_cache_path(job.out))
 
+
+def _quantize(job: _Int8Job):
+    """Calibrate (or reuse the cache) and quantize; returns the INT8 model and the float consumers rewired."""
+    import onnx
+
+    opts = job.opts
     with tempfile.TemporaryDirectory(prefix="atexport-int8-") as tmp:
         model_path = Path(tmp) / "fp32.onnx"
-        onnx.save(work, str(model_path))
-        ranges, status, calib_seconds = activation_ranges(model_path, batch, meta, opts, calib_ops, ccfg, key=key,
-                                                          cache_path=cache_path, cs_desc=cs_desc, say=say)
+        onnx.save(job.work, str(model_path))
+        ranges, job.status, calib_seconds = activation_ranges(model_path, job.batch, job.meta, job.calib_settings,
+                                                              key=job.key,
+                                                              cache_path=job.cache_path, cs_desc=job.cs_desc,
+                                                              say=job.say)
         if calib_seconds is not None:
-            seconds["calibrate"] = calib_seconds
+            job.seconds["calibrate"] = calib_seconds
         t0 = time.perf_counter()
-        model = run_quantizer(model_path, ranges, opts, nodes_to_quantize=plain if linear else None,
-                              nodes_to_exclude=swap_linear, tmp=Path(tmp))
-    rewired = unshare_float_consumers(model, set(plain)) if linear else 0
-    seconds["quantize"] = time.perf_counter() - t0
-    kf_info = None
-    if opts.keep_float[0] != "none":
-        t0 = time.perf_counter()
-        kf_info = apply_keep_float(
-            model, work, plain, *opts.keep_float, opts.keep_float_cfg, batch, fixed=fixed, tasks=task_input(meta),
-            cache_path=cache_path, cache_key=key, quant_settings=opts.settings, say=say)
-        seconds["keep_float"] = time.perf_counter() - t0
-    check_int8_model(model, opts, meta)
+        model = run_quantizer(model_path, ranges, opts, nodes_to_quantize=job.plain if job.linear else None,
+                              nodes_to_exclude=job.swap_linear, tmp=Path(tmp))
+    rewired = unshare_float_consumers(model, set(job.plain)) if job.linear else 0
+    job.seconds["quantize"] = time.perf_counter() - t0
+    return model, rewired
 
-    report = _graph_report(model, opts, plain, swap_linear, rewired, kf_info, smoothed)
-    calibration_info = dict(cs_desc)
-    calibration_info.update(images=int(len(batch)), held_out=0 if holdout is None else int(len(holdout)),
-                            data_sha256=dsha, method=opts.method,
-                            cache=str(cache_path) if cache_path else None, cache_status=status)
-    meta.precision = "int8"
-    meta.extra = dict(meta.extra or {})
-    meta.extra["precision"] = _int8_record(opts, calibration_info, calib_settings, mhash, swap_linear, kf_info,
-                                           report, cfg)
-    carry_over(model, src)
-    result = PrecisionResult(path=None, precision="int8", metadata=meta, graph=report, calibration=calibration_info,
-                             seconds=seconds)
-    finish(model, meta, out, result, verify=verify, src_model=src, reference=reference, images=images,
-           par=cfg["parity"], say=say, holdout=holdout, holdout_name=cs_desc.get("name"))
-    result.seconds["total"] = time.perf_counter() - t_start
-    return result
+
+def _keep_float(job: _Int8Job, model) -> dict | None:
+    """Apply the keep-float request to ``model`` in place; returns what the metadata records (``None``: none)."""
+    kind, value = job.opts.keep_float
+    if kind == "none":
+        return None
+    t0 = time.perf_counter()
+    request = KeepFloatRequest(kind=kind, value=value, cfg=job.opts.keep_float_cfg, fixed=job.fixed,
+                               tasks=task_input(job.meta), cache_path=job.cache_path, cache_key=job.key,
+                               quant_settings=job.opts.settings)
+    info = apply_keep_float(model, job.work, job.plain, job.batch, request, job.say)
+    job.seconds["keep_float"] = time.perf_counter() - t0
+    return info
 
 
 def _graph_report(model, opts: Int8Request, plain, swap_linear, rewired: int, kf_info, smoothed) -> dict:

@@ -12,6 +12,7 @@ the INT8 file. The ranking is cached beside the calibration ranges
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -205,25 +206,81 @@ def rank_layers(sensitivity: dict, costs: Mapping[str, int], rank_by: str = "sen
     return sorted((n for n, s in scores.items() if s > 0), key=key)
 
 
-def choose_keep_float(qmodel, src, sensitivity: dict, costs: Mapping[str, int], x: np.ndarray, reference: np.ndarray, *,
-                      max_share: float, slack: float, rank_by: str = "sensitivity", fixed: int | None = None,
-                      tasks: tuple | None = None) -> tuple[list[str], list[dict]]:
+@dataclass(frozen=True)
+class AutoPolicy:
+    """How ``auto`` chooses the layers kept float (the preset's ``int8.keep_float`` section).
+
+    Attributes:
+        max_share: the float layers' largest share of the Linear multiply-adds (the latency budget).
+        slack: the fraction of the largest error reduction that may be left on the table.
+        rank_by: ``sensitivity`` or ``per_cost`` (see :func:`rank_layers`).
+    """
+
+    max_share: float = 0.1
+    slack: float = 0.1
+    rank_by: str = "sensitivity"
+
+    def __post_init__(self):
+        if self.rank_by not in RANK_BY:
+            raise BadInputError(f"int8.keep_float.rank_by {self.rank_by!r}: expected one of {RANK_BY}.")
+
+
+@dataclass(frozen=True)
+class KeepFloatRequest:
+    """A parsed keep-float request and what its measurements depend on and are cached under.
+
+    Attributes:
+        kind, value: from :func:`parse_keep_float` (``auto``, ``count`` or ``layers``).
+        cfg: the preset's ``int8.keep_float`` section (``sensitivity``, ``images``, ``max_share``, ...).
+        fixed, tasks: the model's fixed batch size and task input (name, K), if any.
+        cache_path, cache_key: where the sensitivity is cached, and under which calibration key.
+        quant_settings: the quantizer settings the sensitivity was measured with.
+    """
+
+    kind: str
+    value: Any = None
+    cfg: Mapping = field(default_factory=dict)
+    fixed: int | None = None
+    tasks: tuple | None = None
+    cache_path: Any = None
+    cache_key: Any = None
+    quant_settings: Mapping = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in ("auto", "count", "layers"):
+            raise BadInputError(f"keep-float request {self.kind!r}: expected auto, count or layers.")
+
+    @property
+    def requested(self) -> str:
+        """The request as the metadata records it."""
+        kind, value = self.kind, self.value
+        return ",".join(value) if kind == "layers" else str(value) if kind == "count" else kind
+
+    def auto_policy(self) -> AutoPolicy:
+        kf = self.cfg
+        return AutoPolicy(max_share=float(kf.get("max_share", 0.1)), slack=float(kf.get("slack", 0.1)),
+                          rank_by=str(kf.get("rank_by", "sensitivity")))
+
+
+def choose_keep_float(qmodel, src, sensitivity: dict, costs: Mapping[str, int], x: np.ndarray, reference: np.ndarray,
+                      policy: AutoPolicy, *, fixed: int | None = None, tasks: tuple | None = None
+                      ) -> tuple[list[str], list[dict]]:
     """``auto``: which layers to keep float, by measured logit error.
 
-    Candidates are the layers with a positive score in :func:`rank_layers` order, as long as the float
-    layers' share of the Linear multiply-adds stays within ``max_share`` (the latency budget). The INT8
-    model with the first k of them in float is scored for k = 0, 1, 2, 3, 4, 6, 8, 12, 16, ...; the choice
-    is the smallest k that removes all but ``slack`` (a fraction) of the largest error reduction measured:
-    ``err(k) <= best + slack * (err(0) - best)``, so layers that buy almost nothing stay INT8.
+    Candidates are the layers with a positive score in :func:`rank_layers` order (``policy.rank_by``), as long
+    as the float layers' share of the Linear multiply-adds stays within ``policy.max_share`` (the latency
+    budget). The INT8 model with the first k of them in float is scored for k = 0, 1, 2, 3, 4, 6, 8, 12, 16, ...;
+    the choice is the smallest k that removes all but ``policy.slack`` (a fraction) of the largest error
+    reduction measured: ``err(k) <= best + slack * (err(0) - best)``, so layers that buy almost nothing stay INT8.
 
     Returns:
         the chosen node names and the trace (``k``, ``rel_error``, ``top1_agreement``, ``float_share``).
     """
     total = max(sum(costs.values()), 1)
-    ranked = rank_layers(sensitivity, costs, rank_by)
+    ranked = rank_layers(sensitivity, costs, policy.rank_by)
     order, used = [], 0
     for n in ranked:
-        if used + costs.get(n, 0) <= max_share * total:
+        if used + costs.get(n, 0) <= policy.max_share * total:
             order.append(n)
             used += costs.get(n, 0)
     ks = [k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96) if k < len(order)] + ([len(order)] if order else [])
@@ -232,42 +289,41 @@ def choose_keep_float(qmodel, src, sensitivity: dict, costs: Mapping[str, int], 
         err = logit_error(reference, probe_logits(_variant(qmodel, src, order[:k]), x, fixed, tasks=tasks))
         trace.append({"k": k, **err, "float_share": sum(costs.get(n, 0) for n in order[:k]) / total})
     best = min(t["rel_error"] for t in trace)
-    bar = best + slack * (trace[0]["rel_error"] - best)
+    bar = best + policy.slack * (trace[0]["rel_error"] - best)
     pick = next(t for t in trace if t["rel_error"] <= bar)
     return order[: pick["k"]], trace
 
 
-def _cached_sensitivity(model, src, plain: Sequence[str], x: np.ndarray, reference: np.ndarray, mode: str, *,
-                        fixed: int | None, tasks: tuple | None, cache_path, cache_key, quant_settings: dict,
-                        say) -> tuple[dict, str]:
+def _cached_sensitivity(model, src, plain: Sequence[str], x: np.ndarray, reference: np.ndarray, mode: str,
+                        request: KeepFloatRequest, say) -> tuple[dict, str]:
     """The sensitivity of ``plain`` layers: from the calibration cache when it holds one measured the same
     way, else measured (and stored there). Returns it and the cache status."""
     from atexport.export.precision import calibration as calib
 
-    settings = {"mode": mode, "images": int(len(x)), "quantizer": quant_settings, "metric": "rel_error"}
+    settings = {"mode": mode, "images": int(len(x)), "quantizer": request.quant_settings, "metric": "rel_error"}
+    cache_path, cache_key = request.cache_path, request.cache_key
     sens, status = None, "disabled"
     if cache_path is not None:
         sens, status = calib.read_sensitivity(cache_path, cache_key, settings)
     if sens is not None:
         return sens, "reused"
     say(f"measuring the quantization sensitivity of {len(plain)} Linear layers ({mode}, {len(x)} images) ...")
-    sens = layer_sensitivity(model, src, plain, x, reference, mode=mode, fixed=fixed, tasks=tasks, say=say)
+    sens = layer_sensitivity(model, src, plain, x, reference, mode=mode, fixed=request.fixed, tasks=request.tasks,
+                             say=say)
     if cache_path is not None and calib.write_sensitivity(cache_path, cache_key, settings, sens):
         return sens, f"computed ({status}), saved"
     return sens, f"computed ({status})"
 
 
-def apply_keep_float(model, src, plain: Sequence[str], kind: str, value, kf: Mapping, batch: np.ndarray, *,
-                     fixed: int | None, tasks: tuple | None, cache_path, cache_key, quant_settings: dict, say) -> dict:
-    """Apply a keep-float request (:func:`parse_keep_float`) to the INT8 ``model`` in place.
+def apply_keep_float(model, src, plain: Sequence[str], batch: np.ndarray, request: KeepFloatRequest, say) -> dict:
+    """Apply a keep-float request to the INT8 ``model`` in place.
 
     Args:
         model: the INT8 model; src: the FP32 model it was made from.
         plain: the quantized Linear layers (node names) that may be kept float.
-        kind, value: the parsed request; kf: the ``int8.keep_float`` preset section.
-        batch: the calibration images (the first ``kf["images"]`` score the layers).
-        fixed, tasks: the model's fixed batch size and task input, if any.
-        cache_path, cache_key, quant_settings: where the sensitivity is cached, and under what.
+        batch: the calibration images (the first ``request.cfg["images"]`` score the layers).
+        request: the parsed request (:class:`KeepFloatRequest`).
+        say: receives progress lines.
 
     Returns:
         What goes into the metadata (``layers``, ``nodes``, ``float_share``, and how they were chosen).
@@ -276,34 +332,38 @@ def apply_keep_float(model, src, plain: Sequence[str], kind: str, value, kf: Map
     names = {n: names.get(n, n) for n in plain}
     costs = linear_costs(src, plain)
     total = max(sum(costs.values()), 1)
-    info: dict[str, Any] = {"requested": ",".join(value) if kind == "layers" else str(value) if kind == "count" else kind}
-    if kind == "layers":
-        keep = select_layers(value, names)
+    info: dict[str, Any] = {"requested": request.requested}
+    if request.kind == "layers":
+        keep = select_layers(request.value, names)
     else:
-        mode = str(kf.get("sensitivity", "only"))
-        x = batch[: max(1, int(kf.get("images", 32)))]
-        reference = probe_logits(src, x, fixed, tasks=tasks)
-        sens, status = _cached_sensitivity(model, src, plain, x, reference, mode, fixed=fixed, tasks=tasks,
-                                           cache_path=cache_path, cache_key=cache_key,
-                                           quant_settings=quant_settings, say=say)
-        ranked = sorted(plain, key=lambda n: -float(sens["scores"].get(n, 0.0)))
-        rank_by = str(kf.get("rank_by", "sensitivity"))
-        info["sensitivity"] = {
-            "mode": mode, "images": int(len(x)), "metric": "relative logit error", "cache_status": status,
-            "int8_rel_error": sens["base"]["rel_error"], "int8_top1_agreement": sens["base"]["top1_agreement"],
-            "ranking": [{"layer": names[n], "score": round(float(sens["scores"].get(n, 0.0)), 6)} for n in ranked],
-        }
-        if kind == "count":
-            keep = ranked[:value]  # the N most sensitive, whatever they cost
-        else:
-            max_share, slack = float(kf.get("max_share", 0.1)), float(kf.get("slack", 0.1))
-            keep, trace = choose_keep_float(model, src, sens, costs, x, reference, max_share=max_share, slack=slack,
-                                            rank_by=rank_by, fixed=fixed, tasks=tasks)
-            info["auto"] = {"max_share": max_share, "slack": slack, "rank_by": rank_by,
-                            "trace": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in t.items()} for t in trace]}
+        keep = _measured_choice(model, src, plain, batch, request, names, costs, info, say)
         keep = [n for n in plain if n in set(keep)]  # graph order
     keep_layers_float(model, src, keep)
     info["layers"] = [names[n] for n in keep]
     info["nodes"] = list(keep)
     info["float_share"] = round(sum(costs[n] for n in keep) / total, 6)
     return info
+
+
+def _measured_choice(model, src, plain: Sequence[str], batch: np.ndarray, request: KeepFloatRequest,
+                     names: Mapping[str, str], costs: Mapping[str, int], info: dict, say) -> list[str]:
+    """The layers a ``count`` or ``auto`` request keeps float, by measured sensitivity; records the
+    ranking (and the ``auto`` trace) in ``info``."""
+    kf, fixed, tasks = request.cfg, request.fixed, request.tasks
+    mode = str(kf.get("sensitivity", "only"))
+    x = batch[: max(1, int(kf.get("images", 32)))]
+    reference = probe_logits(src, x, fixed, tasks=tasks)
+    sens, status = _cached_sensitivity(model, src, plain, x, reference, mode, request, say)
+    ranked = sorted(plain, key=lambda n: -float(sens["scores"].get(n, 0.0)))
+    info["sensitivity"] = {
+        "mode": mode, "images": int(len(x)), "metric": "relative logit error", "cache_status": status,
+        "int8_rel_error": sens["base"]["rel_error"], "int8_top1_agreement": sens["base"]["top1_agreement"],
+        "ranking": [{"layer": names[n], "score": round(float(sens["scores"].get(n, 0.0)), 6)} for n in ranked],
+    }
+    if request.kind == "count":
+        return ranked[: request.value]  # the N most sensitive, whatever they cost
+    policy = request.auto_policy()
+    keep, trace = choose_keep_float(model, src, sens, costs, x, reference, policy, fixed=fixed, tasks=tasks)
+    info["auto"] = {"max_share": policy.max_share, "slack": policy.slack, "rank_by": policy.rank_by,
+                    "trace": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in t.items()} for t in trace]}
+    return keep

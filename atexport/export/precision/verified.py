@@ -16,8 +16,7 @@ import numpy as np
 
 from atexport.artifact.bank import task_input
 from atexport.export.precision.common import PrecisionResult, failed_path_for
-
-
+from atexport.export.precision.options import ParityCheck
 
 
 def judged_images(meta, images, holdout=None, holdout_name: str | None = None, max_images: int | None = None):
@@ -84,26 +83,35 @@ def per_precision(value, precision: str) -> int:
     return int(value or 0)
 
 
-def finish(model, meta, output, result: PrecisionResult, *, verify: bool, src_model, reference, images,
-           par: dict, say, holdout=None, holdout_name: str | None = None) -> PrecisionResult:
-    """Write the metadata into ``model``, check parity, then write ``output`` (or ``.failed.onnx`` and raise)."""
+def finish(model, meta, output, result: PrecisionResult, src_model, check: ParityCheck, holdout=None,
+           holdout_name: str | None = None) -> PrecisionResult:
+    """Write the metadata into ``model``, check parity, then write ``output`` (or ``.failed.onnx`` and raise).
+
+    Args:
+        model, src_model: the converted model and the FP32 model it was made from.
+        meta: the converted model's metadata; result: its :class:`PrecisionResult`, completed here.
+        output: where the model goes when parity passes.
+        check: how parity is checked (:class:`~atexport.export.precision.options.ParityCheck`).
+        holdout, holdout_name: a calibration set's held-out images (judged with ``check.images``).
+    """
     from atexport.artifact.metadata import write_onnx_metadata
     from atexport.export.write import write_verified
 
     precision = result.precision
     write_onnx_metadata(model, meta)
-    if verify:
+    if check.verify:
         t0 = time.perf_counter()
         result.parity, result.reference = precision_parity(model.SerializeToString(), src_model, meta, precision,
-                                                           reference, images, par, say, holdout, holdout_name)
+                                                           check.reference, check.images, check.parity, check.say,
+                                                           holdout, holdout_name)
         result.seconds["verify"] = time.perf_counter() - t0
         meta.extra.setdefault("precision", {})["parity"] = [r.to_dict() for r in result.parity]
         meta.extra["precision"]["reference"] = result.reference
         write_onnx_metadata(model, meta)
     what = f"the {precision} model does not match {result.reference} within the {precision} tolerances"
-    if verify and not result.passed:
-        what += _where_it_breaks(model, src_model, meta, precision, images, holdout, par)
-    result.path = write_verified(model.SerializeToString(), output, result.parity, what, verify=verify,
+    if check.verify and not result.passed:
+        what += _where_it_breaks(model, src_model, meta, precision, check.images, holdout, check.parity)
+    result.path = write_verified(model.SerializeToString(), output, result.parity, what, verify=check.verify,
                                  failed_path=failed_path_for(output), result=result)
     return result
 

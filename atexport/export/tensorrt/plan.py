@@ -82,7 +82,7 @@ def parse_batch_range(spec: str | Sequence[int] | None, default: Sequence[int] =
     return lo, opt, hi
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineOptions:
     """How to build the engine; every value is validated on construction (before any work starts).
 
@@ -95,6 +95,10 @@ class EngineOptions:
         timing_cache: timing cache file to reuse and update; ``None``: one per TensorRT version and GPU
             beside the engine; ``False``: no timing cache.
         optimization_level: builder optimisation level 0-5 (``None``: TensorRT's default, 3).
+        build: ``yes`` builds the engine (no TensorRT or GPU is an error), ``auto`` builds it where TensorRT
+            and a GPU exist and otherwise stops after the precision ONNX with a note, ``no`` stops after the
+            precision ONNX.
+        output: the engine file (default ``<precision model stem>.engine``).
     """
 
     batch: str | Sequence[int] | None = None
@@ -104,8 +108,12 @@ class EngineOptions:
     hardware_compatible: bool | str = False
     timing_cache: str | os.PathLike | bool | None = None
     optimization_level: int | None = None
+    build: str = "yes"
+    output: str | os.PathLike | None = None
 
     def __post_init__(self):
+        if self.build not in ("yes", "auto", "no"):
+            raise BadInputError(f"--build {self.build}: expected yes, auto or no.")
         if self.batch is not None:
             parse_batch_range(self.batch)
         if self.workspace_gb is not None:
@@ -141,7 +149,7 @@ class EngineOptions:
         named = (("--batch", self.batch is not None), ("--workspace", self.workspace_gb is not None),
                  ("--version-compatible", self.version_compatible), ("--hardware-compatible", self.hardware_level),
                  ("--timing-cache", self.timing_cache not in (None, False)),
-                 ("--opt-level", self.optimization_level is not None))
+                 ("--opt-level", self.optimization_level is not None), ("-o", self.output is not None))
         return [flag for flag, on in named if on]
 
     def flags(self) -> str:
@@ -305,8 +313,26 @@ def plan_build(meta, trt_version: str, options: EngineOptions | None = None, *, 
     if major > SUPPORTED_MAJORS[-1]:
         plan.notes.append(f"TensorRT {major}.x is newer than the versions atexport was written for "
                           f"({', '.join(f'{m}.x' for m in SUPPORTED_MAJORS)}); planned as 11.x.")
+    _plan_typing(plan, major, precision)
+    _plan_profiles(plan, meta, opts)
+    if opts.workspace_gb is not None:
+        plan.workspace_bytes = int(float(opts.workspace_gb) * (1 << 30))
+    if opts.optimization_level is not None:
+        plan.optimization_level = int(opts.optimization_level)
+    if opts.refit:
+        _plan_refit(plan, meta, (major, minor), quantized)
+    if opts.version_compatible:
+        plan.builder_flags.append("VERSION_COMPATIBLE")
+        plan.engine_host_code_allowed = True
+        plan.notes.append("version compatible: runs on later TensorRT runtimes (runtime.engine_host_code_allowed).")
+    _plan_hardware(plan, opts.hardware_level, trt_version, (major, minor), device_cc, jetson)
+    if opts.timing_cache not in (None, False):
+        plan.timing_cache = str(opts.timing_cache)
+    return plan
 
-    # Strong typing: the precision is the ONNX model's.
+
+def _plan_typing(plan: BuildPlan, major: int, precision: str) -> None:
+    """Strong typing: the precision is the ONNX model's."""
     if major == 10:
         plan.network_flags.append("STRONGLY_TYPED")
         plan.notes.append("TensorRT 10: STRONGLY_TYPED network, so the ONNX model's types (FP16 casts, INT8 Q/DQ) "
@@ -318,7 +344,9 @@ def plan_build(meta, trt_version: str, options: EngineOptions | None = None, *, 
         plan.clear_flags.append("TF32")
         plan.notes.append("fp32: TF32 cleared so the engine meets the fp32 tolerance.")
 
-    # Optimisation profile for the batch axis, on every batch-aligned input.
+
+def _plan_profiles(plan: BuildPlan, meta, opts: EngineOptions) -> None:
+    """Optimisation profile for the batch axis, on every batch-aligned input."""
     shape = list(meta.input["shape"])
     check_batch_for_model(meta, opts.batch)
     if isinstance(shape[0], int):
@@ -331,59 +359,56 @@ def plan_build(meta, trt_version: str, options: EngineOptions | None = None, *, 
         plan.notes.append(f"multi-task model ({len(meta.tasks)} tasks): the profile covers the image and "
                           f"{plan.profiles[-1].input}; the bank tensors are weights.")
 
-    if opts.workspace_gb is not None:
-        plan.workspace_bytes = int(float(opts.workspace_gb) * (1 << 30))
-    if opts.optimization_level is not None:
-        plan.optimization_level = int(opts.optimization_level)
 
-    if opts.refit:
-        check_refit_for_model(meta)
-        names = [str(e.get("initializer", k)) for k, e in meta.manifest.items()]
-        if precision == "int8" and not meta.tasks and quantized:
-            detail = "; ".join(f"{n} -> {', '.join(v[:3])}" for n, v in list(quantized.items())[:4])
-            raise BadInputError(
-                f"--refit: this INT8 model's swappable tensors feed quantized layers ({detail}); their INT8 scales "
-                "were calibrated for this task's weights, so a refit with another task's weights would be wrong. "
-                "Make the INT8 model with those layers kept float (--int8-keep-float 'head,*.adapter.*'), or build "
-                "an FP16 engine to refit."
-            )
-        plan.int8_refit_checked = precision == "int8" and quantized is not None
-        if (major, minor) >= REFIT_INDIVIDUAL_SINCE:
-            plan.builder_flags.append("REFIT_INDIVIDUAL")
-            plan.notes.append("refit: REFIT_INDIVIDUAL with the manifest's adapter and head weights marked refittable; "
-                              "the frozen backbone stays constant-folded.")
-        else:
-            plan.builder_flags.append("REFIT")
-            plan.notes.append(f"refit: TensorRT {major}.{minor} has no REFIT_INDIVIDUAL/mark_weights_refittable "
-                              "(they came in 10.2), so BuilderFlag.REFIT makes every weight refittable (a slower "
-                              "engine); install TensorRT 10.2 or newer for adapter-only refit.")
-        plan.refittable_weights = names
-    if opts.version_compatible:
-        plan.builder_flags.append("VERSION_COMPATIBLE")
-        plan.engine_host_code_allowed = True
-        plan.notes.append("version compatible: runs on later TensorRT runtimes (runtime.engine_host_code_allowed).")
-    level = opts.hardware_level
-    if level not in (None, "none"):
-        if jetson:
-            raise BadInputError(
-                "--hardware-compatible: TensorRT has no hardware compatibility on Jetson (aarch64 with Tegra); "
-                "build the engine on the Jetson model that runs it, without --hardware-compatible."
-            )
-        if level == "same_compute_capability" and (major, minor) < SAME_CC_SINCE:
-            raise BadInputError(
-                f"--hardware-compatible same_compute_capability needs TensorRT 10.9 or newer "
-                f"(HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY); this is {trt_version}. Use ampere_plus or "
-                "upgrade TensorRT."
-            )
-        if level == "ampere_plus" and device_cc is not None and tuple(device_cc) < (8, 0):
-            raise BadInputError(
-                f"--hardware-compatible needs an Ampere or newer GPU (compute capability 8.0+) to build on; "
-                f"this one is {device_cc[0]}.{device_cc[1]}."
-            )
-        plan.hardware_compatibility = level.upper()
-    if opts.timing_cache not in (None, False):
-        plan.timing_cache = str(opts.timing_cache)
-    return plan
+def _plan_refit(plan: BuildPlan, meta, version: tuple[int, int], quantized) -> None:
+    """Refittable adapter and head weights (REFIT_INDIVIDUAL, or REFIT before TensorRT 10.2)."""
+    major, minor = version
+    precision = plan.precision
+    check_refit_for_model(meta)
+    names = [str(e.get("initializer", k)) for k, e in meta.manifest.items()]
+    if precision == "int8" and not meta.tasks and quantized:
+        detail = "; ".join(f"{n} -> {', '.join(v[:3])}" for n, v in list(quantized.items())[:4])
+        raise BadInputError(
+            f"--refit: this INT8 model's swappable tensors feed quantized layers ({detail}); their INT8 scales "
+            "were calibrated for this task's weights, so a refit with another task's weights would be wrong. "
+            "Make the INT8 model with those layers kept float (--int8-keep-float 'head,*.adapter.*'), or build "
+            "an FP16 engine to refit."
+        )
+    plan.int8_refit_checked = precision == "int8" and quantized is not None
+    if (major, minor) >= REFIT_INDIVIDUAL_SINCE:
+        plan.builder_flags.append("REFIT_INDIVIDUAL")
+        plan.notes.append("refit: REFIT_INDIVIDUAL with the manifest's adapter and head weights marked refittable; "
+                          "the frozen backbone stays constant-folded.")
+    else:
+        plan.builder_flags.append("REFIT")
+        plan.notes.append(f"refit: TensorRT {major}.{minor} has no REFIT_INDIVIDUAL/mark_weights_refittable "
+                          "(they came in 10.2), so BuilderFlag.REFIT makes every weight refittable (a slower "
+                          "engine); install TensorRT 10.2 or newer for adapter-only refit.")
+    plan.refittable_weights = names
+
+
+def _plan_hardware(plan: BuildPlan, level: str | None, trt_version: str, version: tuple[int, int],
+                   device_cc: tuple[int, int] | None, jetson: bool) -> None:
+    """Hardware compatibility (``--hardware-compatible``), refused where TensorRT or the platform lacks it."""
+    if level in (None, "none"):
+        return
+    if jetson:
+        raise BadInputError(
+            "--hardware-compatible: TensorRT has no hardware compatibility on Jetson (aarch64 with Tegra); "
+            "build the engine on the Jetson model that runs it, without --hardware-compatible."
+        )
+    if level == "same_compute_capability" and version < SAME_CC_SINCE:
+        raise BadInputError(
+            f"--hardware-compatible same_compute_capability needs TensorRT 10.9 or newer "
+            f"(HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY); this is {trt_version}. Use ampere_plus or "
+            "upgrade TensorRT."
+        )
+    if level == "ampere_plus" and device_cc is not None and tuple(device_cc) < (8, 0):
+        raise BadInputError(
+            f"--hardware-compatible needs an Ampere or newer GPU (compute capability 8.0+) to build on; "
+            f"this one is {device_cc[0]}.{device_cc[1]}."
+        )
+    plan.hardware_compatibility = level.upper()
 
 
 def batch_inputs(meta) -> list[tuple[str, list[int]]]:

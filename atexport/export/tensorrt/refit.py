@@ -125,13 +125,9 @@ def refit_engine(engine_path: str | os.PathLike, ckpt, output: str | os.PathLike
         IncompatibleCheckpointError: the checkpoint does not fit.
         ParityError: the refitted engine does not match the swapped ONNX model.
     """
-    from hashlib import sha256
-
-    from atexport.artifact.bank import task_fingerprint
-    from atexport.artifact.fit import check_fits
     from atexport.checkpoint import Checkpoint, load_checkpoint
-    from atexport.runtime.tensorrt import _Logger, load_engine
-    from atexport.utils.io import atomic_write_bytes, atomic_write_json, check_writable, sha256_file
+    from atexport.runtime.tensorrt import load_engine
+    from atexport.utils.io import atomic_write_json, check_writable
 
     t0 = time.perf_counter()
     sidecar = read_sidecar(engine_path)
@@ -147,18 +143,7 @@ def refit_engine(engine_path: str | os.PathLike, ckpt, output: str | os.PathLike
         ckpt = load_checkpoint(ckpt)
     source = _source_onnx(sidecar, where, required=verify)
     check_int8_refit(sidecar, meta, source, where)
-    if meta.tasks:  # multi-task: replace one task's slice of each bank tensor
-        from atexport.artifact.sidecar import bank_path, bank_source
-        from atexport.artifact.tasks import default_task_name
-        from atexport.export.multitask import read_banks, refit_banks
-
-        task_name = str(task_name or default_task_name(ckpt))
-        weights, tasks = refit_banks(meta, read_banks(bank_source(sidecar, engine_path), meta, where), ckpt,
-                                     task_name, where)
-        output = engine_path if output is None else output
-    else:
-        weights = check_fits(meta, ckpt.task_weights(task_name), where)  # refuses misfits exactly like the ONNX swap
-        task_name = task_name or ckpt.name
+    weights, tasks, task_name, output = _new_weights(sidecar, meta, engine_path, ckpt, task_name, output, where)
     if output is None:
         if ckpt.path is None:
             raise BadInputError("give an output path (-o): the checkpoint was not loaded from a file.")
@@ -167,15 +152,57 @@ def refit_engine(engine_path: str | os.PathLike, ckpt, output: str | os.PathLike
     trt, _runtime, engine, _ = load_engine(engine_path, log=log)
     onnx_out = None
     if source is not None:  # the ONNX model the refitted engine can be rebuilt from (and is checked against)
-        onnx_out = refit_onnx_path(output)
-        if meta.tasks:
-            from atexport.export.multitask import add_task
+        onnx_out = _write_swapped_onnx(source, ckpt, output, task_name, meta)
+    data = _refit(trt, engine, refittable, weights, where)
+    seconds = {"refit": time.perf_counter() - t0}
 
-            add_task(source, ckpt, onnx_out, name=task_name, replace=True)
-        else:
-            from atexport.export.swap import swap_onnx
+    new = _refitted_sidecar(sidecar, meta, (engine_path, output, onnx_out), data, (weights, tasks), ckpt, task_name)
+    side = atomic_write_json(sidecar_path(output), new)
+    result = RefitResult(path=Path(output), sidecar=new, refitted=len(refittable), onnx_path=onnx_out, seconds=seconds)
+    if verify and onnx_out is not None:
+        _verify_refit(result, side, meta, images, log)
+    return result
 
-            swap_onnx(source, ckpt, onnx_out, task_name=task_name)
+
+def _new_weights(sidecar: dict, meta, engine_path, ckpt, task_name, output, where: str):
+    """The weights a refit puts in: ``(weights by initializer, multi-task tasks or None, task name, output)``.
+
+    A multi-task engine gets one task's slice of every bank tensor replaced (and is refitted in place by
+    default); a single-task engine gets the checkpoint's tensors, refused where they do not fit."""
+    from atexport.artifact.fit import check_fits
+
+    if meta.tasks:  # multi-task: replace one task's slice of each bank tensor
+        from atexport.artifact.sidecar import bank_source
+        from atexport.artifact.tasks import default_task_name
+        from atexport.export.multitask import read_banks, refit_banks
+
+        task_name = str(task_name or default_task_name(ckpt))
+        weights, tasks = refit_banks(meta, read_banks(bank_source(sidecar, engine_path), meta, where), ckpt,
+                                     task_name, where)
+        output = engine_path if output is None else output
+        return weights, tasks, task_name, output
+    weights = check_fits(meta, ckpt.task_weights(task_name), where)  # refuses misfits exactly like the ONNX swap
+    return weights, None, task_name or ckpt.name, output
+
+
+def _write_swapped_onnx(source: Path, ckpt, output: Path, task_name: str, meta) -> Path:
+    """The engine's ONNX model with the new task swapped in, beside the output (``<engine>.onnx``)."""
+    onnx_out = refit_onnx_path(output)
+    if meta.tasks:
+        from atexport.export.multitask import add_task
+
+        add_task(source, ckpt, onnx_out, name=task_name, replace=True)
+    else:
+        from atexport.export.swap import swap_onnx
+
+        swap_onnx(source, ckpt, onnx_out, task_name=task_name)
+    return onnx_out
+
+
+def _refit(trt, engine, refittable, weights, where: str) -> bytes:
+    """TensorRT's refit of ``engine`` with ``weights`` (by initializer name); returns the serialized engine."""
+    from atexport.runtime.tensorrt import _Logger
+
     logger = _Logger(trt)
     refitter = trt.Refitter(engine, logger)
     names = set(refitter.get_all_weights())
@@ -193,11 +220,26 @@ def refit_engine(engine_path: str | os.PathLike, ckpt, output: str | os.PathLike
         raise AtexportError(f"{where}: refit incomplete, TensorRT still needs {missing[:5]}.")
     if not refitter.refit_cuda_engine():
         raise AtexportError(f"{where}: TensorRT refit failed ({'; '.join(logger.errors[-2:])}).")
-    data = bytes(engine.serialize())
-    seconds = {"refit": time.perf_counter() - t0}
+    return bytes(engine.serialize())
 
+
+def _refitted_sidecar(sidecar: dict, meta, paths, data: bytes, weights_tasks, ckpt, task_name: str) -> dict:
+    """Write the refitted engine (and a multi-task engine's bank) and return its new sidecar (not yet written).
+
+    Args:
+        paths: ``(engine_path, output, onnx_out)``: the engine refitted, the one written, the swapped ONNX model.
+        weights_tasks: ``(weights, tasks)`` from :func:`_new_weights`.
+    """
+    from hashlib import sha256
+
+    from atexport.utils.io import atomic_write_bytes, sha256_file
+
+    engine_path, output, onnx_out = paths
+    weights, tasks = weights_tasks
     new = json.loads(json.dumps(sidecar))
     if meta.tasks:  # the bank now in the engine, for the next refit (TensorRT does not hand it back)
+        from atexport.artifact.sidecar import bank_path
+
         buf = io.BytesIO()
         np.savez(buf, **weights)
         bank = atomic_write_bytes(bank_path(output), buf.getvalue())
@@ -220,6 +262,14 @@ def refit_engine(engine_path: str | os.PathLike, ckpt, output: str | os.PathLike
             md["class_names"] = list(ckpt.model.class_names) if ckpt.model.class_names else md.get("class_names")
             md["num_classes"] = int(ckpt.model.num_classes)
         new["onnx"] = {"path": None, "sha256": None, "refit_of": previous_onnx}
+    _record_refit(new, sidecar, engine_path, ckpt, task_name)
+    return new
+
+
+def _record_refit(new: dict, sidecar: dict, engine_path, ckpt, task_name: str) -> None:
+    """What the engine now holds, in its new sidecar: where it came from, the task and its fingerprint."""
+    from atexport.artifact.bank import task_fingerprint
+
     md = new["metadata"]
     md["extra"] = dict(md.get("extra") or {})
     md["extra"]["refit"] = {"from_engine": Path(engine_path).name, "from_task": sidecar["metadata"].get("task"),
@@ -227,20 +277,22 @@ def refit_engine(engine_path: str | os.PathLike, ckpt, output: str | os.PathLike
                             "checkpoint": Path(ckpt.path).name if ckpt.path else None}
     new["task"] = {"name": task_name, "fingerprint": md["extra"]["refit"]["fingerprint"]}
     new["parity"] = []
-    side = atomic_write_json(sidecar_path(output), new)
-    result = RefitResult(path=Path(output), sidecar=new, refitted=len(refittable), onnx_path=onnx_out, seconds=seconds)
-    if verify and onnx_out is not None:
-        from atexport.export.tensorrt.verify import keep_failed, verify_engine
 
-        prof = (new.get("profiles") or [{}])[0]
-        rng = (int(prof["min"][0]), int(prof["max"][0])) if prof.get("min") else None
-        new_meta = sidecar_metadata(new, f"engine {output}")
-        t1 = time.perf_counter()
-        result.parity = verify_engine(output, None, onnx_out, new_meta, meta.precision, images=images, log=log,
-                                      batch_range=rng)
-        result.seconds["verify"] = time.perf_counter() - t1
-        new["parity"] = [r.to_dict() for r in result.parity]
-        atomic_write_json(side, new)
-        if not all(r.passed for r in result.parity):
-            keep_failed(output, side, result.parity, f"the refitted {meta.precision} engine {output}")
-    return result
+
+def _verify_refit(result: RefitResult, side: Path, meta, images, log) -> None:
+    """The refitted engine against the swapped ONNX model in ONNX Runtime; kept as ``.failed`` when it fails."""
+    from atexport.export.tensorrt.verify import keep_failed, verify_engine
+    from atexport.utils.io import atomic_write_json
+
+    new, output, onnx_out = result.sidecar, result.path, result.onnx_path
+    prof = (new.get("profiles") or [{}])[0]
+    rng = (int(prof["min"][0]), int(prof["max"][0])) if prof.get("min") else None
+    new_meta = sidecar_metadata(new, f"engine {output}")
+    t1 = time.perf_counter()
+    result.parity = verify_engine(output, None, onnx_out, new_meta, meta.precision, images=images, log=log,
+                                  batch_range=rng)
+    result.seconds["verify"] = time.perf_counter() - t1
+    new["parity"] = [r.to_dict() for r in result.parity]
+    atomic_write_json(side, new)
+    if not all(r.passed for r in result.parity):
+        keep_failed(output, side, result.parity, f"the refitted {meta.precision} engine {output}")

@@ -4,8 +4,8 @@
 same with ``--build no`` as with a build), refuses options that do not apply to what was asked for (INT8
 calibration flags with FP16, engine flags with ``--build no``...), checks that a checkpoint given as the
 parity reference is the one the ONNX model was exported from, and only then converts and builds. Options
-are grouped: :class:`Int8Options` (calibration, layers kept float, target) and
-:class:`~atexport.export.tensorrt.plan.EngineOptions` (the build).
+are grouped: :class:`~atexport.export.precision.options.Int8Options` (calibration, layers kept float,
+target) and :class:`~atexport.export.tensorrt.plan.EngineOptions` (the build: whether, where, how).
 """
 
 from __future__ import annotations
@@ -17,53 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from atexport.errors import BadInputError, IncompatibleCheckpointError, MissingDependencyError
+from atexport.export.precision.options import Int8Options
 from atexport.export.tensorrt.build import BuildResult, build_engine
 from atexport.export.tensorrt.plan import (BuildPlan, EngineOptions, check_batch_for_model, check_refit_for_model,
                                            default_timing_cache, is_jetson, plan_build, quantized_consumers)
 from atexport.runtime.tensorrt import cuda_device, tensorrt_version
-
-CALIB_METHODS = ("minmax", "percentile", "entropy")
-TARGETS = ("tensorrt", "cpu")
-
-
-@dataclass
-class Int8Options:
-    """INT8 conversion options (see :func:`atexport.export.precision.quantize_int8`); validated on construction.
-
-    Attributes:
-        calib: calibration images: a set in ``calibration/``, a YAML file or a folder.
-        count: calibration images to draw.
-        method: ``minmax``, ``percentile`` or ``entropy`` (default: from ``export_configs/precision.yaml``).
-        cache: calibration cache file; ``False``: neither read nor write one.
-        keep_float: Linear layers left in float (``auto``, ``none``, N, or names/globs).
-        smooth: SmoothQuant outlier migration: ``off`` or an alpha in (0, 1] (default: from the preset).
-        target: ``tensorrt`` (symmetric S8S8) or ``cpu`` (U8S8 for ONNX Runtime; no engine is built).
-    """
-
-    calib: Any = None
-    count: int | None = None
-    method: str | None = None
-    cache: str | os.PathLike | bool | None = None
-    keep_float: Any = None
-    smooth: Any = None
-    target: str = "tensorrt"
-
-    def __post_init__(self):
-        if self.target not in TARGETS:
-            raise BadInputError(f"--target {self.target}: expected one of {', '.join(TARGETS)}.")
-        if self.method is not None and self.method not in CALIB_METHODS:
-            raise BadInputError(f"--calib-method {self.method}: expected one of {', '.join(CALIB_METHODS)}.")
-        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1):
-            raise BadInputError(f"--calib-count {self.count}: must be a positive integer.")
-
-    def given(self) -> list[str]:
-        """The INT8 flags set to something other than their default."""
-        named = (("--calib", self.calib is not None), ("--calib-count", self.count is not None),
-                 ("--calib-method", self.method is not None), ("--calib-cache", self.cache not in (None, False)),
-                 ("--no-calib-cache", self.cache is False), ("--int8-keep-float", self.keep_float is not None),
-                 ("--int8-smooth", self.smooth is not None), ("--target", self.target != "tensorrt"))
-        return [flag for flag, on in named if on]
-
 
 @dataclass
 class TrtExportResult:
@@ -118,9 +76,9 @@ def _check_reference(meta, ckpt, onnx) -> None:
 
 
 def export_tensorrt(onnx: str | os.PathLike | None = None, ckpt=None, *, precision: str = "fp16",
-                    output: str | os.PathLike | None = None, precision_output: str | os.PathLike | None = None,
-                    int8: Int8Options | None = None, engine: EngineOptions | None = None, build: str = "yes",
-                    verify: bool = True, images=None, backbone_weights=None, log=None) -> TrtExportResult:
+                    precision_output: str | os.PathLike | None = None, int8: Int8Options | None = None,
+                    engine: EngineOptions | None = None, verify: bool = True, images=None, backbone_weights=None,
+                    log=None) -> TrtExportResult:
     """The ``atexport trt`` stage as one function.
 
     Exports ``ckpt`` to ONNX first when no ``onnx`` is given (separable when ``engine.refit``); converts the
@@ -134,13 +92,10 @@ def export_tensorrt(onnx: str | os.PathLike | None = None, ckpt=None, *, precisi
         ckpt: the checkpoint: exported when ``onnx`` is missing; otherwise the PyTorch parity reference, which
             must be the checkpoint ``onnx`` was exported from.
         precision: ``fp32``, ``fp16`` or ``int8``.
-        output: engine path (default ``<precision model stem>.engine``).
         precision_output: precision ONNX path (default ``<stem>.fp16.onnx`` / ``<stem>.int8.onnx``).
         int8: INT8 options (only with ``precision="int8"``).
-        engine: the engine build options (not with ``build="no"`` or an INT8 ``cpu`` target).
-        build: ``yes`` builds the engine (no TensorRT or GPU is an error), ``auto`` builds it where
-            TensorRT and a GPU exist and otherwise stops after the precision ONNX with a note, ``no``
-            stops after the precision ONNX.
+        engine: the engine options: whether to build (``engine.build``: ``yes``, ``auto`` or ``no``), the
+            engine path (``engine.output``) and how to build (not with ``build="no"`` or an INT8 ``cpu`` target).
         verify: check parity of the precision model and of the engine.
         images: extra real images for parity.
         backbone_weights: local backbone weights for ``ckpt``.
@@ -153,30 +108,91 @@ def export_tensorrt(onnx: str | os.PathLike | None = None, ckpt=None, *, precisi
         ParityError: the precision model or the engine fails its parity check (exit 5).
     """
     from atexport.artifact.onnx import read_onnx_model
-    from atexport.export.precision import PRECISIONS, convert_precision
 
-    say = log or (lambda *_: None)
-    int8 = int8 if int8 is not None else Int8Options()
-    eng = engine if engine is not None else EngineOptions()
+    run = _Run(precision=precision, int8=int8 if int8 is not None else Int8Options(),
+               eng=engine if engine is not None else EngineOptions(), verify=verify, images=images, log=log)
     # -- every option, before any work
-    if build not in ("yes", "auto", "no"):
-        raise BadInputError(f"--build {build}: expected yes, auto or no.")
+    _check_flags(run, onnx, ckpt, backbone_weights)
+    src_meta = _check_source(run, onnx, precision_output)
+    ckpt = _load_reference_ckpt(ckpt, src_meta, onnx)
+    # -- (export,) convert
+    if onnx is None:
+        onnx = _export_first(run, ckpt, backbone_weights)
+        _, src_meta = read_onnx_model(onnx)
+        check_batch_for_model(src_meta, run.eng.batch)
+    onnx = Path(onnx)
+    if ckpt is not None and verify:
+        from atexport.checkpoint import build_model
+        from atexport.runtime.torch import TorchRunner
+
+        run.reference = TorchRunner(build_model(ckpt, backbone_weights=backbone_weights), name="pytorch")
+    result = TrtExportResult(onnx_path=onnx, precision_onnx=onnx)
+    if src_meta.precision == precision:
+        run.say(f"{onnx} is already {precision}; building from it as it is.")
+    else:
+        _convert(run, result, onnx, precision_output)
+    path = Path(result.precision_onnx)
+    model, meta = read_onnx_model(path)
+    if precision == "int8" and (meta.extra or {}).get("precision", {}).get("target") == "cpu":
+        result.note = (f"INT8 target 'cpu' makes an ONNX Runtime model (U8S8); no TensorRT engine is built from it: "
+                       f"{path}")
+        return result
+    if run.eng.build == "no":
+        result.note = f"no engine requested (--build no); the {precision} ONNX model is {path}"
+        return result
+    # -- the engine
+    found = _tensorrt_and_gpu(run, path, result)
+    if found is not None:
+        _build_and_check(run, result, path, (model, meta), found)
+    return result
+
+
+@dataclass
+class _Run:
+    """One :func:`export_tensorrt` call: its settings and what the steps hand on."""
+
+    precision: str
+    int8: Int8Options
+    eng: EngineOptions
+    verify: bool
+    images: Any
+    log: Any
+    reference: Any = None  # the PyTorch runner of --ckpt, when verifying
+
+    @property
+    def say(self):
+        return self.log or (lambda *_: None)
+
+
+def _check_flags(run: _Run, onnx, ckpt, backbone_weights) -> None:
+    """The options alone: known values, and none that does not apply to what was asked for."""
+    from atexport.export.precision import PRECISIONS
+
+    precision, int8, eng = run.precision, run.int8, run.eng
     if precision not in PRECISIONS:
         raise BadInputError(f"--precision {precision}: expected one of {PRECISIONS}.")
     if onnx is None and ckpt is None:
         raise BadInputError("give the model: --onnx MODEL.onnx (from 'atexport onnx') or --ckpt run.pt.")
     if precision != "int8":
         _refuse(int8.given(), f"to --precision int8, not {precision}")
-    engine_flags = eng.given() + (["-o"] if output is not None else [])
-    if build == "no":
+    engine_flags = eng.given()
+    if eng.build == "no":
         _refuse(engine_flags, "to the engine build; --build no stops after the precision ONNX model")
     if int8.target == "cpu":
         _refuse(engine_flags + (["--refit"] if eng.refit else []),
                 "to a TensorRT engine; --target cpu makes an ONNX Runtime model and builds no engine")
-    if not verify and images is not None:
+    if not run.verify and run.images is not None:
         raise BadInputError("--images adds photos to the parity check; it does not apply with --no-verify.")
     if backbone_weights is not None and ckpt is None:
         raise BadInputError("--backbone-weights rebuilds the PyTorch model of --ckpt; give --ckpt or drop it.")
+
+
+def _check_source(run: _Run, onnx, precision_output):
+    """The options against the given ONNX model (its metadata, or ``None`` when there is none yet), and the
+    calibration images INT8 needs."""
+    from atexport.artifact.onnx import read_onnx_model
+
+    precision, int8, eng = run.precision, run.int8, run.eng
     src_meta = None
     if onnx is not None:
         _, src_meta = read_onnx_model(onnx)
@@ -198,55 +214,54 @@ def export_tensorrt(onnx: str | os.PathLike | None = None, ckpt=None, *, precisi
             "INT8 needs calibration images: --calib NAME (sets: " + ", ".join(available_sets()) + ") or --calib DIR "
             "(a folder of the task's images)."
         )
-    reference = None
-    if ckpt is not None:
-        from atexport.checkpoint import Checkpoint, build_model, load_checkpoint
+    return src_meta
 
-        ckpt = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)
-        if src_meta is not None:
-            _check_reference(src_meta, ckpt, onnx)
-    # -- (export,) convert
-    if onnx is None:
-        from atexport.export.onnx import export_onnx
-        from atexport.export.settings import ExportSettings
 
-        say("exporting the checkpoint to ONNX first ...")
-        res = export_onnx(ckpt, None, ExportSettings(separable=bool(eng.refit), verify=verify,
-                                                     backbone_weights=backbone_weights, images=images, log=log))
-        onnx = res.path
-        _, src_meta = read_onnx_model(onnx)
-        check_batch_for_model(src_meta, eng.batch)
-    onnx = Path(onnx)
-    if ckpt is not None and verify:
-        from atexport.runtime.torch import TorchRunner
+def _load_reference_ckpt(ckpt, src_meta, onnx):
+    """The checkpoint, loaded; one given with an ONNX model must be the one the model was exported from."""
+    if ckpt is None:
+        return None
+    from atexport.checkpoint import Checkpoint, load_checkpoint
 
-        reference = TorchRunner(build_model(ckpt, backbone_weights=backbone_weights), name="pytorch")
-    result = TrtExportResult(onnx_path=onnx, precision_onnx=onnx)
-    if src_meta.precision == precision:
-        say(f"{onnx} is already {precision}; building from it as it is.")
-    else:
-        kwargs = {"verify": verify, "reference": reference, "images": images, "log": log}
-        if precision == "int8":
-            kwargs.update(target=int8.target, method=int8.method, count=int8.count, cache=int8.cache,
-                          keep_float=int8.keep_float, smooth=int8.smooth)
-        result.precision = convert_precision(onnx, precision, precision_output, calibration=int8.calib, **kwargs)
-        result.precision_onnx = Path(result.precision.path)
-        say(result.precision.summary())
-        if result.precision.parity:
-            from atexport.parity.compare import format_table
+    ckpt = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(ckpt)
+    if src_meta is not None:
+        _check_reference(src_meta, ckpt, onnx)
+    return ckpt
 
-            say(f"parity of the {precision} ONNX model against {result.precision.reference}:")
-            say(format_table(result.precision.parity))
-        say(f"wrote {result.precision.path}")
-    path = Path(result.precision_onnx)
-    model, meta = read_onnx_model(path)
-    if precision == "int8" and (meta.extra or {}).get("precision", {}).get("target") == "cpu":
-        result.note = f"INT8 target 'cpu' makes an ONNX Runtime model (U8S8); no TensorRT engine is built from it: {path}"
-        return result
-    if build == "no":
-        result.note = f"no engine requested (--build no); the {precision} ONNX model is {path}"
-        return result
-    # -- the engine
+
+def _export_first(run: _Run, ckpt, backbone_weights):
+    """Export ``ckpt`` to FP32 ONNX (separable for a refit build); returns the path."""
+    from atexport.export.onnx import export_onnx
+    from atexport.export.settings import ExportSettings
+
+    run.say("exporting the checkpoint to ONNX first ...")
+    res = export_onnx(ckpt, None, ExportSettings(separable=bool(run.eng.refit), verify=run.verify,
+                                                 backbone_weights=backbone_weights, images=run.images, log=run.log))
+    return res.path
+
+
+def _convert(run: _Run, result: TrtExportResult, onnx: Path, precision_output) -> None:
+    """The FP32 model to ``run.precision`` (verified with ONNX Runtime, written atomically), into ``result``."""
+    from atexport.export.precision import convert_precision
+
+    precision, say = run.precision, run.say
+    result.precision = convert_precision(onnx, precision, precision_output,
+                                         int8=run.int8 if precision == "int8" else None, verify=run.verify,
+                                         reference=run.reference, images=run.images, log=run.log)
+    result.precision_onnx = Path(result.precision.path)
+    say(result.precision.summary())
+    if result.precision.parity:
+        from atexport.parity.compare import format_table
+
+        say(f"parity of the {precision} ONNX model against {result.precision.reference}:")
+        say(format_table(result.precision.parity))
+    say(f"wrote {result.precision.path}")
+
+
+def _tensorrt_and_gpu(run: _Run, path: Path, result: TrtExportResult):
+    """``(TensorRT version, CUDA device)``, or ``None`` with a note when ``build`` is ``auto`` and either is
+    missing (with ``yes``: one :class:`MissingDependencyError` sentence naming the command to run elsewhere)."""
+    precision, eng = run.precision, run.eng
     version = tensorrt_version()
     try:
         if version is None:
@@ -259,12 +274,19 @@ def export_tensorrt(onnx: str | os.PathLike | None = None, ckpt=None, *, precisi
             raise MissingDependencyError(
                 _no_engine_message(f"no CUDA GPU is visible here ({e})", path, precision, eng.flags())) from None
     except MissingDependencyError as e:
-        if build == "auto":
+        if eng.build == "auto":
             result.note = str(e)
-            return result
+            return None
         raise
-    if output is None:
-        output = path.with_suffix(".engine")
+    return version, device
+
+
+def _build_and_check(run: _Run, result: TrtExportResult, path: Path, model_meta, found) -> None:
+    """Plan and build the engine from ``path``, then check its parity (kept as ``.failed`` when it fails)."""
+    model, meta = model_meta
+    version, device = found
+    eng = run.eng
+    output = eng.output if eng.output is not None else path.with_suffix(".engine")
     cc = tuple(device["compute_capability"])
     if eng.timing_cache is None:
         eng = replace(eng, timing_cache=default_timing_cache(output, version, device))
@@ -273,24 +295,29 @@ def export_tensorrt(onnx: str | os.PathLike | None = None, ckpt=None, *, precisi
         quantized = quantized_consumers(model, [str(e.get("initializer", k)) for k, e in meta.manifest.items()])
     plan = plan_build(meta, version, eng, device_cc=cc, jetson=is_jetson(), quantized=quantized)
     result.plan = plan
-    built = build_engine(path, output, plan, meta=meta, log=log)
+    built = build_engine(path, output, plan, meta=meta, log=run.log)
     result.engine = built
-    if verify:
-        missing = parity_missing(reference is not None and not meta.tasks, images)
-        if missing:
-            result.note = (f"engine built, parity skipped because {' and '.join(missing)} "
-                           f"{'is' if len(missing) == 1 else 'are'} missing here; install with: "
-                           f"pip install {' '.join(missing)} (then check it with 'atexport verify')")
-            built.sidecar["parity_skipped"] = result.note
-        else:
-            from atexport.export.tensorrt.verify import keep_failed, verify_engine
+    if run.verify:
+        _check_engine(run, result, meta, plan)
 
-            result.parity = verify_engine(built.path, reference, onnx, meta, precision, images=images, log=log,
-                                          batch_range=(plan.profiles[0].min[0], plan.profiles[0].max[0]))
-            built.sidecar["parity"] = [r.to_dict() for r in result.parity]
-        from atexport.utils.io import atomic_write_json
 
-        atomic_write_json(built.sidecar_path, built.sidecar)
-        if result.parity and not all(r.passed for r in result.parity):
-            keep_failed(built.path, built.sidecar_path, result.parity, f"the {precision} engine")
-    return result
+def _check_engine(run: _Run, result: TrtExportResult, meta, plan: BuildPlan) -> None:
+    """The engine's parity into its sidecar (or a note when this machine cannot check it)."""
+    built, precision, images = result.engine, run.precision, run.images
+    missing = parity_missing(run.reference is not None and not meta.tasks, images)
+    if missing:
+        result.note = (f"engine built, parity skipped because {' and '.join(missing)} "
+                       f"{'is' if len(missing) == 1 else 'are'} missing here; install with: "
+                       f"pip install {' '.join(missing)} (then check it with 'atexport verify')")
+        built.sidecar["parity_skipped"] = result.note
+    else:
+        from atexport.export.tensorrt.verify import keep_failed, verify_engine
+
+        result.parity = verify_engine(built.path, run.reference, result.onnx_path, meta, precision, images=images,
+                                      log=run.log, batch_range=(plan.profiles[0].min[0], plan.profiles[0].max[0]))
+        built.sidecar["parity"] = [r.to_dict() for r in result.parity]
+    from atexport.utils.io import atomic_write_json
+
+    atomic_write_json(built.sidecar_path, built.sidecar)
+    if result.parity and not all(r.passed for r in result.parity):
+        keep_failed(built.path, built.sidecar_path, result.parity, f"the {precision} engine")
