@@ -51,7 +51,7 @@ def export_multitask_edge(ckpts: Sequence, output: str | os.PathLike, fmt: str, 
     from atexport.export.multitask.export import _multitask_metadata, _names
     from atexport.export.multitask.modules import build_multitask_model
     from atexport.export.onnx import load_export_config
-    from atexport.parity import check_parity, photo_batch
+    from atexport.parity import ParitySettings, check_parity, photo_batch
     from atexport.runtime.tasks import task_runners
     from atexport.runtime.torch import TorchRunner
     from atexport.utils.io import check_writable
@@ -116,9 +116,10 @@ def export_multitask_edge(ckpts: Sequence, output: str | os.PathLike, fmt: str, 
             for (task, cand), ck in zip(task_runners(meta, runner), ckpts):
                 with TorchRunner(build_model(ck, backbone_weights=backbone_weights)) as ref:
                     result.parity += check_parity(
-                        ref, cand, photos, precision, random_inputs=int(par.get("random_inputs", 8)),
-                        seed=int(par.get("seed", 0)), batch_sizes=[1], label=f"{fmt} {precision} {task['name']}",
-                        tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape)
+                        ref, cand, photos, precision, label=f"{fmt} {precision} {task['name']}",
+                        settings=ParitySettings(random_inputs=int(par.get("random_inputs", 8)),
+                                                seed=int(par.get("seed", 0)), batch_sizes=[1],
+                                                tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape))
         seconds["verify"] = time.perf_counter() - t0
     write_edge(data, result, out, verify=verify, t_start=t_start)
     return result

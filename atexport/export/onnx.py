@@ -364,7 +364,7 @@ def export_onnx(
     if verify:
         from atexport.runtime.onnxruntime import OnnxRuntimeRunner
         from atexport.runtime.torch import TorchRunner
-        from atexport.parity import check_parity, photo_batch
+        from atexport.parity import ParitySettings, check_parity, photo_batch
 
         say("checking parity against PyTorch ...")
         t0 = time.perf_counter()
@@ -372,9 +372,9 @@ def export_onnx(
         sizes = [int(batch)] if batch is not None else [int(b) for b in par.get("batch_sizes", [1, 4])]
         with TorchRunner(model) as ref, OnnxRuntimeRunner(data, optimization=par.get("optimization", "all")) as cand:
             result.parity = check_parity(
-                ref, cand, photos, par.get("precision", "fp32"),
-                random_inputs=int(par.get("random_inputs", 8)), seed=int(par.get("seed", 0)),
-                batch_sizes=sizes, tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape,
+                ref, cand, photos, par.get("precision", "fp32"), settings=ParitySettings(
+                    random_inputs=int(par.get("random_inputs", 8)), seed=int(par.get("seed", 0)),
+                    batch_sizes=sizes, tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape),
             )
         seconds["verify"] = time.perf_counter() - t0
 
