@@ -107,7 +107,7 @@ def verify_multitask(ckpts, loaded: Sequence[LoadedArtifact], settings: VerifySe
     s = settings or VerifySettings()
     say = log or (lambda *_: None)
     t_start = time.perf_counter() if t_start is None else t_start
-    tol = tol or resolve_tolerances(s.tolerances, s.overrides)
+    tol = resolve_tolerances(s.tolerances, s.overrides) if tol is None else tol
     if s.per_block:
         raise BadInputError(
             "--per-block compares single-task models block by block; to locate a multi-task model's error, export "
