@@ -518,7 +518,7 @@ def test_verify_reports_adapterx_routing_per_backend(fam_dir):
     """verify runs the family's probe: the chosen expert per token in FP32, FP16 and INT8 ONNX vs PyTorch,
     with the near-ties; FP32 must match (away from near-ties), FP16/INT8 flips are counted."""
     from atexport.export.precision import Int8Options, quantize_int8, to_fp16
-    from atexport.verify import verify
+    from atexport.verify import VerifySettings, verify
 
     path, _ = _family_checkpoint(fam_dir / "adapterx_digits.pt", CASES["adapterx"], weight_seed=1, scale=0.02,
                                  num_classes=10)
@@ -527,8 +527,8 @@ def test_verify_reports_adapterx_routing_per_backend(fam_dir):
     # INT8 of random experts fails its own logits check here (not the subject): written unverified
     i8 = quantize_int8(fp32.path, fam_dir / "adapterx_digits.int8.onnx", "digits", verify=False,
                        options=Int8Options(count=32))
-    res = verify(path, onnx=fp32.path, onnx_fp16=f16.path, onnx_int8=i8.path, dataset="digits", limit=24,
-                 batch_size=24, strict=False, progress=False)
+    res = verify(path, onnx=fp32.path, onnx_fp16=f16.path, onnx_int8=i8.path, strict=False,
+                 settings=VerifySettings(dataset="digits", limit=24, batch_size=24, progress=False))
     rows = {r["name"]: r for r in res.probes}
     assert set(rows) == {b.name for b in res.backends} and all(r["observed"] for r in rows.values())
     fp = rows["onnxruntime fp32"]
@@ -554,7 +554,7 @@ def test_multitask_verify_reports_adapterx_routing_per_task(tmp_path):
     from atexport.export.multitask import export_multitask
     from atexport.export.settings import ExportSettings
     from atexport.export.precision import convert_precision
-    from atexport.verify import verify
+    from atexport.verify import VerifySettings, verify
 
     cks = [_family_checkpoint(tmp_path / f"{t}.pt", CASES["adapterx"], weight_seed=s, scale=0.02, num_classes=10)[0]
            for t, s in (("a", 21), ("b", 22))]
@@ -568,8 +568,8 @@ def test_multitask_verify_reports_adapterx_routing_per_task(tmp_path):
     bad = tmp_path / "bad_router.onnx"
     onnx.save(proto, str(bad))
 
-    res = verify(cks, onnx=[good, bad], onnx_fp16=f16, dataset="digits", limit=8, strict=False, progress=False,
-                 report=tmp_path / "report")
+    res = verify(cks, onnx=[good, bad], onnx_fp16=f16, strict=False,
+                 settings=VerifySettings(dataset="digits", limit=8, progress=False, report=tmp_path / "report"))
     rows = {(r["task"], r["name"]): r for r in res.probes}
     names = [b.name for b in res.tasks[0].backends]
     assert set(rows) == {(t, n) for t in ("a", "b") for n in names} and all(r["observed"] for r in rows.values())

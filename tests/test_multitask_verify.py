@@ -85,11 +85,11 @@ def _perturb(model, out, tensor, index, cols, delta=0.5):
 
 
 def test_each_task_against_its_own_model_and_mixed_batches(vm_ckpts, vm_model, vm_fp16, vm_dir):
-    from atexport.verify import verify
+    from atexport.verify import VerifySettings, verify
 
     report = vm_dir / "report"
-    res = verify(list(vm_ckpts.values()), onnx=vm_model, onnx_fp16=vm_fp16, dataset="digits", limit=LIMIT,
-                 batch_size=4, report=report)
+    res = verify(list(vm_ckpts.values()), onnx=vm_model, onnx_fp16=vm_fp16,
+                 settings=VerifySettings(dataset="digits", limit=LIMIT, batch_size=4, report=report))
     assert res.passed and [t.task for t in res.tasks] == list(CLASSES)
     for t in res.tasks:
         assert [b.name for b in t.backends] == ["onnxruntime fp32", "onnxruntime fp16"] and t.samples == LIMIT
@@ -120,10 +120,10 @@ def test_bf16_in_openvino_each_task_and_mixed_batches(vm_ckpts, vm_model):
     its own PyTorch model under the bf16 tolerance row, and mixed batches equal to the model's single-task rows."""
     pytest.importorskip("openvino", reason="the [openvino] extra is not installed")
     from atexport.parity.tolerances import load_tolerances
-    from atexport.verify import verify
+    from atexport.verify import VerifySettings, verify
 
-    res = verify(list(vm_ckpts.values()), openvino=vm_model, openvino_precision="bf16", dataset="digits", limit=LIMIT,
-                 batch_size=4)
+    res = verify(list(vm_ckpts.values()), openvino=vm_model,
+                 settings=VerifySettings(openvino_precision="bf16", dataset="digits", limit=LIMIT, batch_size=4))
     assert res.passed and [t.task for t in res.tasks] == list(CLASSES)
     bf16 = load_tolerances()["bf16"]
     for t in res.tasks:
@@ -167,7 +167,7 @@ def test_mixed_check_catches_rows_that_depend_on_their_batch(vm_ckpts, vm_model,
     """A runtime that served each batch with its first sample's task passes every single-task check; the
     mixed-batch check names the tasks whose rows it got wrong."""
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
-    from atexport.verify import verify
+    from atexport.verify import VerifySettings, verify
 
     infer = OnnxRuntimeRunner._infer
 
@@ -177,7 +177,7 @@ def test_mixed_check_catches_rows_that_depend_on_their_batch(vm_ckpts, vm_model,
         return infer(self, batch, **feeds)
 
     monkeypatch.setattr(OnnxRuntimeRunner, "_infer", first_task_only)
-    res = verify(list(vm_ckpts.values()), onnx=vm_model, limit=4, strict=False)
+    res = verify(list(vm_ckpts.values()), onnx=vm_model, settings=VerifySettings(limit=4), strict=False)
     assert all(b.passed for t in res.tasks for b in t.backends)
     assert [m.task for m in res.mixed if not m.passed] == ["t3", "t5"]  # t10 leads every batch
     with pytest.raises(ParityError, match=r"onnxruntime fp32 mixed-task batch \[t3\] \(.*tasks.onnx\): max abs"):
@@ -185,14 +185,15 @@ def test_mixed_check_catches_rows_that_depend_on_their_batch(vm_ckpts, vm_model,
 
 
 def test_a_subset_of_tasks_on_their_own_data_sets(vm_ckpts, vm_model, folders):
-    from atexport.verify import verify
+    from atexport.verify import VerifySettings, verify
 
-    res = verify([vm_ckpts["t5"], vm_ckpts["t3"]], onnx=vm_model, dataset=[folders["t5"], folders["t3"]])
+    res = verify([vm_ckpts["t5"], vm_ckpts["t3"]], onnx=vm_model,
+                 settings=VerifySettings(dataset=[folders["t5"], folders["t3"]]))
     assert res.passed and [(t.task, t.samples) for t in res.tasks] == [("t5", 10), ("t3", 6)]
     assert all(t.reference.accuracy is not None and t.accuracy_note is None for t in res.tasks)
     assert [m.task for m in res.mixed] == ["t5", "t3"] and res.mixed[0].tasks_in_batch == ["t5", "t3"]
     # one task: its rows are interleaved with the model's other tasks
-    res = verify(vm_ckpts["t3"], onnx=vm_model, dataset=folders["t3"])
+    res = verify(vm_ckpts["t3"], onnx=vm_model, settings=VerifySettings(dataset=folders["t3"]))
     assert res.passed and res.mixed[0].tasks_in_batch == ["t3", "t10", "t5"]
     assert res.mixed[0].parity.samples == 6 and res.mixed[0].parity.max_abs <= 1e-6
 
@@ -200,37 +201,38 @@ def test_a_subset_of_tasks_on_their_own_data_sets(vm_ckpts, vm_model, folders):
 def test_verify_refuses_what_it_cannot_check(vm_ckpts, vm_model, vm_dir, folders):
     from atexport.export.onnx import export_onnx
     from atexport.export.settings import ExportSettings
-    from atexport.verify import verify
+    from atexport.verify import VerifySettings, verify
 
     bb = vm_dir / "backbone.pt"
     stranger = _task_ckpt(vm_dir / "stranger.pt", bb, 4, weight_seed=77)
     retrained = _task_ckpt(vm_dir / "retrained" / "t3.pt", bb, 3, weight_seed=78)
     cks = list(vm_ckpts.values())
+    two = VerifySettings(limit=2)
     with pytest.raises(IncompatibleCheckpointError,
                        match=r"stranger.pt is not a task of --onnx .*tasks.onnx .*holds: t10 \(t10.pt, 10 classes\), "
                              r"t3 \(t3.pt, 3 classes\), t5"):
-        verify([cks[0], stranger], onnx=vm_model, limit=2)
+        verify([cks[0], stranger], onnx=vm_model, settings=two)
     with pytest.raises(IncompatibleCheckpointError, match="task 't3' was made from other weights.*--replace"):
-        verify(retrained, onnx=vm_model, dataset=folders["t3"], limit=2)
+        verify(retrained, onnx=vm_model, settings=VerifySettings(dataset=folders["t3"], limit=2))
     from _helpers import make_checkpoint
 
     with pytest.raises(IncompatibleCheckpointError, match="another backbone"):
-        verify(make_checkpoint(vm_dir / "other_backbone.pt", seed=7), onnx=vm_model, limit=2)
+        verify(make_checkpoint(vm_dir / "other_backbone.pt", seed=7), onnx=vm_model, settings=two)
     with pytest.raises(IncompatibleCheckpointError, match="both task 't3'"):
-        verify([cks[1], cks[1]], onnx=vm_model, limit=2)
+        verify([cks[1], cks[1]], onnx=vm_model, settings=two)
     with pytest.raises(BadInputError, match="2 data sets .* for 3 checkpoints"):
-        verify(cks, onnx=vm_model, dataset=["digits", "digits"], limit=2)
+        verify(cks, onnx=vm_model, settings=VerifySettings(dataset=["digits", "digits"], limit=2))
     with pytest.raises(BadInputError, match="10 classes, but task 't5'.*--dataset once per --ckpt"):
-        verify(cks[:1] + cks[2:], onnx=vm_model, dataset=["digits", "digits"], limit=2)
+        verify(cks[:1] + cks[2:], onnx=vm_model, settings=VerifySettings(dataset=["digits", "digits"], limit=2))
     with pytest.raises(BadInputError, match="--per-block compares single-task models"):
-        verify(cks, onnx=vm_model, per_block=True, limit=2)
+        verify(cks, onnx=vm_model, settings=VerifySettings(per_block=True, limit=2))
     single = export_onnx(cks[0], vm_dir / "t10.onnx", ExportSettings(verify=False, simplify=False)).path
     with pytest.raises(BadInputError, match="single-task model and .*tasks.onnx a multi-task one"):
-        verify(cks, onnx=[vm_model, single], limit=2)
+        verify(cks, onnx=[vm_model, single], settings=two)
     with pytest.raises(BadInputError, match="3 checkpoints .* for single-task models"):
-        verify(cks, onnx=single, limit=2)
+        verify(cks, onnx=single, settings=two)
     with pytest.raises(BadInputError, match="2 data sets .* for one checkpoint"):
-        verify(cks[0], onnx=single, dataset=["digits", "digits"], limit=2)
+        verify(cks[0], onnx=single, settings=VerifySettings(dataset=["digits", "digits"], limit=2))
 
 
 # ------------------------------------------------------------------------------------------ bench

@@ -524,11 +524,12 @@ def digits_models(ov_dir):
 
 def test_verify_openvino_rows(digits_models):
     from atexport.runtime.artifacts import Artifact
-    from atexport.verify import verify
+    from atexport.verify import VerifySettings, verify
 
     ckpt, onnx_path, ir = digits_models
     extra = [Artifact(onnx_path, "onnx", "--openvino", "bf16", "openvino")] if _has("BF16") else []
-    res = verify(ckpt, extra, onnx=onnx_path, openvino=ir, dataset="digits", limit=16, per_block=True)
+    res = verify(ckpt, extra, onnx=onnx_path, openvino=ir,
+                 settings=VerifySettings(dataset="digits", limit=16, per_block=True))
     rows = {b.name: b for b in res.backends}
     assert {"onnxruntime fp32", "openvino fp32"} <= set(rows) and res.passed, res.failures()
     assert rows["openvino fp32"].parity.max_abs <= 1e-4 and rows["openvino fp32"].agreement == 1.0

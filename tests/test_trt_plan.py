@@ -205,7 +205,7 @@ def test_refit_engine_swaps_task(tmp_path, tiny_ckpt, tiny_ckpt_b):
     from atexport.export.tensorrt import export_tensorrt, refit_engine
     from atexport.runtime.tensorrt import TensorRTRunner
     from atexport.runtime.torch import TorchRunner
-    from atexport.parity import check_parity, photo_batch
+    from atexport.parity import ParitySettings, check_parity, photo_batch
 
     res = export_tensorrt(ckpt=tiny_ckpt, precision="fp16",
                           engine=EngineOptions(refit=True, batch="1,4,8", output=tmp_path / "a.engine"))
@@ -217,7 +217,7 @@ def test_refit_engine_swaps_task(tmp_path, tiny_ckpt, tiny_ckpt_b):
     meta = res.engine.sidecar["metadata"]
     x = photo_batch(meta["preprocess"])
     with TorchRunner(build_model(load_checkpoint(tiny_ckpt_b))) as ref, TensorRTRunner(out.path) as cand:
-        rows = check_parity(ref, cand, x, "fp16", random_inputs=0, batch_sizes=[4])
+        rows = check_parity(ref, cand, x, "fp16", settings=ParitySettings(random_inputs=0, batch_sizes=[4]))
     assert all(r.passed for r in rows)
 
 

@@ -54,10 +54,11 @@ def perturbed(onnx_path, out_path, name="blocks.2.adapter.up.weight", delta=0.5)
 
 
 def test_verify_passes_honest_artifacts_and_writes_reports(ckpt10, onnx10, fp16_10, vdir):
-    from atexport.verify import verify
+    from atexport.verify import VerifySettings, verify
 
     report = vdir / "report"
-    res = verify(ckpt10, onnx=onnx10, onnx_fp16=fp16_10, dataset="digits", split="test", limit=LIMIT, report=report)
+    res = verify(ckpt10, onnx=onnx10, onnx_fp16=fp16_10,
+                 settings=VerifySettings(dataset="digits", split="test", limit=LIMIT, report=report))
     assert res.passed and res.samples == LIMIT
     assert [b.name for b in res.backends] == ["onnxruntime fp32", "onnxruntime fp16"]
     fp32, fp16 = res.backends
@@ -127,11 +128,12 @@ def test_per_block_on_fp16_stays_within_and_maps_every_block(ckpt10, fp16_10):
 
 
 def test_tolerance_overrides_decide(ckpt10, fp16_10):
-    from atexport.verify import verify
+    from atexport.verify import VerifySettings, verify
 
+    settings = VerifySettings(limit=4, overrides={"fp16.max_abs": 1e-9})
     with pytest.raises(ParityError, match=r"onnxruntime fp16 .*max abs diff .* > 1e-09"):
-        verify(ckpt10, onnx_fp16=fp16_10, limit=4, overrides={"fp16.max_abs": 1e-9})
-    res = verify(ckpt10, onnx_fp16=fp16_10, limit=4, overrides={"fp16.max_abs": 1e-9}, strict=False)
+        verify(ckpt10, onnx_fp16=fp16_10, settings=settings)
+    res = verify(ckpt10, onnx_fp16=fp16_10, settings=settings, strict=False)
     assert not res.passed and res.failures()[0].startswith("onnxruntime fp16")
 
 

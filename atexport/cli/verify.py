@@ -28,10 +28,12 @@ COMMANDS = ["verify_cmd"]
               help="Data set: digits (offline), pets, cifar10, ..., or imagefolder:PATH. Multi-task models: one for "
                    "all tasks, or one per --ckpt in the same order.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Verify on a seeded random N images of the split.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Verify on a seeded random N images of the split.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Root of downloaded data sets [default: $ATEXPORT_DATA_DIR or ./data].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per inference call.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per inference call.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
               help="Folder to write verify.json and verify.md to.")
 @click.option("--per-block", is_flag=True, help="Also compare every transformer block and adapter of each ONNX model.")
@@ -41,7 +43,8 @@ COMMANDS = ["verify_cmd"]
               help="Tolerance table: a name in export_configs/ or a YAML file.")
 @click.option("--tol", "tol_overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one tolerance, e.g. --tol int8.min_cosine=0.99, --tol per_block.fp16=0.02. Repeatable.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads of ONNX Runtime and PyTorch [default: all cores].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads of ONNX Runtime and PyTorch [default: all cores].")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
               help="Local backbone weights for the checkpoint.")
 @click.option("--no-progress", is_flag=True, help="One line every few seconds instead of a progress bar.")
@@ -71,17 +74,18 @@ def verify_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, openvino_paths, 
       atexport verify --ckpt cars.pt --ckpt birds.pt --onnx tasks.onnx --dataset D_CARS --dataset D_BIRDS
     """
     from atexport.runtime.artifacts import artifacts
-    from atexport.verify.verify import parse_overrides, verify
+    from atexport.verify.verify import VerifySettings, parse_overrides, verify
 
+    settings = VerifySettings(
+        dataset=datasets[0] if len(datasets) == 1 else list(datasets), split=split, limit=limit, data_dir=data_dir,
+        batch_size=batch_size, tolerances=tolerances, overrides=parse_overrides(tol_overrides), per_block=per_block,
+        per_block_images=per_block_images, openvino_precision=openvino_precision, threads=threads,
+        backbone_weights=backbone_weights, report=report_dir, progress=not no_progress,
+    )
     result = verify(
         ckpts[0] if len(ckpts) == 1 else list(ckpts), artifacts(litert=litert_paths, executorch=executorch_paths),
-        onnx=onnx_paths, onnx_fp16=onnx_fp16, onnx_int8=onnx_int8,
-        engine=engine, openvino=openvino_paths, openvino_precision=openvino_precision,
-        dataset=datasets[0] if len(datasets) == 1 else list(datasets), split=split,
-        limit=limit, data_dir=data_dir, batch_size=batch_size, tolerances=tolerances,
-        overrides=parse_overrides(tol_overrides), per_block=per_block, per_block_images=per_block_images,
-        report=report_dir, backbone_weights=backbone_weights, threads=threads, strict=False,
-        log=lambda line: click.echo(line, err=True), progress=not no_progress,
+        onnx=onnx_paths, onnx_fp16=onnx_fp16, onnx_int8=onnx_int8, engine=engine, openvino=openvino_paths,
+        settings=settings, strict=False, log=lambda line: click.echo(line, err=True),
     )
     click.echo(result.headline())
     click.echo(result.table())

@@ -199,18 +199,19 @@ def check_parity_vs_torch(em: EdgeModel, candidate, precision: str, label: str, 
 
     ``judged``: preprocessed held-out in-domain images (a calibration set's); when given, their row is
     judged (:func:`~atexport.parity.check_parity`) and the photos and random inputs become smoke rows."""
-    from atexport.parity import check_parity, photo_batch
+    from atexport.parity import ParitySettings, check_parity, photo_batch
     from atexport.runtime.torch import TorchRunner
 
     photos = photo_batch(em.ckpt.preprocess, extra=em.images, max_images=em.par.get("max_images"))
     held = f" and {len(judged)} {judged_name} images" if judged is not None and len(judged) else ""
     say(f"checking {label} parity against PyTorch on {len(photos)} photos{held} ...")
     with TorchRunner(em.model) as ref:
-        return check_parity(ref, candidate, photos, precision, judged=judged, judged_name=judged_name,
-                            random_inputs=int(em.par.get("random_inputs", 8)),
-                            seed=int(em.par.get("seed", 0)), batch_sizes=[1], label=label,
-                            tolerances=em.par.get("tolerances", "tolerances"),
-                            input_shape=[int(v) for v in em.ckpt.preprocess["input_size"]])
+        return check_parity(ref, candidate, photos, precision, judged=judged, judged_name=judged_name, label=label,
+                            settings=ParitySettings(
+                                random_inputs=int(em.par.get("random_inputs", 8)),
+                                seed=int(em.par.get("seed", 0)), batch_sizes=[1],
+                                tolerances=em.par.get("tolerances", "tolerances"),
+                                input_shape=[int(v) for v in em.ckpt.preprocess["input_size"]]))
 
 
 def check_runner(em: EdgeModel, runner, precision: str, label: str, say, *, judged=None,

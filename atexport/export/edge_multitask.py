@@ -135,7 +135,7 @@ def _convert(fmt: str, model, example, precision: str) -> tuple[bytes, dict]:
 def _check_tasks(runner, fmt: str, meta, ckpts, par: dict, opts: EdgeOptions, say) -> list:
     """Every task of the artifact (``runner``) against its own checkpoint's PyTorch model on real photos."""
     from atexport.checkpoint import build_model
-    from atexport.parity import check_parity, photo_batch
+    from atexport.parity import ParitySettings, check_parity, photo_batch
     from atexport.runtime.tasks import task_runners
     from atexport.runtime.torch import TorchRunner
 
@@ -148,9 +148,10 @@ def _check_tasks(runner, fmt: str, meta, ckpts, par: dict, opts: EdgeOptions, sa
         for (task, cand), ck in zip(task_runners(meta, runner), ckpts):
             with TorchRunner(build_model(ck, backbone_weights=opts.backbone_weights)) as ref:
                 rows += check_parity(
-                    ref, cand, photos, precision, random_inputs=int(par.get("random_inputs", 8)),
-                    seed=int(par.get("seed", 0)), batch_sizes=[1], label=f"{fmt} {precision} {task['name']}",
-                    tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape)
+                    ref, cand, photos, precision, label=f"{fmt} {precision} {task['name']}",
+                    settings=ParitySettings(random_inputs=int(par.get("random_inputs", 8)), seed=int(par.get("seed", 0)),
+                                            batch_sizes=[1], tolerances=par.get("tolerances", "tolerances"),
+                                            input_shape=in_shape))
     return rows
 
 

@@ -111,13 +111,14 @@ def swap_edge(model: str | os.PathLike, ckpt, output: str | os.PathLike | None =
 def _verify(runner, meta, ckpt, backbone_weights, images, config):
     from atexport.checkpoint import build_model
     from atexport.export.onnx import load_export_config
-    from atexport.parity import check_parity, photo_batch, require_passed
+    from atexport.parity import ParitySettings, check_parity, photo_batch, require_passed
     from atexport.runtime.torch import TorchRunner
 
     par = load_export_config(config)["parity"]
     photos = photo_batch(ckpt.preprocess, extra=images, max_images=par.get("max_images"))
     with TorchRunner(build_model(ckpt, backbone_weights=backbone_weights)) as ref:
-        rows = check_parity(ref, runner, photos, meta.precision, random_inputs=int(par.get("random_inputs", 8)),
-                            seed=int(par.get("seed", 0)), batch_sizes=[1], tolerances=par.get("tolerances", "tolerances"))
+        rows = check_parity(ref, runner, photos, meta.precision, settings=ParitySettings(
+            random_inputs=int(par.get("random_inputs", 8)), seed=int(par.get("seed", 0)), batch_sizes=[1],
+            tolerances=par.get("tolerances", "tolerances")))
     require_passed(rows, "the swapped model")
     return rows

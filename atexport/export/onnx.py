@@ -376,7 +376,7 @@ def _refuse_non_finite(ckpt) -> None:
 def _check_against_torch(model, data: bytes, preprocess, in_shape, settings: ExportSettings, images) -> list:
     """Parity rows of the serialized model against the PyTorch ``model``: photos and seeded random inputs, at
     every batch size of the settings."""
-    from atexport.parity import check_parity, photo_batch
+    from atexport.parity import ParitySettings, check_parity, photo_batch
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
     from atexport.runtime.torch import TorchRunner
 
@@ -384,7 +384,8 @@ def _check_against_torch(model, data: bytes, preprocess, in_shape, settings: Exp
     photos = photo_batch(preprocess, extra=images, max_images=par.get("max_images"))
     with TorchRunner(model) as ref, OnnxRuntimeRunner(data, optimization=par.get("optimization", "all")) as cand:
         return check_parity(
-            ref, cand, photos, settings.precision,
-            random_inputs=int(par.get("random_inputs", 8)), seed=int(par.get("seed", 0)),
-            batch_sizes=settings.batch_sizes, tolerances=par.get("tolerances", "tolerances"), input_shape=in_shape,
+            ref, cand, photos, settings.precision, settings=ParitySettings(
+                random_inputs=int(par.get("random_inputs", 8)), seed=int(par.get("seed", 0)),
+                batch_sizes=settings.batch_sizes, tolerances=par.get("tolerances", "tolerances"),
+                input_shape=in_shape),
         )

@@ -120,7 +120,7 @@ def _verify(src: Path, xml: Path, meta, precision: str, images, par: Mapping, th
     from atexport.artifact.bank import task_input
     from atexport.export.precision.calibration import holdout_for
     from atexport.export.precision.verified import judged_images
-    from atexport.parity import check_parity
+    from atexport.parity import ParitySettings, check_parity
     from atexport.parity.images import photo_batch
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
     from atexport.runtime.openvino import OpenVINORunner
@@ -148,9 +148,10 @@ def _verify(src: Path, xml: Path, meta, precision: str, images, par: Mapping, th
         rows = []
         for suffix, r, c in pairs:
             rows += check_parity(r, c, photos, tolerance_key, judged=judged, judged_name=judged_name,
-                                 random_inputs=int(random_inputs or 0), input_shape=in_shape,
-                                 seed=int(par.get("seed", 0)), batch_sizes=sizes,
-                                 tolerances=par.get("tolerances", "tolerances"), label=f"openvino {precision}{suffix}")
+                                 label=f"openvino {precision}{suffix}", settings=ParitySettings(
+                                     random_inputs=int(random_inputs or 0), input_shape=in_shape,
+                                     seed=int(par.get("seed", 0)), batch_sizes=sizes,
+                                     tolerances=par.get("tolerances", "tolerances")))
         return rows, cand.describe(), cand.int8_layers, cand.inference_precision
 
 

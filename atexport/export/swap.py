@@ -176,7 +176,7 @@ def _verify_swapped(data, meta, ckpt, backbone_weights, images, config):
     from atexport.export.onnx import load_export_config
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
     from atexport.runtime.torch import TorchRunner
-    from atexport.parity import check_parity, photo_batch, require_passed
+    from atexport.parity import ParitySettings, check_parity, photo_batch, require_passed
 
     par = load_export_config(config)["parity"]
     model = build_model(ckpt, backbone_weights=backbone_weights)
@@ -184,9 +184,9 @@ def _verify_swapped(data, meta, ckpt, backbone_weights, images, config):
     sizes = [b] if isinstance(b, int) else [int(v) for v in par.get("batch_sizes", [1, 4])]
     photos = photo_batch(ckpt.preprocess, extra=images, max_images=par.get("max_images"))
     with TorchRunner(model) as ref, OnnxRuntimeRunner(data, optimization=par.get("optimization", "all")) as cand:
-        results = check_parity(
-            ref, cand, photos, par.get("precision", "fp32"), random_inputs=int(par.get("random_inputs", 8)),
-            seed=int(par.get("seed", 0)), batch_sizes=sizes, tolerances=par.get("tolerances", "tolerances"),
-        )
+        results = check_parity(ref, cand, photos, par.get("precision", "fp32"), settings=ParitySettings(
+            random_inputs=int(par.get("random_inputs", 8)), seed=int(par.get("seed", 0)), batch_sizes=sizes,
+            tolerances=par.get("tolerances", "tolerances"),
+        ))
     require_passed(results, "the swapped model")
     return results

@@ -6,13 +6,15 @@ ships, plus any images the user adds, through the model's own preprocessing) and
 inputs, at each batch size asked for; the logits are compared with :func:`atexport.parity.compare.compare`
 against the tolerances of the artifact's precision (``export_configs/tolerances.yaml``). A row per
 (input kind, batch size) comes back; :func:`~atexport.parity.compare.require_passed` turns any failing
-row into a :class:`~atexport.errors.ParityError`.
+row into a :class:`~atexport.errors.ParityError`. How many random inputs, which batch sizes and which
+tolerance table are one :class:`ParitySettings`, usually read from an export config's ``parity:`` section.
 
 This module imports neither torch nor onnxruntime: the runners bring their own backends.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -24,8 +26,50 @@ from atexport.parity.images import random_batch
 from atexport.runtime.batching import run_batched
 
 
-# scikit-image's bundled samples: (loader name, crop or None, mode conversion or None). Several sizes,
-# aspect ratios and modes (RGB, L, RGBA, P), so resizing, cropping and mode handling are exercised too.
+@dataclass(frozen=True)
+class ParitySettings:
+    """How :func:`check_parity` runs, beside the inputs it is given.
+
+    Attributes:
+        random_inputs: how many seeded random inputs to add (0: none).
+        input_shape: (C, H, W) of the random inputs; taken from the images when omitted.
+        seed: seed of the random inputs.
+        batch_sizes: run every input set at each of these batch sizes (one result row each); a
+            dynamic-batch artifact is checked at several, a fixed-batch one at its own.
+        tolerances: name of the tolerance table in ``export_configs/``.
+        tolerance: explicit limits; overrides the table.
+
+    Raises:
+        BadInputError: a batch size below 1, a negative number of random inputs.
+    """
+
+    random_inputs: int = 8
+    input_shape: Sequence[int] | None = None
+    seed: int = 0
+    batch_sizes: Sequence[int] = (1,)
+    tolerances: str = "tolerances"
+    tolerance: Tolerance | None = None
+
+    def __post_init__(self):
+        sizes = [int(bs) for bs in self.batch_sizes]
+        if any(bs < 1 for bs in sizes):
+            raise BadInputError(f"parity batch sizes must be >= 1, got {sizes}.")
+        if int(self.random_inputs) < 0:
+            raise BadInputError(f"parity random inputs must be >= 0, got {self.random_inputs}.")
+        object.__setattr__(self, "batch_sizes", tuple(sizes))
+        object.__setattr__(self, "random_inputs", int(self.random_inputs))
+        if self.input_shape is not None:
+            object.__setattr__(self, "input_shape", tuple(int(v) for v in self.input_shape))
+
+    def limits(self, precision: str) -> Tolerance:
+        """The tolerance ``precision`` is held to: the explicit one, else the table's row."""
+        if self.tolerance is not None:
+            return self.tolerance
+        table = load_tolerances(self.tolerances)
+        if precision not in table:
+            raise BadInputError(f"no tolerances for precision {precision!r} in {self.tolerances}.yaml; "
+                                f"have {sorted(table)}.")
+        return table[precision]
 
 
 def check_parity(
@@ -36,12 +80,7 @@ def check_parity(
     *,
     judged: np.ndarray | None = None,
     judged_name: str = "held-out",
-    random_inputs: int = 8,
-    input_shape: Sequence[int] | None = None,
-    seed: int = 0,
-    batch_sizes: Sequence[int] = (1,),
-    tolerance: Tolerance | None = None,
-    tolerances: str = "tolerances",
+    settings: ParitySettings | None = None,
     feeds: dict | None = None,
     label: str = "",
 ) -> list[ParityResult]:
@@ -60,44 +99,21 @@ def check_parity(
         precision: which row of the tolerance table applies (``fp32``, ``fp16``, ``bf16``, ``int8``).
         judged: preprocessed in-domain images, or ``None`` / empty.
         judged_name: the name of their row (``held-out digits``).
-        random_inputs: how many seeded random inputs to add (0: none).
-        input_shape: (C, H, W) of the random inputs; taken from ``images`` when omitted.
-        seed: seed of the random inputs.
-        batch_sizes: run every input set at each of these batch sizes (one result row each); a
-            dynamic-batch artifact is checked at several, a fixed-batch one at its own.
-        tolerance: explicit limits; overrides the table.
-        tolerances: name of the tolerance table in ``export_configs/``.
+        settings: random inputs, batch sizes and tolerances (default: :class:`ParitySettings`' defaults).
         feeds: extra named inputs given to both runners with every batch.
         label: prefix of the row names.
 
     Returns:
         One :class:`ParityResult` per (input set, batch size).
     """
-    if tolerance is None:
-        table = load_tolerances(tolerances)
-        if precision not in table:
-            raise BadInputError(f"no tolerances for precision {precision!r} in {tolerances}.yaml; have {sorted(table)}.")
-        tolerance = table[precision]
+    s = settings or ParitySettings()
+    tolerance = s.limits(precision)
     has_judged = judged is not None and len(judged) > 0
-    sets = []
-    if has_judged:
-        sets.append((judged_name, np.ascontiguousarray(judged, dtype=np.float32), True))
-        input_shape = input_shape or judged.shape[1:]
-    if images is not None and len(images):
-        sets.append(("photos", np.ascontiguousarray(images, dtype=np.float32), not has_judged))
-        input_shape = input_shape or images.shape[1:]
-    if random_inputs:
-        if input_shape is None:
-            raise BadInputError("check_parity needs input_shape (C, H, W) for random inputs when no images are given.")
-        sets.append(("random", random_batch(random_inputs, input_shape, seed), not has_judged))
-    if not sets:
-        raise BadInputError("check_parity has nothing to compare: no images and random_inputs=0.")
-    sizes = [int(bs) for bs in batch_sizes]
-    if any(bs < 1 for bs in sizes):
-        raise BadInputError(f"parity batch sizes must be >= 1, got {sizes}.")
+    sets = _input_sets(images, judged if has_judged else None, judged_name, s)
+    sizes = list(s.batch_sizes)
     # The in-domain decisions are judged once, at the largest batch size; the other rows at every size.
     runs = [(max(sizes), *sets[0])] if has_judged else []
-    runs += [(bs, *s) for bs in sizes for s in sets[1 if has_judged else 0:]]
+    runs += [(bs, *st) for bs in sizes for st in sets[1 if has_judged else 0:]]
     prefix = f"{label} " if label else ""
     results = []
     for bs, kind, x, judge in runs:
@@ -105,3 +121,23 @@ def check_parity(
         cand = run_batched(candidate, x, bs, feeds=feeds)
         results.append(compare(ref, cand, tolerance, name=f"{prefix}{kind} (batch {bs})", judged=judge))
     return results
+
+
+def _input_sets(images, judged, judged_name: str, s: ParitySettings) -> list[tuple[str, np.ndarray, bool]]:
+    """``(name, inputs, judged)`` per input set: the in-domain images first (judged), then photos and random
+    inputs (judged only without in-domain images)."""
+    sets = []
+    input_shape = s.input_shape
+    if judged is not None:
+        sets.append((judged_name, np.ascontiguousarray(judged, dtype=np.float32), True))
+        input_shape = input_shape or judged.shape[1:]
+    if images is not None and len(images):
+        sets.append(("photos", np.ascontiguousarray(images, dtype=np.float32), judged is None))
+        input_shape = input_shape or images.shape[1:]
+    if s.random_inputs:
+        if input_shape is None:
+            raise BadInputError("check_parity needs input_shape (C, H, W) for random inputs when no images are given.")
+        sets.append(("random", random_batch(s.random_inputs, input_shape, s.seed), judged is None))
+    if not sets:
+        raise BadInputError("check_parity has nothing to compare: no images and random_inputs=0.")
+    return sets

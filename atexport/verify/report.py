@@ -1,7 +1,8 @@
 """Reports of ``atexport verify`` (and ``atexport bench``) on disk: JSON for tools, Markdown for people.
 
 Both are written atomically into the report folder: ``verify.json`` holds every number of
-:class:`~atexport.verify.verify.VerifyResult` (tolerances, machine, per-block stages included);
+:class:`~atexport.verify.result.VerifyResult` or
+:class:`~atexport.verify.result.MultiTaskVerifyResult` (tolerances, machine, per-block stages included);
 ``verify.md`` the same as tables, ready for a pull request or a model card.
 """
 
@@ -17,13 +18,31 @@ def _md_table(head: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def _verdict(result) -> str:
+    return "PASSED" if result.passed else "FAILED"
+
+
+def _parity_verdict(p) -> str:
+    """A row's result cell: ``reference`` (no parity), ``ok`` or the failures in bold."""
+    return "reference" if p is None else ("ok" if p.passed else "**FAIL**: " + "; ".join(p.failures))
+
+
+def _failures_md(result) -> list[str]:
+    return ["", "## Failures", ""] + [f"- {f}" for f in result.failures()] if result.failures() else []
+
+
+def _notes_and_timings_md(result) -> list[str]:
+    """The report's end, alike for single- and multi-task results: notes, then timings."""
+    lines = ["", "## Notes", ""] + [f"- {n}" for n in result.notes] if result.notes else []
+    return lines + ["", "Timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()), ""]
+
+
 def verify_markdown(result) -> str:
-    """The Markdown report of a :class:`~atexport.verify.verify.VerifyResult`."""
+    """The Markdown report of a :class:`~atexport.verify.result.VerifyResult`."""
     from atexport.utils.machine import machine_line
 
-    verdict = "PASSED" if result.passed else "FAILED"
     lines = [
-        f"# atexport verify: {verdict}",
+        f"# atexport verify: {_verdict(result)}",
         "",
         f"Checkpoint `{result.checkpoint}` on `{result.dataset}` ({result.split} split, {result.samples} images, "
         f"batch {result.batch_size}). Machine: {machine_line(result.machine)}. Date: {result.machine.get('date')}.",
@@ -39,7 +58,7 @@ def verify_markdown(result) -> str:
             b.name, f"`{Path(b.path).name}`" if b.path else "-", b.precision, f"{b.accuracy:.2%}", f"{b.agreement:.2%}",
             f"{p.max_abs:.3g}" if p else "-", f"{p.mean_abs:.3g}" if p else "-",
             f"{p.min_cosine:.6f}" if p else "-", f"{p.mean_cosine:.6f}" if p else "-", f"{b.images_per_s:.1f}",
-            "reference" if p is None else ("ok" if p.passed else "**FAIL**: " + "; ".join(p.failures)),
+            _parity_verdict(p),
         ])
     lines.append(_md_table(["backend", "file", "precision", "top-1", "agreement", "max abs", "mean abs",
                             "min cos", "mean cos", "images/s", "result"], rows))
@@ -51,12 +70,12 @@ def verify_markdown(result) -> str:
     if tol:
         lines += ["", f"Tolerances (from `{result.tolerances.get('source')}`):", ""]
         fields = ["max_abs", "max_rel", "min_cosine", "min_top1_agreement"]
+        per_block = result.tolerances.get("per_block_max_rel", {})
         lines.append(_md_table(["precision", *fields, "per-block max rel"],
-                               [[k, *[f"{v[f]:g}" for f in fields], f"{result.tolerances.get('per_block_max_rel', {}).get(k, '-')}"]
+                               [[k, *[f"{v[f]:g}" for f in fields], f"{per_block.get(k, '-')}"]
                                 for k, v in tol.items()]))
-    if result.failures():
-        lines += ["", "## Failures", ""] + [f"- {f}" for f in result.failures()]
-    if getattr(result, "probes", None):
+    lines += _failures_md(result)
+    if result.probes:
         from atexport.verify.probes import probe_lines
 
         lines += ["", "## Family diagnostics", ""] + [f"- {line}" for line in probe_lines(result.probes)]
@@ -67,21 +86,17 @@ def verify_markdown(result) -> str:
             [[s.name, f"`{s.tensor}`", f"{s.max_abs:.3g}", f"{s.rel:.3g}", f"{s.cosine:.6f}",
               "first over tolerance" if s.name == r.first_over else ("largest jump" if s.name == r.jump else "")]
              for s in r.stages]))
-    if result.notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
-    lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _notes_and_timings_md(result))
 
 
 def multitask_markdown(result) -> str:
-    """The Markdown report of a :class:`~atexport.verify.multitask.MultiTaskVerifyResult`."""
+    """The Markdown report of a :class:`~atexport.verify.result.MultiTaskVerifyResult`."""
     from atexport.utils.machine import machine_line
 
-    verdict = "PASSED" if result.passed else "FAILED"
     models = ", ".join(f"`{Path(m['path']).name}` ({m['precision']}, tasks {', '.join(m['tasks'])})"
                        for m in result.models)
     lines = [
-        f"# atexport verify (multi-task): {verdict}",
+        f"# atexport verify (multi-task): {_verdict(result)}",
         "",
         f"Models {models}; {result.split} split, batch {result.batch_size}. Machine: {machine_line(result.machine)}. "
         f"Date: {result.machine.get('date')}.",
@@ -98,7 +113,7 @@ def multitask_markdown(result) -> str:
                 t.task, f"`{Path(t.checkpoint).name}`", t.dataset, b.name, f"`{Path(b.path).name}`" if b.path else "-",
                 "-" if b.accuracy is None else f"{b.accuracy:.2%}", f"{b.agreement:.2%}",
                 f"{p.max_abs:.3g}" if p else "-", f"{p.min_cosine:.6f}" if p else "-", f"{b.images_per_s:.1f}",
-                "reference" if p is None else ("ok" if p.passed else "**FAIL**: " + "; ".join(p.failures)),
+                _parity_verdict(p),
             ])
     lines.append(_md_table(["task", "checkpoint", "data set", "backend", "file", "top-1", "agreement", "max abs",
                             "min cos", "images/s", "result"], rows))
@@ -113,19 +128,14 @@ def multitask_markdown(result) -> str:
               "ok" if m.passed else "**FAIL**: " + "; ".join(m.parity.failures)] for m in result.mixed]))
     pre = [f"{t.task} {t.preprocess['max_abs']:.3g}" for t in result.tasks]
     lines += ["", "Preprocessing (numpy/Pillow vs timm), max abs difference: " + ", ".join(pre) + "."]
-    if getattr(result, "probes", None):
+    if result.probes:
         lines += ["", "## Family diagnostics", "",
                   "Each task's first images in its own PyTorch model against every model fed that task's id.", ""]
         lines.append(_md_table(
             ["task", "diagnostic", "backend", "file", "result"],
             [[r.get("task", "-"), r["title"], r["name"], f"`{Path(r['artifact']).name}`",
               r["summary"] if r.get("passed", True) else "**FAIL**: " + r["summary"]] for r in result.probes]))
-    if result.failures():
-        lines += ["", "## Failures", ""] + [f"- {f}" for f in result.failures()]
-    if result.notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
-    lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _failures_md(result) + _notes_and_timings_md(result))
 
 
 def write_verify_report(result, folder: str | os.PathLike) -> dict[str, Path]:
@@ -137,8 +147,7 @@ def write_verify_report(result, folder: str | os.PathLike) -> dict[str, Path]:
     md_path = folder / "verify.md"
     result.reports = {"json": json_path, "markdown": md_path}
     atomic_write_json(json_path, result.to_dict())
-    markdown = multitask_markdown if getattr(result, "mixed", None) is not None else verify_markdown
-    atomic_write_text(md_path, markdown(result))
+    atomic_write_text(md_path, result.markdown())
     return result.reports
 
 

@@ -43,7 +43,7 @@ def precision_parity(data: bytes, src_model, meta, precision: str, reference, im
     In-domain images (``holdout``: the calibration set's held-out images; ``images``: the user's) are
     judged; photos and random inputs are then smoke checks (see :func:`atexport.parity.check_parity`).
     """
-    from atexport.parity import check_parity, photo_batch
+    from atexport.parity import ParitySettings, check_parity, photo_batch
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
 
     ref_label = "onnx-fp32"
@@ -68,10 +68,11 @@ def precision_parity(data: bytes, src_model, meta, precision: str, reference, im
         rows = []
         for suffix, r, c in pairs:
             rows += check_parity(
-                r, c, photos, precision, judged=judged, judged_name=judged_name,
-                random_inputs=per_precision(par.get("random_inputs", 0), precision),
-                input_shape=in_shape, seed=int(par.get("seed", 0)), batch_sizes=sizes,
-                tolerances=par.get("tolerances", "tolerances"), label=precision + suffix,
+                r, c, photos, precision, judged=judged, judged_name=judged_name, label=precision + suffix,
+                settings=ParitySettings(
+                    random_inputs=per_precision(par.get("random_inputs", 0), precision),
+                    input_shape=in_shape, seed=int(par.get("seed", 0)), batch_sizes=sizes,
+                    tolerances=par.get("tolerances", "tolerances")),
             )
     return rows, ref_label
 

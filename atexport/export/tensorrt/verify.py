@@ -26,7 +26,7 @@ def verify_engine(engine_path: str | os.PathLike, reference, onnx_reference: str
         batch_range: the engine profile's ``(min, max)`` batch; the checked batch sizes stay inside it.
     """
     from atexport.export.precision import load_precision_config
-    from atexport.parity import check_parity, photo_batch
+    from atexport.parity import ParitySettings, check_parity, photo_batch
     from atexport.runtime.onnxruntime import OnnxRuntimeRunner
     from atexport.runtime.tensorrt import TensorRTRunner
 
@@ -53,9 +53,10 @@ def verify_engine(engine_path: str | os.PathLike, reference, onnx_reference: str
             pairs = [(f" {t['name']}", r, c) for (t, r), (_, c) in zip(task_runners(meta, ref), task_runners(meta, cand))]
         rows = []
         for suffix, r, c in pairs:
-            rows += check_parity(r, c, photos, precision, judged=judged, judged_name=judged_name, random_inputs=ri,
-                                 input_shape=[int(v) for v in meta.preprocess["input_size"]],
-                                 batch_sizes=sizes, label=f"trt {precision}{suffix}")
+            rows += check_parity(r, c, photos, precision, judged=judged, judged_name=judged_name,
+                                 label=f"trt {precision}{suffix}", settings=ParitySettings(
+                                     random_inputs=ri, input_shape=[int(v) for v in meta.preprocess["input_size"]],
+                                     batch_sizes=sizes))
         return rows
 
 
