@@ -295,7 +295,7 @@ def openvino_artifacts(loaded, threads=None, want: bool | None = None, notes: li
     for i in onnx:
         wanted = ["int8", "int8+bf16"] if i.meta.precision == "int8" else ["fp32", "bf16"]
         for precision in wanted if bf16 else wanted[:1]:
-            a = Artifact(i.artifact.path, "onnx", i.artifact.flag, precision, "openvino")
+            a = Artifact(i.artifact.path, i.artifact.flag, precision, "openvino")
             out.append(read_artifact(a, threads))
     return out
 

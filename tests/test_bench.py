@@ -90,4 +90,4 @@ def test_bench_times_openvino_at_every_precision_in_one_run(tiny_ckpt, bench_onn
     with pytest.raises(BadInputError, match="Q/DQ"):  # an FP32 file is never labelled int8
         from atexport.runtime.artifacts import Artifact, read_artifact
 
-        read_artifact(Artifact(bench_onnx, "onnx", "--openvino", "int8", "openvino"))
+        read_artifact(Artifact(bench_onnx, "--openvino", "int8", "openvino"))
