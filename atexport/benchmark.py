@@ -295,51 +295,16 @@ def openvino_artifacts(loaded, threads=None, want: bool | None = None, notes: li
     for i in onnx:
         wanted = ["int8", "int8+bf16"] if i.meta.precision == "int8" else ["fp32", "bf16"]
         for precision in wanted if bf16 else wanted[:1]:
-            a = Artifact(i.artifact.path, "onnx", i.artifact.flag, precision, "openvino")
+            a = Artifact(i.artifact.path, i.artifact.flag, precision, "openvino")
             out.append(read_artifact(a, threads))
     return out
 
 
-def benchmark(
-    ckpt,
-    *,
-    onnx=None,
-    onnx_fp16=None,
-    onnx_int8=None,
-    engine=None,
-    openvino: bool | None = None,
-    litert=None,
-    executorch=None,
-    batches: Sequence[int] | str = (1, 8),
-    runs: int = 50,
-    warmup: int = 10,
-    torch_compile: bool = False,
-    torch_device: str | None = None,
-    threads: int | None = None,
-    providers: Sequence[str] | None = None,
-    backbone_weights=None,
-    seed: int = 0,
-    task: str | None = None,
-    mixed: bool = False,
-    output_json: str | os.PathLike | None = None,
-    log=None,
-) -> BenchResult:
-    """Time PyTorch (eager, optionally ``torch.compile``) and every artifact at each batch size.
+@dataclass(frozen=True)
+class BenchSettings:
+    """How to time: made once, checked here (``batches`` parsed to a tuple of sizes).
 
-    Multi-task models (``atexport onnx --multitask``) are timed on one task (``task``; every sample given
-    it), against that task's own PyTorch model, or on mixed batches (``mixed``: task ids interleaved
-    ``0 1 2 0 1 2 ...`` over the given checkpoints' tasks), against each task's PyTorch model run on its
-    share of the batch, one after another (what serving the tasks without a multi-task model costs).
-
-    Args:
-        ckpt: the checkpoint the artifacts were made from (its PyTorch model is the baseline); for
-            multi-task models, a list: the checkpoints of the tasks to time.
-        onnx, onnx_fp16, onnx_int8, engine: artifacts (paths or lists of paths); an OpenVINO ``.xml`` IR
-            given as ``onnx`` runs in OpenVINO at its own precision.
-        openvino: also time every ONNX artifact in OpenVINO (:func:`openvino_artifacts`): ``None`` when
-            openvino is installed, ``True`` required, ``False`` never.
-        litert, executorch: on-device artifacts (``.tflite`` / ``.pte``, sidecars beside them): timed at batch
-            1 only (what they take; larger batches are noted and skipped).
+    Attributes:
         batches: batch sizes (``"1,8"`` or a list); fixed-batch artifacts run at their own only, engines
             within their optimisation profile.
         runs: timed calls per row.
@@ -350,23 +315,68 @@ def benchmark(
         threads: threads of ONNX Runtime *and* PyTorch (default: each library's own, all cores); on a
             shared machine, PyTorch with more threads than free cores slows down by orders of magnitude.
         providers: ONNX Runtime execution providers (default CPU).
+        openvino: also time every ONNX artifact in OpenVINO (:func:`openvino_artifacts`): ``None`` when
+            openvino is installed, ``True`` required, ``False`` never.
         backbone_weights: local backbone weights for the checkpoint.
         seed: seed of the random input.
         task: multi-task models: the task to time (default: the one task of a single checkpoint).
         mixed: multi-task models: time mixed-task batches of the checkpoints' tasks.
+    """
+
+    batches: Sequence[int] | str = (1, 8)
+    runs: int = 50
+    warmup: int = 10
+    torch_compile: bool = False
+    torch_device: str | None = None
+    threads: int | None = None
+    providers: Sequence[str] | None = None
+    openvino: bool | None = None
+    backbone_weights: str | os.PathLike | None = None
+    seed: int = 0
+    task: str | None = None
+    mixed: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "batches", tuple(parse_batches(self.batches)))
+        if int(self.runs) < 1:
+            raise BadInputError(f"--runs {self.runs}: must be at least 1.")
+        if int(self.warmup) < 0:
+            raise BadInputError(f"--warmup {self.warmup}: must be 0 or more.")
+
+    @property
+    def sizes(self) -> list[int]:
+        return list(self.batches)
+
+
+def benchmark(ckpt, *, onnx=None, onnx_fp16=None, onnx_int8=None, engine=None, litert=None, executorch=None,
+              settings: BenchSettings | None = None, output_json: str | os.PathLike | None = None,
+              log=None) -> BenchResult:
+    """Time PyTorch (eager, optionally ``torch.compile``) and every artifact at each batch size::
+
+        res = benchmark("run.pt", onnx="model.onnx", settings=BenchSettings(batches="1,8", runs=100))
+        print(res.table())
+
+    Multi-task models (``atexport onnx --multitask``) are timed on one task (``settings.task``; every sample
+    given it), against that task's own PyTorch model, or on mixed batches (``settings.mixed``: task ids
+    interleaved ``0 1 2 0 1 2 ...`` over the given checkpoints' tasks), against each task's PyTorch model run on
+    its share of the batch, one after another (what serving the tasks without a multi-task model costs).
+
+    Args:
+        ckpt: the checkpoint the artifacts were made from (its PyTorch model is the baseline); for
+            multi-task models, a list: the checkpoints of the tasks to time.
+        onnx, onnx_fp16, onnx_int8, engine: artifacts (paths or lists of paths); an OpenVINO ``.xml`` IR
+            given as ``onnx`` runs in OpenVINO at its own precision.
+        litert, executorch: on-device artifacts (``.tflite`` / ``.pte``, sidecars beside them): timed at batch
+            1 only (what they take; larger batches are noted and skipped).
+        settings: how to time (:class:`BenchSettings`; default: its defaults).
         output_json: write the result there (atomically).
         log: optional callable receiving progress lines.
     """
     from atexport.checkpoint import Checkpoint, build_model, load_checkpoint
-    from atexport.artifact.fit import check_exported_from
-    from atexport.runtime.artifacts import artifacts, read_artifact
+    from atexport.runtime.artifacts import artifacts
 
+    s = settings or BenchSettings()
     say = log or (lambda *_: None)
-    sizes = parse_batches(batches)
-    if int(runs) < 1:
-        raise BadInputError(f"--runs {runs}: must be at least 1.")
-    if int(warmup) < 0:
-        raise BadInputError(f"--warmup {warmup}: must be 0 or more.")
     if output_json is not None:
         from atexport.utils.io import check_writable
 
@@ -374,46 +384,73 @@ def benchmark(
     ckpts = [ck if isinstance(ck, Checkpoint) else load_checkpoint(ck) for ck in _many(ckpt)]
     if not ckpts:
         raise BadInputError("give the checkpoint the artifacts were made from (--ckpt).")
-    loaded = [read_artifact(a, threads, providers) for a in artifacts(onnx, onnx_fp16, onnx_int8, engine, litert=litert,
-                                                                          executorch=executorch)]
-    ov_notes: list[str] = []
-    loaded += openvino_artifacts(loaded, threads, openvino, ov_notes)
+    items = artifacts(onnx, onnx_fp16, onnx_int8, engine, litert=litert, executorch=executorch)
+    loaded, plan, notes = _read_for_bench(items, ckpts, s)
+    import torch
+
+    devices = _torch_devices(s, loaded)
+    baseline = ckpts if plan is None else [ckpts[p] for p in plan.positions]
+    models = [build_model(ck, backbone_weights=s.backbone_weights) for ck in baseline]
+    prev_threads = torch.get_num_threads()
+    if s.threads:
+        torch.set_num_threads(int(s.threads))  # same thread count for every backend; restored below
+    try:
+        result = _run_benchmark(_Bench(models, baseline, loaded, devices, s, plan, notes, say))
+    finally:
+        torch.set_num_threads(prev_threads)
+    if output_json is not None:
+        from atexport.utils.io import atomic_write_json
+
+        atomic_write_json(output_json, result.to_dict())
+    return result
+
+
+def _read_for_bench(items, ckpts, s: BenchSettings) -> tuple[list, TaskPlan | None, list[str]]:
+    """The artifacts read (plus their OpenVINO rows), the multi-task plan (or ``None``), and notes; refuses
+    a mix of single- and multi-task models, and artifacts not exported from the checkpoint."""
+    from atexport.artifact.fit import check_exported_from
+    from atexport.runtime.artifacts import read_artifact
+
+    loaded = [read_artifact(a, s.threads, s.providers) for a in items]
+    notes: list[str] = []
+    loaded += openvino_artifacts(loaded, s.threads, s.openvino, notes)
     multi = [i for i in loaded if i.meta.tasks]
-    plan = None
     if multi:
         if len(multi) != len(loaded):
             single = [str(i.artifact.path) for i in loaded if not i.meta.tasks]
             raise BadInputError(f"{', '.join(single)}: single-task, and {multi[0].artifact.path} multi-task; "
                                 "time them in separate runs.")
-        plan = task_plan(loaded, ckpts, task, mixed)
-    else:
-        if task is not None or mixed:
-            flag = "--mixed" if mixed else f"--task {task}"
-            raise BadInputError(f"{flag}: for multi-task models (atexport onnx --multitask); "
-                                f"{'no model was given' if not loaded else 'the models given are single-task'}.")
-        if len(ckpts) != 1:
-            raise BadInputError(f"{len(ckpts)} checkpoints (--ckpt): several are for multi-task models (one per task); "
-                                "time a single-task model with the one checkpoint it was made from.")
-        for i in loaded:
-            check_exported_from(i.meta, ckpts[0].task_weights(), f"{i.artifact.flag} {i.artifact.path}")
+        return loaded, task_plan(loaded, ckpts, s.task, s.mixed), notes
+    if s.task is not None or s.mixed:
+        flag = "--mixed" if s.mixed else f"--task {s.task}"
+        raise BadInputError(f"{flag}: for multi-task models (atexport onnx --multitask); "
+                            f"{'no model was given' if not loaded else 'the models given are single-task'}.")
+    if len(ckpts) != 1:
+        raise BadInputError(f"{len(ckpts)} checkpoints (--ckpt): several are for multi-task models (one per task); "
+                            "time a single-task model with the one checkpoint it was made from.")
+    for i in loaded:
+        check_exported_from(i.meta, ckpts[0].task_weights(), f"{i.artifact.flag} {i.artifact.path}")
+    return loaded, None, notes
+
+
+def _torch_devices(s: BenchSettings, loaded) -> list[str]:
+    """Devices of the PyTorch baseline: ``torch_device``, else CPU plus CUDA where an artifact runs there."""
     import torch
 
-    devices = [torch_device] if torch_device else ["cpu"]
-    wants_gpu = any(i.backend == "tensorrt" for i in loaded) or _ort_device(providers) == "cuda"
-    if torch_device is None and wants_gpu and torch.cuda.is_available():
+    devices = [s.torch_device] if s.torch_device else ["cpu"]
+    wants_gpu = any(_device(i, s.providers) == "cuda" for i in loaded) or _ort_device(s.providers) == "cuda"
+    if s.torch_device is None and wants_gpu and torch.cuda.is_available():
         devices.append("cuda")
     if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
-        raise BadInputError(f"--torch-device {torch_device}: CUDA is not available to PyTorch on this machine.")
-    baseline = ckpts if plan is None else [ckpts[p] for p in plan.positions]
-    models = [build_model(ck, backbone_weights=backbone_weights) for ck in baseline]
-    prev_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))  # same thread count for every backend; restored below
-    try:
-        return _run_benchmark(models, baseline, loaded, devices, sizes, runs, warmup, torch_compile, threads,
-                              providers, seed, output_json, say, plan, ov_notes)
-    finally:
-        torch.set_num_threads(prev_threads)
+        raise BadInputError(f"--torch-device {s.torch_device}: CUDA is not available to PyTorch on this machine.")
+    return devices
+
+
+def _device(item, providers) -> str:
+    """Where an artifact runs (its backend row's device; ONNX Runtime: where its providers run)."""
+    from atexport.runtime.backends import BACKENDS
+
+    return BACKENDS[item.backend].device or _ort_device(providers)
 
 
 # Bytes per input value a timed batch costs: its float64 draw and float32 copy, and activations of a ViT
@@ -431,75 +468,122 @@ def check_batch_memory(sizes, shape) -> None:
                  "use a smaller --batch")
 
 
-def _run_benchmark(models, ckpts, loaded, devices, sizes, runs, warmup, torch_compile, threads, providers, seed,
-                   output_json, say, plan=None, notes=None) -> BenchResult:
+@dataclass
+class _Bench:
+    """One benchmark run: what is timed, how, and the rows and notes gathered."""
+
+    models: list
+    ckpts: list
+    loaded: list
+    devices: list[str]
+    settings: BenchSettings
+    plan: TaskPlan | None
+    notes: list[str]
+    say: object
+    rows: list = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.notes = list(self.notes or [])
+        self.shape = [int(v) for v in self.ckpts[0].preprocess["input_size"]]
+        self.rng = np.random.default_rng(self.settings.seed)
+        self.label = "" if self.plan is None else self.plan.label
+
+    def input(self, b: int) -> np.ndarray:
+        """The seeded input batch of size ``b`` (drawn once)."""
+        if b not in self.inputs:
+            self.inputs[b] = self.rng.standard_normal((b, *self.shape)).astype(np.float32)
+        return self.inputs[b]
+
+    def add(self, what: tuple, device: str, runner, b: int, path=None, sync=None) -> None:
+        """Time ``runner`` at batch ``b``; ``what`` is ``(row name, backend, precision)``."""
+        name, backend, precision = what
+        s = self.settings
+        self.say(f"timing {name} on {device} at batch {b} ...")
+        st = _stats(time_runner(runner, self.input(b), s.runs, s.warmup, sync))
+        self.rows.append(BenchRow(name, backend, precision, device, b, int(s.runs), int(s.warmup), st,
+                                  b / (st["mean"] / 1000.0), path,
+                                  task=None if self.plan is None else self.plan.row_task))
+
+
+def _bench_config(bench: _Bench, autocast: bool) -> dict:
+    """The settings recorded in the result (``config`` of the JSON)."""
     import torch
 
+    s, ckpt, plan = bench.settings, bench.ckpts[0], bench.plan
+    config = {"checkpoint": str(ckpt.path), "backbone": ckpt.model.backbone, "input": bench.shape,
+              "batches": s.sizes, "runs": int(s.runs), "warmup": int(s.warmup), "threads": s.threads,
+              "providers": list(s.providers or ["CPUExecutionProvider"]), "torch_threads": torch.get_num_threads(),
+              "torch_compile": bool(s.torch_compile),
+              "openvino": sorted({i.precision for i in bench.loaded if i.backend == "openvino"}),
+              "torch_bf16_autocast": autocast, "input_kind": "seeded standard-normal, already preprocessed"}
+    if plan is not None:
+        config["checkpoint"] = [str(ck.path) for ck in bench.ckpts]
+        config["multitask"] = plan.to_dict()
+    return config
+
+
+def _torch_rows(bench: _Bench, mods, device: str, what: tuple, sync, dtype=None) -> None:
+    """Rows of PyTorch models on ``device`` (a mixed-task batch: each task's model on its share, in turn)."""
     from atexport.artifact.bank import PAD_LOGIT
     from atexport.runtime.torch import TorchRunner
 
-    ckpt = ckpts[0]
-    shape = [int(v) for v in ckpt.preprocess["input_size"]]
-    rng = np.random.default_rng(seed)
-    notes, rows = list(notes or []), []
-    from atexport.utils.machine import has_amx
+    name, backend = what
+    runners = [TorchRunner(m, device=device, dtype=dtype, name=backend) for m in mods]
+    row = (name + bench.label, backend, "fp32" if dtype is None else "bf16")
+    for b in bench.settings.sizes:
+        r = runners[0] if len(runners) == 1 else _TasksOneByOne(runners, bench.plan.ids(b), PAD_LOGIT)
+        with r:
+            if backend != "pytorch-compile":
+                bench.add(row, device.split(":")[0], r, b, sync=sync)
+                continue
+            try:
+                bench.add(row, device.split(":")[0], r, b, sync=sync)
+            except Exception as e:
+                raise AtexportError(
+                    f"torch.compile could not compile the model on {device} (batch {b}): "
+                    f"{str(e).strip().splitlines()[0][:300]}. Run without --torch-compile, or install "
+                    "a C++ compiler (inductor needs one on CPU)."
+                ) from None
 
-    autocast = has_amx()  # PyTorch's BF16 autocast is fast only with AMX: the reference row for OpenVINO's BF16
-    config = {"checkpoint": str(ckpt.path), "backbone": ckpt.model.backbone, "input": shape, "batches": sizes,
-              "runs": int(runs), "warmup": int(warmup), "threads": threads, "providers": list(providers or ["CPUExecutionProvider"]),
-              "torch_threads": torch.get_num_threads(), "torch_compile": bool(torch_compile),
-              "openvino": sorted({i.precision for i in loaded if i.backend == "openvino"}), "torch_bf16_autocast": autocast,
-              "input_kind": "seeded standard-normal, already preprocessed"}
-    if plan is not None:
-        config["checkpoint"] = [str(ck.path) for ck in ckpts]
-        config["multitask"] = plan.to_dict()
-    label = "" if plan is None else plan.label
-    if plan is not None and plan.mode == "mixed" and min(sizes) < len(plan.names):
-        notes.append(f"batch {min(sizes)} holds fewer samples than the {len(plan.names)} tasks: its batches mix "
-                     f"only the first {min(sizes)} (ids 0 1 2 ... per batch).")
-    row_task = None if plan is None else plan.row_task
-    check_batch_memory(sizes, shape)
-    inputs = {b: rng.standard_normal((b, *shape)).astype(np.float32) for b in sizes}
 
-    def add(name, backend, precision, device, runner, b, path=None, sync=None):
-        say(f"timing {name} on {device} at batch {b} ...")
-        lat = time_runner(runner, inputs[b], runs, warmup, sync)
-        st = _stats(lat)
-        rows.append(BenchRow(name, backend, precision, device, b, int(runs), int(warmup), st,
-                             b / (st["mean"] / 1000.0), path, task=row_task))
+def _pytorch_rows(bench: _Bench, autocast: bool) -> None:
+    """PyTorch eager (and BF16 autocast on AMX CPUs, and ``torch.compile`` when asked) on every device."""
+    import torch
 
-    def torch_rows(mods, device, name, backend, sync, dtype=None):
-        runners = [TorchRunner(m, device=device, dtype=dtype, name=backend) for m in mods]
-        precision = "fp32" if dtype is None else "bf16"
-        for b in sizes:
-            r = runners[0] if len(runners) == 1 else _TasksOneByOne(runners, plan.ids(b), PAD_LOGIT)
-            with r:
-                if backend != "pytorch-compile":
-                    add(name + label, backend, precision, device.split(":")[0], r, b, sync=sync)
-                    continue
-                try:
-                    add(name + label, backend, precision, device.split(":")[0], r, b, sync=sync)
-                except Exception as e:
-                    raise AtexportError(
-                        f"torch.compile could not compile the model on {device} (batch {b}): "
-                        f"{str(e).strip().splitlines()[0][:300]}. Run without --torch-compile, or install "
-                        "a C++ compiler (inductor needs one on CPU)."
-                    ) from None
-
-    for device in devices:
+    for device in bench.devices:
         sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else None
-        dev_models = [m.to(device) for m in models]
-        torch_rows(dev_models, device, "pytorch eager fp32", "pytorch", sync)
+        dev_models = [m.to(device) for m in bench.models]
+        _torch_rows(bench, dev_models, device, ("pytorch eager fp32", "pytorch"), sync)
         if autocast and device == "cpu":
-            torch_rows(dev_models, device, "pytorch eager bf16 autocast", "pytorch-bf16", sync, torch.bfloat16)
-        if torch_compile:
+            _torch_rows(bench, dev_models, device, ("pytorch eager bf16 autocast", "pytorch-bf16"), sync,
+                        torch.bfloat16)
+        if bench.settings.torch_compile:
             try:
                 compiled = [torch.compile(m) for m in dev_models]
             except Exception as e:  # pragma: no cover - depends on the platform's compiler
                 raise AtexportError(f"torch.compile failed on {device}: {str(e).splitlines()[0][:200]}") from None
-            torch_rows(compiled, device, "pytorch compile fp32", "pytorch-compile", sync)
-    for m in models:
+            _torch_rows(bench, compiled, device, ("pytorch compile fp32", "pytorch-compile"), sync)
+    for m in bench.models:
         m.to("cpu")
+
+
+def _skip_reason(i, b: int) -> str | None:
+    """Why artifact ``i`` is not timed at batch ``b`` (``None``: it is), from its backend row and batch."""
+    from atexport.runtime.backends import BACKENDS
+
+    if BACKENDS[i.backend].batch_one and b != 1:
+        return f"{i.artifact.path}: an on-device model takes batch 1; batch {b} skipped."
+    if i.pads and b != i.batch:
+        return f"{i.artifact.path}: fixed batch {i.batch}; batch {b} skipped."
+    if i.batch and not i.pads and b > i.batch:
+        return f"{i.artifact.path}: batch {b} is above the engine profile's maximum {i.batch}; skipped."
+    return None
+
+
+def _artifact_rows(bench: _Bench) -> None:
+    """Every artifact at every batch it takes (a fixed-batch one also at its own batch)."""
+    plan, sizes = bench.plan, bench.settings.sizes
 
     def feed(i, r, b):
         if plan is None:
@@ -507,33 +591,39 @@ def _run_benchmark(models, ckpts, loaded, devices, sizes, runs, warmup, torch_co
         ids = np.asarray(plan.indices[id(i)], dtype=np.int64)[plan.ids(b)]
         return TaskRunner(r, ids, input_name=plan.input_names[id(i)], name=getattr(r, "name", "runner"))
 
-    names = [f"{i.backend} {i.precision}" for i in loaded]
-    for k, i in enumerate(loaded):
-        device = "cuda" if i.backend == "tensorrt" else "cpu" if i.backend in ("openvino", "litert", "executorch") \
-            else _ort_device(providers)
-        name = names[k] + (f" ({i.artifact.path.name})" if names.count(names[k]) > 1 else "") + label
+    names = [f"{i.backend} {i.precision}" for i in bench.loaded]
+    for k, i in enumerate(bench.loaded):
+        device = _device(i, bench.settings.providers)
+        name = names[k] + (f" ({i.artifact.path.name})" if names.count(names[k]) > 1 else "") + bench.label
+        what = (name, i.backend, i.precision)
         with i.runner as r:
             for b in sizes:
-                if i.backend in ("litert", "executorch") and b != 1:
-                    notes.append(f"{i.artifact.path}: an on-device model takes batch 1; batch {b} skipped.")
+                reason = _skip_reason(i, b)
+                if reason:
+                    bench.notes.append(reason)
                     continue
-                if i.pads and b != i.batch:
-                    notes.append(f"{i.artifact.path}: fixed batch {i.batch}; batch {b} skipped.")
-                    continue
-                if i.batch and i.backend == "tensorrt" and b > i.batch:
-                    notes.append(f"{i.artifact.path}: batch {b} is above the engine profile's maximum {i.batch}; skipped.")
-                    continue
-                add(name, i.backend, i.precision, device, feed(i, r, b), b, str(i.artifact.path))
+                bench.add(what, device, feed(i, r, b), b, str(i.artifact.path))
             for b in sorted({i.batch} - set(sizes)) if i.pads else []:
-                inputs.setdefault(b, rng.standard_normal((b, *shape)).astype(np.float32))
-                add(name, i.backend, i.precision, device, feed(i, r, b), b, str(i.artifact.path))
-    eager = {(r.device, r.batch): r.latency_ms["mean"] for r in rows if r.backend == "pytorch"}
-    for r in rows:
+                bench.add(what, device, feed(i, r, b), b, str(i.artifact.path))
+
+
+def _run_benchmark(bench: _Bench) -> BenchResult:
+    """Time PyTorch, then every artifact; each row's speed-up over PyTorch eager at its batch and device."""
+    from atexport.utils.machine import has_amx
+
+    autocast = has_amx()  # PyTorch's BF16 autocast is fast only with AMX: the reference row for OpenVINO's BF16
+    config = _bench_config(bench, autocast)
+    sizes, plan = bench.settings.sizes, bench.plan
+    if plan is not None and plan.mode == "mixed" and min(sizes) < len(plan.names):
+        bench.notes.append(f"batch {min(sizes)} holds fewer samples than the {len(plan.names)} tasks: its batches mix "
+                           f"only the first {min(sizes)} (ids 0 1 2 ... per batch).")
+    check_batch_memory(sizes, bench.shape)
+    for b in sizes:
+        bench.input(b)
+    _pytorch_rows(bench, autocast)
+    _artifact_rows(bench)
+    eager = {(r.device, r.batch): r.latency_ms["mean"] for r in bench.rows if r.backend == "pytorch"}
+    for r in bench.rows:
         base = eager.get((r.device, r.batch))
         r.speedup = base / r.latency_ms["mean"] if base else None
-    result = BenchResult(rows=rows, machine=describe_machine(), config=config, notes=notes)
-    if output_json is not None:
-        from atexport.utils.io import atomic_write_json
-
-        atomic_write_json(output_json, result.to_dict())
-    return result
+    return BenchResult(rows=bench.rows, machine=describe_machine(), config=config, notes=bench.notes)

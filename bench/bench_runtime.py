@@ -68,7 +68,7 @@ def main(argv=None):
     from PIL import Image
     from skimage import data as skdata
 
-    from atexport.benchmark import benchmark
+    from atexport.benchmark import BenchSettings, benchmark
     from atexport.utils.machine import describe_machine, machine_line
     from atexport.checkpoint import build_model, load_checkpoint
     from atexport.data import eval_transform, load_dataset
@@ -123,7 +123,8 @@ def main(argv=None):
             m.close()
         res["end_to_end_ms_per_call"] = e2e
 
-    b = benchmark(ck, onnx=args.onnx, onnx_int8=args.onnx_int8, batches="1,8", runs=args.runs, warmup=5, threads=threads)
+    b = benchmark(ck, onnx=args.onnx, onnx_int8=args.onnx_int8,
+                  settings=BenchSettings(batches="1,8", runs=args.runs, warmup=5, threads=threads))
     res["bench"] = b.to_dict()
     print(f"Machine: {machine_line(res['machine'])}")
     print(json.dumps({k: v for k, v in res.items() if k not in ("machine", "bench")}, indent=2))

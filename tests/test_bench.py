@@ -18,11 +18,11 @@ def bench_onnx(tiny_ckpt, tmp_path_factory):
 
 
 def test_bench_json_is_well_formed(tiny_ckpt, bench_onnx, tmp_path):
-    from atexport.benchmark import BENCH_FORMAT, benchmark
+    from atexport.benchmark import BENCH_FORMAT, BenchSettings, benchmark
 
     out = tmp_path / "bench.json"
-    res = benchmark(tiny_ckpt, onnx=bench_onnx, batches="1,3", runs=4, warmup=1, threads=1, output_json=out,
-                    openvino=False)
+    res = benchmark(tiny_ckpt, onnx=bench_onnx, output_json=out,
+                    settings=BenchSettings(batches="1,3", runs=4, warmup=1, threads=1, openvino=False))
     doc = json.loads(out.read_text())
     assert doc["format"] == BENCH_FORMAT and doc["format_version"] == 1
     m = doc["machine"]
@@ -70,13 +70,14 @@ def test_bench_cli_and_its_errors(tiny_ckpt, bench_onnx, tmp_path):
 
 def test_bench_times_openvino_at_every_precision_in_one_run(tiny_ckpt, bench_onnx, tmp_path):
     pytest.importorskip("openvino", reason="needs the openvino package: pip install 'atexport[openvino]'")
-    from atexport.benchmark import benchmark, cpu_has_bf16
+    from atexport.benchmark import BenchSettings, benchmark, cpu_has_bf16
     from atexport.export.precision import Int8Options, quantize_int8
     from atexport.utils.machine import has_amx
 
     q = quantize_int8(bench_onnx, tmp_path / "tiny.int8.onnx", "digits", verify=False,
                       options=Int8Options(count=64, keep_float="none")).path
-    res = benchmark(tiny_ckpt, onnx=bench_onnx, onnx_int8=q, batches="2", runs=2, warmup=1, threads=1)
+    res = benchmark(tiny_ckpt, onnx=bench_onnx, onnx_int8=q,
+                    settings=BenchSettings(batches="2", runs=2, warmup=1, threads=1))
     got = [(r.backend, r.precision) for r in res.rows]
     bf16 = cpu_has_bf16()
     want = [("pytorch", "fp32")] + ([("pytorch-bf16", "bf16")] if has_amx() else []) + [
@@ -92,4 +93,4 @@ def test_bench_times_openvino_at_every_precision_in_one_run(tiny_ckpt, bench_onn
     with pytest.raises(BadInputError, match="Q/DQ"):  # an FP32 file is never labelled int8
         from atexport.runtime.artifacts import Artifact, read_artifact
 
-        read_artifact(Artifact(bench_onnx, "onnx", "--openvino", "int8", "openvino"))
+        read_artifact(Artifact(bench_onnx, "--openvino", "int8", "openvino"))

@@ -239,13 +239,13 @@ def test_verify_refuses_what_it_cannot_check(vm_ckpts, vm_model, vm_dir, folders
 
 
 def test_bench_mixed_batches_json(vm_ckpts, vm_model, vm_dir):
-    from atexport.benchmark import BENCH_FORMAT, benchmark
+    from atexport.benchmark import BENCH_FORMAT, BenchSettings, benchmark
 
     out = vm_dir / "bench.json"
     from atexport.utils.machine import has_amx
 
-    res = benchmark(list(vm_ckpts.values()), onnx=vm_model, mixed=True, batches="2,6", runs=3, warmup=1, threads=1,
-                    output_json=out, openvino=False)
+    res = benchmark(list(vm_ckpts.values()), onnx=vm_model, output_json=out,
+                    settings=BenchSettings(mixed=True, batches="2,6", runs=3, warmup=1, threads=1, openvino=False))
     doc = json.loads(out.read_text())
     assert doc["format"] == BENCH_FORMAT and doc["config"]["multitask"]["mode"] == "mixed"
     assert doc["config"]["multitask"]["tasks"] == list(CLASSES) and len(doc["config"]["checkpoint"]) == 3

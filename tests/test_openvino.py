@@ -226,7 +226,8 @@ def test_open_openvino_modes(fused, sep, multitask, tmp_path):
     from atexport.runtime.openvino import open_openvino
 
     for path, mode in ((fused, "single"), (sep, "separable"), (multitask, "multitask")):
-        meta, runner, got = open_openvino(path)
+        opened = open_openvino(path)
+        meta, runner, got = opened.meta, opened.runner, opened.mode
         assert got == mode and runner.is_active and meta.backbone["name"] == "vit_tiny_patch16_224"
         runner.deactivate()
     with pytest.raises(BadInputError, match="no atexport metadata"):
@@ -422,7 +423,7 @@ def test_load_model_openvino_single_separable_multitask(fused, sep, sep_b, multi
 
     x = random_inputs(3, seed=11)
     with load_model(fused, backend="openvino") as m:
-        assert (m.kind, m.backend, m.precision, m.mode) == ("openvino", "openvino", "fp32", "single")
+        assert (m.backend, m.precision, m.mode) == ("openvino", "fp32", "single")
         assert np.abs(m.logits(x) - _ort_logits(fused, x)).max() <= 1e-4
     ir = to_openvino(fused, ov_dir / "load" / "fused.xml", verify=False, cache_dir=False).path
     with load_model(ir) as m:  # an IR runs in OpenVINO by default
@@ -503,7 +504,7 @@ def test_read_artifact_labels_what_ran(fused, int8):
     assert [(i.backend, i.precision, i.tolerance) for i in loaded] == [
         ("onnxruntime", "fp32", "fp32"), ("openvino", "fp32", "fp32"), ("openvino", "int8", "int8")]
     if _has("BF16"):
-        i = read_artifact(Artifact(int8, "onnx", "--openvino", "int8+bf16", "openvino"))
+        i = read_artifact(Artifact(int8, "--openvino", "int8+bf16", "openvino"))
         assert (i.precision, i.tolerance) == ("int8+bf16", "int8")  # held to the int8 row
     for i in loaded:
         i.runner.deactivate()
@@ -527,7 +528,7 @@ def test_verify_openvino_rows(digits_models):
     from atexport.verify import VerifySettings, verify
 
     ckpt, onnx_path, ir = digits_models
-    extra = [Artifact(onnx_path, "onnx", "--openvino", "bf16", "openvino")] if _has("BF16") else []
+    extra = [Artifact(onnx_path, "--openvino", "bf16", "openvino")] if _has("BF16") else []
     res = verify(ckpt, extra, onnx=onnx_path, openvino=ir,
                  settings=VerifySettings(dataset="digits", limit=16, per_block=True))
     rows = {b.name: b for b in res.backends}

@@ -246,6 +246,27 @@ def test_separable_task_switching(sep_onnx, tiny_ckpt, tiny_ckpt_b, photos, runt
             model.predict(photos, task=["tiny_b"])
 
 
+def test_separable_model_opens_one_session_and_checks_a_task_once(sep_onnx, tiny_ckpt_b, runtime_dir, monkeypatch):
+    import atexport.runtime.onnxruntime as ort_mod
+    import atexport.runtime.session as session_mod
+    from atexport.checkpoint import export_task_weights
+    from atexport.runtime import load_model
+    from atexport.runtime.session import AdapterSession
+
+    npz = export_task_weights(tiny_ckpt_b, runtime_dir / "once.npz")
+    sessions, checks = [], []
+    real_session, real_check = ort_mod.create_session, session_mod.check_fits
+    monkeypatch.setattr(ort_mod, "create_session", lambda *a, **k: sessions.append(a) or real_session(*a, **k))
+    counting = lambda *a, **k: checks.append(a) or real_check(*a, **k)  # noqa: E731
+    monkeypatch.setattr(session_mod, "check_fits", counting)
+    monkeypatch.setattr("atexport.artifact.fit.check_fits", counting)
+    with load_model(sep_onnx) as model:
+        assert isinstance(model.runner, AdapterSession) and len(sessions) == 1
+        model.add_task(npz)
+        assert len(checks) == 1 and model.tasks == ["tiny_a", "tiny_b"]
+    assert len(sessions) == 1
+
+
 def test_task_that_does_not_fit_is_refused(sep_onnx, tiny_ckpt, tiny_ckpt_every2, runtime_dir):
     from atexport.runtime import load_model
     from atexport.artifact.tasks import load_task

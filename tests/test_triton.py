@@ -38,9 +38,10 @@ def small_onnx(tdir):
 
 
 def test_onnx_repository_reads_back(small_onnx, tdir):
-    from atexport.deploy import parse_pbtxt, validate_triton_repo, write_triton_repo
+    from atexport.deploy import TritonOptions, parse_pbtxt, validate_triton_repo, write_triton_repo
 
-    repo = write_triton_repo(small_onnx, tdir / "repo", name="pets", max_batch=16, preferred_batch=[4, 8])
+    repo = write_triton_repo(small_onnx, tdir / "repo", TritonOptions(max_batch=16, preferred_batch=[4, 8]),
+                             name="pets")
     d = tdir / "repo" / "pets"
     assert repo.model_path == d / "1" / "model.onnx" and repo.model_path.read_bytes() == small_onnx.read_bytes()
     cfg = parse_pbtxt((d / "config.pbtxt").read_text())
@@ -120,10 +121,11 @@ def triton_model_config_class():
 def test_protobuf_text_format_accepts_it(small_onnx, tdir):
     """protobuf's text-format parser, on Triton's ModelConfig schema, reads what atexport writes."""
     text_format = pytest.importorskip("google.protobuf.text_format", reason="protobuf not installed")
-    from atexport.deploy import write_triton_repo
+    from atexport.deploy import TritonOptions, write_triton_repo
 
     ModelConfig = triton_model_config_class()
-    repo = write_triton_repo(small_onnx, tdir / "repo_pb", name="pets", preferred_batch=[2, 4], instance_kind="cpu")
+    repo = write_triton_repo(small_onnx, tdir / "repo_pb", TritonOptions(preferred_batch=[2, 4], instance_kind="cpu"),
+                             name="pets")
     cfg = text_format.Parse(repo.config_path.read_text(), ModelConfig())
     assert cfg.name == "pets" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 8
     assert list(cfg.input[0].dims) == [3, 32, 32] and cfg.output[0].label_filename == "labels.txt"
@@ -142,23 +144,23 @@ def test_multitask_and_engine_repositories(tdir):
 
     import onnx
 
-    from atexport.deploy import write_triton_repo
+    from atexport.deploy import TritonOptions, write_triton_repo
     from atexport.artifact.metadata import read_onnx_metadata
 
     mt = tdir / "multi.onnx"
     build_multitask_onnx(mt)
-    repo = write_triton_repo(mt, tdir / "repo2", max_batch=4)
+    repo = write_triton_repo(mt, tdir / "repo2", TritonOptions(max_batch=4))
     ins = {i["name"]: i for i in repo.config["input"]}
     assert ins["task_id"] == {"name": "task_id", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}}
     assert repo.labels_path is None and "label_filename" not in repo.config["output"][0]
     meta = asdict(read_onnx_metadata(onnx.load(str(mt))))
     meta["tasks"] = None
     engine = fake_engine(tdir, meta)
-    repo = write_triton_repo(engine, tdir / "repo2", name="eng", max_batch=8)
+    repo = write_triton_repo(engine, tdir / "repo2", TritonOptions(max_batch=8), name="eng")
     assert repo.config["platform"] == "tensorrt_plan" and repo.model_path.name == "model.plan"
     assert repo.config["instance_group"][0]["kind"] == "KIND_GPU" and repo.config["max_batch_size"] == 8
     with pytest.raises(BadInputError, match="profile stops at batch 8"):
-        write_triton_repo(engine, tdir / "repo2", name="eng2", max_batch=16)
+        write_triton_repo(engine, tdir / "repo2", TritonOptions(max_batch=16), name="eng2")
 
 
 def test_pbtxt_parser_and_cli(small_onnx, tdir):
@@ -222,7 +224,7 @@ def test_multitask_engine_declares_every_input(tdir):
 
 
 def test_fixed_batch_engine_has_max_batch_size_zero(tdir):
-    from atexport.deploy import write_triton_repo
+    from atexport.deploy import TritonOptions, write_triton_repo
 
     mt = tdir / "mt_fixed.onnx"
     build_multitask_onnx(mt)
@@ -234,7 +236,7 @@ def test_fixed_batch_engine_has_max_batch_size_zero(tdir):
                                                                          "dims": [4]}
     assert repo.config["output"][0]["dims"] == [4, 5]
     with pytest.raises(BadInputError, match="--max-batch applies to dynamic-batch models.*fixed batch of 4"):
-        write_triton_repo(engine, tdir / "repo_fixed", name="fixed2", max_batch=4)
+        write_triton_repo(engine, tdir / "repo_fixed", TritonOptions(max_batch=4), name="fixed2")
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -244,22 +246,23 @@ def test_fixed_batch_engine_has_max_batch_size_zero(tdir):
     ({"instances": 0}, "at least 1"),
 ])
 def test_triton_options_validated_and_nothing_written(small_onnx, tdir, kwargs, match):
-    from atexport.deploy import write_triton_repo
+    from atexport.deploy import TritonOptions, write_triton_repo
 
     out = tdir / "repo_bad"
     with pytest.raises(BadInputError, match=match):
-        write_triton_repo(small_onnx, out, name="bad", **kwargs)
+        write_triton_repo(small_onnx, out, TritonOptions(**kwargs), name="bad")
     assert not (out / "bad").exists() and not [p for p in out.glob(".*")] if out.exists() else True
 
 
 def test_engine_profile_must_start_at_one_and_cpu_is_refused(tdir, small_onnx):
-    from atexport.deploy import write_triton_repo
+    from atexport.deploy import TritonOptions, write_triton_repo
 
     engine = _engine_from(tdir, small_onnx, "from2", "2,4,8")
     with pytest.raises(BadInputError, match="starts at batch 2.*--batch 1,2,8"):
         write_triton_repo(engine, tdir / "repo_p")
     with pytest.raises(BadInputError, match="GPU only"):
-        write_triton_repo(_engine_from(tdir, small_onnx, "ok", "1,4,8"), tdir / "repo_p", instance_kind="cpu")
+        write_triton_repo(_engine_from(tdir, small_onnx, "ok", "1,4,8"), tdir / "repo_p",
+                          TritonOptions(instance_kind="cpu"))
 
 
 def test_failed_write_leaves_no_model_folder(small_onnx, tdir, monkeypatch):
@@ -276,7 +279,7 @@ def test_failed_write_leaves_no_model_folder(small_onnx, tdir, monkeypatch):
     repo = tri.write_triton_repo(small_onnx, out, name="pets")
     assert repo.model_path.is_file() and sorted(p.name for p in out.iterdir()) == ["pets"]
     # --force replaces it whole
-    repo = tri.write_triton_repo(small_onnx, out, name="pets", max_batch=4, force=True)
+    repo = tri.write_triton_repo(small_onnx, out, tri.TritonOptions(max_batch=4), name="pets", force=True)
     assert repo.config["max_batch_size"] == 4 and sorted(p.name for p in out.iterdir()) == ["pets"]
 
 
@@ -314,10 +317,10 @@ def _params(cfg) -> dict:
 
 def test_openvino_repository_reads_back(small_onnx, tdir):
     text_format = pytest.importorskip("google.protobuf.text_format", reason="protobuf not installed")
-    from atexport.deploy import validate_triton_repo, write_triton_repo
+    from atexport.deploy import TritonOptions, validate_triton_repo, write_triton_repo
 
     ir = _ir(small_onnx, tdir / "ov" / "pets.xml")
-    repo = write_triton_repo(ir, tdir / "repo_ov", max_batch=4)
+    repo = write_triton_repo(ir, tdir / "repo_ov", TritonOptions(max_batch=4))
     d = tdir / "repo_ov" / "pets"
     assert repo.model_path == d / "1" / "model.xml" and (d / "1" / "model.bin").read_bytes() == ir.with_suffix(".bin").read_bytes()
     cfg = repo.config
@@ -360,7 +363,6 @@ def test_openvino_repository_bf16_and_multitask(tdir):
     ("ir_no_bin", {}, "weights nobin.bin are missing"),
 ])
 def test_openvino_repository_refusals(what, kwargs, match, small_onnx, tdir):
-    from atexport.deploy import write_triton_repo
 
     src = small_onnx
     if what != "onnx":
@@ -370,7 +372,7 @@ def test_openvino_repository_refusals(what, kwargs, match, small_onnx, tdir):
         src.write_bytes((tdir / "ov" / "refuse.xml").read_bytes())
     out = tdir / f"repo_refuse_{what}"
     with pytest.raises(BadInputError, match=match):
-        write_triton_repo(src, out, name="x", **kwargs)
+        _write_split(src, out, name="x", **kwargs)
     assert not (out / "x").exists()
 
 
@@ -383,3 +385,12 @@ def test_cli_openvino_prints_the_bf16_note(small_onnx, tdir, tmp_path):
     res = CliRunner().invoke(cli, ["triton", "--model", str(ir), "-o", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     assert "(openvino)" in res.output and "note: Triton's OpenVINO backend takes no FP32 precision hint" in res.output
+
+
+def _write_split(src, out, name, **kwargs):
+    """write_triton_repo with its options given as keywords (for tables of cases)."""
+    from atexport.deploy import TritonOptions, write_triton_repo
+
+    keys = ("max_batch", "preferred_batch", "instance_kind", "max_queue_delay_us", "instances", "version")
+    opts = TritonOptions(**{k: v for k, v in kwargs.items() if k in keys})
+    return write_triton_repo(src, out, opts, name=name, **{k: v for k, v in kwargs.items() if k not in keys})

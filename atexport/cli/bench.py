@@ -52,15 +52,15 @@ def bench_cmd(ckpts, onnx_paths, onnx_fp16, onnx_int8, engine, openvino, litert_
       atexport bench --ckpt cars.pt --onnx tasks.onnx --batch 1,8            # one task of a multi-task model
       atexport bench --ckpt cars.pt --ckpt birds.pt --onnx tasks.onnx --mixed --batch 8,32
     """
-    from atexport.benchmark import benchmark
+    from atexport.benchmark import BenchSettings, benchmark
     from atexport.utils.machine import machine_line
 
+    settings = BenchSettings(batches=batches, runs=runs, warmup=warmup, torch_compile=torch_compile,
+                             torch_device=torch_device, threads=threads, providers=list(providers) or None,
+                             openvino=openvino, backbone_weights=backbone_weights, task=task, mixed=mixed)
     result = benchmark(
         ckpts[0] if len(ckpts) == 1 else list(ckpts), onnx=onnx_paths, onnx_fp16=onnx_fp16, onnx_int8=onnx_int8,
-        engine=engine, openvino=openvino, litert=litert_paths, executorch=executorch_paths, batches=batches, runs=runs,
-        warmup=warmup, torch_compile=torch_compile, torch_device=torch_device, threads=threads,
-        providers=list(providers) or None, backbone_weights=backbone_weights, task=task, mixed=mixed,
-        output_json=json_path,
+        engine=engine, litert=litert_paths, executorch=executorch_paths, settings=settings, output_json=json_path,
         log=lambda line: click.echo(line, err=True),
     )
     click.echo(f"machine: {machine_line(result.machine)}")

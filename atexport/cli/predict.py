@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from atexport.errors import BadInputError
+from atexport.runtime.backends import BACKENDS, choosable
 from atexport.utils.images import IMAGE_SUFFIXES
 
 COMMANDS = ["predict_cmd", "export_task_cmd"]
@@ -44,9 +45,9 @@ def expand_images(items) -> list[str]:
               help="ONNX Runtime or OpenVINO threads [default: all cores].")
 @click.option("--provider", "providers", multiple=True,
               help="ONNX Runtime execution provider, in order of preference (default CPUExecutionProvider). Repeatable.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default=None,
+@click.option("--backend", type=click.Choice(choosable()), default=None,
               help="Library that runs an ONNX model [default: onnxruntime; openvino for an .xml IR].")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "int8+bf16"]), default=None,
+@click.option("--precision", type=click.Choice(BACKENDS["openvino"].precisions), default=None,
               help="OpenVINO only: inference precision [default: the file's own].")
 def predict_cmd(model_path, images, top_k, task, as_json, threads, providers, backend, precision):
     """Classify images with an exported model, without PyTorch.

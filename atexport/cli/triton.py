@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from atexport.runtime.backends import triton_backends
+
 COMMANDS = ["triton_cmd"]
 
 
@@ -23,7 +25,7 @@ COMMANDS = ["triton_cmd"]
               help="instance_group kind [default: Triton's choice; gpu for engines].")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances per group.")
 @click.option("--force", is_flag=True, help="Replace an existing model of that name.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]), default=None,
+@click.option("--backend", type=click.Choice([b.name for b in triton_backends()]), default=None,
               help="Triton backend [default: from the file: .onnx onnxruntime, .engine tensorrt, .xml openvino].")
 def triton_cmd(model_path, output, name, max_batch, version, preferred_batch, max_queue_delay_us, instance_kind,
                instances, force, backend):
@@ -37,9 +39,9 @@ def triton_cmd(model_path, output, name, max_batch, version, preferred_batch, ma
       tritonserver --model-repository=$PWD/triton_repo
     """
     from atexport.benchmark import parse_batches
-    from atexport.deploy.triton import write_triton_repo
+    from atexport.deploy.triton import TritonOptions, write_triton_repo
 
-    # Every value is checked by write_triton_repo (against the model, too) before anything is written.
+    # Every value is checked (by TritonOptions, then against the model) before anything is written.
 
     from atexport.errors import BadInputError
 
@@ -48,9 +50,9 @@ def triton_cmd(model_path, output, name, max_batch, version, preferred_batch, ma
     except BadInputError:
         raise BadInputError(f"--preferred-batch {preferred_batch}: expected positive batch sizes separated by commas, "
                             "e.g. 4,8.") from None
-    repo = write_triton_repo(model_path, output, name=name, max_batch=max_batch, version=version,
-                             preferred_batch=preferred, max_queue_delay_us=max_queue_delay_us,
-                             instance_kind=instance_kind, instances=instances, force=force, backend=backend)
+    options = TritonOptions(max_batch=max_batch, version=version, preferred_batch=preferred,
+                            max_queue_delay_us=max_queue_delay_us, instance_kind=instance_kind, instances=instances)
+    repo = write_triton_repo(model_path, output, options, name=name, force=force, backend=backend)
     click.echo(repo.summary())
     for note in repo.notes:
         click.echo(f"note: {note}")

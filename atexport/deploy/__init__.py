@@ -5,6 +5,8 @@ Jetson with ``atexport trt`` (JetPack's TensorRT), and the engine's sidecar chec
 built elsewhere; see ``docs/deploy.md``.
 """
 
-from atexport.deploy.triton import TritonRepo, parse_pbtxt, read_triton_config, validate_triton_repo, write_triton_repo
+from atexport.deploy.triton import (TritonOptions, TritonRepo, parse_pbtxt, read_triton_config, validate_triton_repo,
+                                    write_triton_repo)
 
-__all__ = ["TritonRepo", "parse_pbtxt", "read_triton_config", "validate_triton_repo", "write_triton_repo"]
+__all__ = ["TritonOptions", "TritonRepo", "parse_pbtxt", "read_triton_config", "validate_triton_repo",
+           "write_triton_repo"]

@@ -1,10 +1,12 @@
 """Exported artifacts named on a command line, read into runners: what verify, bench and triton take.
 
 An :class:`Artifact` is a path plus the flag it came from (``--onnx``, ``--onnx-fp16``, ``--onnx-int8``,
-``--engine``, ``--openvino``), so every message names the flag, and the backend that runs it;
-:func:`read_artifact` reads its metadata through the same readers as :func:`atexport.runtime.load_model`
-and makes its runner. An OpenVINO artifact (an ``.xml`` IR, or an ONNX file given with ``--openvino``)
-runs at its file's precision or the one asked for, and is labelled with what the runner compiled.
+``--engine``, ``--openvino``, ``--litert``, ``--executorch``), so every message names the flag, and the
+backend that runs it (a name of :data:`~atexport.runtime.backends.BACKENDS`); :func:`read_artifact` opens it
+with that backend's loader, the same one :func:`atexport.runtime.load_model` uses. A backend that runs a
+file at a precision it is asked for (OpenVINO) runs it at the file's precision or the one asked for, and
+is labelled with what the runner compiled; for the others, the flag's precision is a promise checked
+against the metadata.
 """
 
 from __future__ import annotations
@@ -15,26 +17,27 @@ from pathlib import Path
 from typing import Any
 
 from atexport.errors import BadInputError
+from atexport.runtime.backends import BACKENDS, LoadOptions, backend_for, get_backend
 
 PRECISION_FLAGS = {"fp32": "--onnx", "fp16": "--onnx-fp16", "int8": "--onnx-int8"}
+# the flags of files that run in ONNX Runtime, or in OpenVINO when they are an OpenVINO IR
+_ONNX_FLAG_BACKENDS = ("onnxruntime", "openvino")
 
 
 @dataclass
 class Artifact:
-    """An exported model to verify.
+    """An exported model to verify or time.
 
     Attributes:
-        path: the ``.onnx``, ``.xml`` (OpenVINO IR) or ``.engine`` file.
-        kind: ``onnx``, ``ir`` or ``engine``.
+        path: the model file.
         flag: the CLI flag it came from (for messages).
-        precision: ONNX Runtime: the precision the flag promises (checked against the metadata); OpenVINO:
-            the precision to run (``fp32``, ``bf16``, ``fp16``, ``int8``, ``int8+bf16``). ``None``: the file's own.
-        backend: ``onnxruntime``, ``openvino`` or ``tensorrt`` (``None``: ``openvino`` for an ``.xml`` IR,
-            ``tensorrt`` for an engine, else ``onnxruntime``).
+        precision: backends that run a file at its own precision: the precision the flag promises (checked
+            against the metadata); OpenVINO: the precision to run (``fp32``, ``bf16``, ``fp16``, ``int8``,
+            ``int8+bf16``). ``None``: the file's own.
+        backend: the backend that runs it (``None``: the default for its suffix, ONNX Runtime for any other).
     """
 
     path: Path
-    kind: str = "onnx"
     flag: str = "--onnx"
     precision: str | None = None
     backend: str | None = None
@@ -44,15 +47,15 @@ class Artifact:
         """The backend that runs it."""
         if self.backend:
             return self.backend
-        if self.kind == "engine":
-            return "tensorrt"
-        return "openvino" if self.kind == "ir" or Path(self.path).suffix.lower() == ".xml" else "onnxruntime"
+        row = backend_for(self.path, _ONNX_FLAG_BACKENDS)
+        return row.name if row is not None else "onnxruntime"
 
 
 def artifacts(onnx=(), onnx_fp16=(), onnx_int8=(), engines=(), openvino=(), openvino_precision=None, litert=(),
               executorch=()) -> list[Artifact]:
     """The artifacts of the CLI's flags (each may be a path or a list of paths).
 
+    ``onnx``: ONNX models, or OpenVINO ``.xml`` IRs (run in OpenVINO at their own precision).
     ``openvino``: IRs or ONNX files to run in OpenVINO, each at ``openvino_precision`` (default: its own).
     ``litert`` / ``executorch``: ``.tflite`` / ``.pte`` files (their ``.json`` sidecars beside them).
     """
@@ -60,20 +63,18 @@ def artifacts(onnx=(), onnx_fp16=(), onnx_int8=(), engines=(), openvino=(), open
     def many(v):
         return [] if v is None else [v] if isinstance(v, (str, os.PathLike)) else list(v)
 
-    out = [Artifact(Path(p), "onnx", "--onnx") for p in many(onnx)]
-    out += [Artifact(Path(p), "onnx", "--onnx-fp16", "fp16") for p in many(onnx_fp16)]
-    out += [Artifact(Path(p), "onnx", "--onnx-int8", "int8") for p in many(onnx_int8)]
-    out += [Artifact(Path(p), "engine", "--engine") for p in many(engines)]
-    out += [Artifact(Path(p), "ir" if Path(p).suffix.lower() == ".xml" else "onnx", "--openvino", openvino_precision,
-                     "openvino") for p in many(openvino)]
-    out += [Artifact(Path(p), "edge", "--litert", None, "litert") for p in many(litert)]
-    out += [Artifact(Path(p), "edge", "--executorch", None, "executorch") for p in many(executorch)]
+    onnx_flags = (("--onnx", None, onnx), ("--onnx-fp16", "fp16", onnx_fp16), ("--onnx-int8", "int8", onnx_int8))
+    out = [Artifact(Path(p), flag, precision) for flag, precision, paths in onnx_flags for p in many(paths)]
+    out += [Artifact(Path(p), "--engine", None, "tensorrt") for p in many(engines)]
+    out += [Artifact(Path(p), "--openvino", openvino_precision, "openvino") for p in many(openvino)]
+    out += [Artifact(Path(p), "--litert", None, "litert") for p in many(litert)]
+    out += [Artifact(Path(p), "--executorch", None, "executorch") for p in many(executorch)]
     return out
 
 
 @dataclass
 class LoadedArtifact:
-    """An artifact with its (not yet active) runner, metadata and batch constraint."""
+    """An artifact with its runner (active, except a TensorRT engine's), metadata and batch constraint."""
 
     artifact: Artifact
     runner: Any
@@ -92,14 +93,13 @@ class LoadedArtifact:
     @property
     def pads(self) -> bool:
         """Whether a fixed-batch model takes exactly its batch (the last chunk padded): ONNX Runtime and
-        OpenVINO; an engine takes any batch up to its profile's largest."""
-        return bool(self.batch) and self.backend in ("onnxruntime", "openvino")
+        OpenVINO (``Backend.pads``); an engine takes any batch up to its profile's largest."""
+        return bool(self.batch) and BACKENDS[self.backend].pads
 
 
 def read_artifact(a: Artifact, threads=None, providers=None) -> LoadedArtifact:
-    """Read an artifact's metadata and make its runner, without a checkpoint to check it against (an ONNX
-    Runtime session is opened here, to read the metadata; a TensorRT engine is loaded when its runner is
-    activated).
+    """Read an artifact's metadata and make its runner with its backend's loader, without a checkpoint to
+    check it against (a TensorRT engine is loaded when its runner is activated).
 
     Raises:
         BadInputError: missing file, damaged metadata, wrong flag for its precision.
@@ -107,46 +107,13 @@ def read_artifact(a: Artifact, threads=None, providers=None) -> LoadedArtifact:
     from atexport.utils.io import require_file
 
     require_file(a.path, a.flag, "file")
-    if a.kind == "edge":  # LiteRT / ExecuTorch: metadata from the sidecar; the runner takes any batch
-        want = {"litert": ".tflite", "executorch": ".pte"}[a.runs_in]
-        if a.path.suffix.lower() != want:
-            raise BadInputError(f"{a.flag} {a.path}: expected a {want} file written by 'atexport {a.runs_in}'.")
-        if a.runs_in == "litert":
-            from atexport.runtime.litert import open_litert
-
-            meta, runner, _ = open_litert(a.path, threads=threads, flag=a.flag)
-        else:
-            from atexport.runtime.executorch import open_executorch
-
-            meta, runner, _ = open_executorch(a.path, flag=a.flag)
-        return LoadedArtifact(a, runner, meta, meta.precision, a.runs_in, None)
-    if a.runs_in == "openvino":
-        from atexport.runtime.openvino import open_openvino
-
-        if a.kind == "engine":
-            raise BadInputError(f"{a.flag} {a.path}: a TensorRT engine runs in TensorRT only; give the .onnx model "
-                                "it was built from, or its OpenVINO .xml IR.")
-        meta, runner, _ = open_openvino(a.path, precision=a.precision, threads=threads, flag=a.flag)
-        b = meta.input.get("shape", [None])[0]
-        return LoadedArtifact(a, runner, meta, runner.precision, "openvino", b if isinstance(b, int) else None)
-    if a.kind == "engine":
-        from atexport.artifact.sidecar import profile_max_batch, read_sidecar, sidecar_metadata
-        from atexport.runtime.tensorrt import TensorRTRunner
-
-        side = read_sidecar(a.path, a.flag)
-        meta = sidecar_metadata(side, f"{a.flag} {a.path}")
-        batch = profile_max_batch(side)
-        runner = TensorRTRunner(str(a.path), name="tensorrt")
-        backend = "tensorrt"
-    else:
-        from atexport.runtime.model import open_onnx
-
-        meta, runner, _ = open_onnx(a.path, providers, threads, flag=a.flag, sessions=False)
-        b = meta.input.get("shape", [None])[0]
-        batch = b if isinstance(b, int) else None
-        backend = "onnxruntime"
-    if a.precision and meta.precision != a.precision:
+    row = get_backend(a.runs_in)
+    asked = a.precision if row.precisions else None
+    options = LoadOptions(providers=providers, threads=threads, precision=asked, flag=a.flag, app=False)
+    opened = row.load(a.path, options)
+    meta = opened.meta
+    if a.precision and not row.precisions and meta.precision != a.precision:
         right = PRECISION_FLAGS.get(meta.precision, "--onnx")
         raise BadInputError(f"{a.flag} {a.path}: its metadata says precision {meta.precision}, not {a.precision}; "
                             f"pass it with {right}.")
-    return LoadedArtifact(a, runner, meta, meta.precision, backend, batch)
+    return LoadedArtifact(a, opened.runner, meta, opened.precision, row.name, opened.batch)

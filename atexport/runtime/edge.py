@@ -117,3 +117,22 @@ class EdgeRunner(TaskHolder, Runner):
                 for i in range(len(batch))]
         width = int((self.metadata.output or {}).get("shape", [1, 0])[-1] or 0)
         return np.concatenate(rows) if rows else np.zeros((0, width), np.float32)
+
+
+def open_edge(runner_cls, path, options, **kwargs):
+    """The loader both on-device backends share: refuse a file of another format, then open ``path`` with
+    ``runner_cls`` (its metadata from the sidecar; the runner takes any batch, one image at a time).
+
+    Returns:
+        An :class:`~atexport.runtime.backends.Opened` with an active runner.
+    """
+    from atexport.runtime.backends import BACKENDS, LoadOptions, Opened
+
+    o = options or LoadOptions()
+    fmt = runner_cls.fmt
+    want = BACKENDS[fmt].suffixes[0]
+    if Path(path).suffix.lower() != want:
+        raise BadInputError(f"{o.flag} {path}: expected a {want} file written by 'atexport {fmt}'.")
+    runner = runner_cls(str(path), name=fmt, **kwargs)
+    runner.activate()
+    return Opened(runner.metadata, runner, runner.metadata.mode)

@@ -76,9 +76,8 @@ class ExecuTorchRunner(EdgeRunner):
         return f"executorch {self.precision or ''} (XNNPACK CPU)"
 
 
-def open_executorch(path, *, flag: str = "--model"):
-    """Open an atexport ``.pte`` in ExecuTorch: ``(metadata, active runner, mode)`` for
-    :func:`atexport.runtime.model.load_model`."""
-    runner = ExecuTorchRunner(str(path), name="executorch")
-    runner.activate()
-    return runner.metadata, runner, runner.metadata.mode
+def open_executorch(path, options=None):
+    """The loader of the ``executorch`` backend: an atexport ``.pte`` in ExecuTorch (an active runner)."""
+    from atexport.runtime.edge import open_edge
+
+    return open_edge(ExecuTorchRunner, path, options)

@@ -87,9 +87,8 @@ class LiteRTRunner(EdgeRunner):
         return f"litert {self.precision or ''} (CPU, threads {self.threads or 'default'})"
 
 
-def open_litert(path, threads: int | None = None, *, flag: str = "--model"):
-    """Open an atexport ``.tflite`` in LiteRT: ``(metadata, active runner, mode)`` for
-    :func:`atexport.runtime.model.load_model`."""
-    runner = LiteRTRunner(str(path), threads=threads, name="litert")
-    runner.activate()
-    return runner.metadata, runner, runner.metadata.mode
+def open_litert(path, options=None):
+    """The loader of the ``litert`` backend: an atexport ``.tflite`` in LiteRT (an active runner)."""
+    from atexport.runtime.edge import open_edge
+
+    return open_edge(LiteRTRunner, path, options, threads=options.threads if options else None)

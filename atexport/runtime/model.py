@@ -40,15 +40,13 @@ import numpy as np
 
 from atexport.errors import BadInputError, IncompatibleCheckpointError
 from atexport.artifact.bank import TASK_INPUT
-from atexport.artifact.metadata import ModelMetadata, metadata_from_props
+from atexport.artifact.metadata import ModelMetadata
+from atexport.runtime.backends import BACKENDS, Backend, LoadOptions, backend_for, choosable, labels
 from atexport.runtime.base import Runner
 from atexport.runtime.batching import run_batched
 from atexport.runtime.preprocess import Preprocessor
 
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-BACKENDS = ("onnxruntime", "openvino")
-# on-device artifacts (metadata in a .json sidecar beside them): suffix -> the one backend that runs it
-EDGE_BACKENDS = {".tflite": "litert", ".pte": "executorch"}
+ENGINE_SUFFIXES = BACKENDS["tensorrt"].suffixes
 DEFAULT_BATCH = 32
 
 
@@ -86,27 +84,23 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _is_engine(path: Path) -> bool:
-    return path.suffix.lower() in ENGINE_SUFFIXES
-
-
 class Model:
     """An exported atexport model ready for inference (see the module docstring; build with :func:`load_model`).
 
     Attributes:
         path: the model file.
         metadata: its :class:`~atexport.metadata.ModelMetadata`.
-        kind: ``"onnx"`` (ONNX Runtime), ``"openvino"`` or ``"engine"`` (TensorRT).
+        backend: the backend running it, a name of :data:`~atexport.runtime.backends.BACKENDS` (``onnxruntime``,
+            ``openvino``, ``tensorrt``, ``litert``, ``executorch``).
         mode: ``"single"``, ``"separable"`` or ``"multitask"``.
         runner: the backend :class:`~atexport.runtime.base.Runner` (active).
         preprocessor: the model's eval transform.
-        backend: ``onnxruntime``, ``openvino`` or ``tensorrt``.
         precision: what runs: the file's precision, or for OpenVINO the runner's (``fp32``, ``bf16``, ``int8+bf16``...).
     """
 
-    def __init__(self, path: Path, metadata: ModelMetadata, runner: Runner, kind: str, mode: str,
+    def __init__(self, path: Path, metadata: ModelMetadata, runner: Runner, backend: str, mode: str,
                  max_batch: int | None = None):
-        self.path, self.metadata, self.runner, self.kind, self.mode = Path(path), metadata, runner, kind, mode
+        self.path, self.metadata, self.runner, self.backend, self.mode = Path(path), metadata, runner, backend, mode
         self.preprocessor = Preprocessor(metadata.preprocess)
         shape = metadata.input.get("shape") or [None]
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
@@ -135,9 +129,9 @@ class Model:
         return self._classes(self.task)
 
     @property
-    def backend(self) -> str:
-        """The library running the model: ``onnxruntime``, ``openvino`` or ``tensorrt``."""
-        return {"onnx": "onnxruntime", "engine": "tensorrt"}.get(self.kind, self.kind)
+    def kind(self) -> str:
+        """The file's kind as earlier releases named it (``onnx``, ``engine``, else the backend); use ``backend``."""
+        return {"onnxruntime": "onnx", "tensorrt": "engine"}.get(self.backend, self.backend)
 
     @property
     def precision(self) -> str:
@@ -195,7 +189,8 @@ class Model:
 
     def _not_separable(self) -> IncompatibleCheckpointError:
         how = ("rebuild it from a separable ONNX model with 'atexport trt --refit' and swap tasks with "
-               "'atexport swap --engine'") if self.kind == "engine" else "re-export it with 'atexport onnx --separable'"
+               "'atexport swap --engine'") if self.backend == "tensorrt" else \
+            "re-export it with 'atexport onnx --separable'"
         return IncompatibleCheckpointError(
             f"{self.path.name} holds one task ({self.metadata.task!r}) with its adapter and head weights fused "
             f"into the graph; to serve other tasks, {how}."
@@ -215,14 +210,12 @@ class Model:
         Raises:
             IncompatibleCheckpointError: the model is not separable, or the weights do not fit it.
         """
-        from atexport.artifact.fit import check_fits
         from atexport.artifact.tasks import load_task
 
         if self.mode != "separable":
             raise self._not_separable()
         task = load_task(source, name, flag="--task")
-        arrays = check_fits(self.metadata, task, str(self.path.name))
-        self.runner.add_task(name=task.name, weights=arrays)
+        self.runner.add_task(task, where=str(self.path.name))  # the one check that the task fits
         self._task_classes[task.name] = task.class_names
         return task.name
 
@@ -386,104 +379,27 @@ class Model:
 # ---------------------------------------------------------------------------------------- loading
 
 
-def open_onnx(path: Path, providers=None, threads=None, *, flag: str = "--model", sessions: bool = True
-              ) -> tuple[ModelMetadata, Runner, str]:
-    """Open an atexport ONNX model in ONNX Runtime: ``(metadata, active runner, mode)``.
-
-    The metadata is read through ONNX Runtime (no onnx package needed) and checked against the graph's
-    inputs. With ``sessions``, a separable model gets an :class:`~atexport.runtime.session.AdapterSession`
-    (task weights fed by name) instead of a plain runner.
-    """
-    from atexport.runtime.onnxruntime import OnnxRuntimeRunner
-
-    runner: Runner = OnnxRuntimeRunner(str(path), threads=threads, providers=providers).activate()
-    meta = metadata_from_props(runner.session.get_modelmeta().custom_metadata_map, f"{flag} {path}")
-    check_graph_fits_metadata(meta, runner.session, f"{flag} {path}")
-    inputs = [i.name for i in runner.session.get_inputs()]
-    outputs = [o.name for o in runner.session.get_outputs()]
-    if meta.tasks and TASK_INPUT not in inputs:
-        raise BadInputError(f"{flag} {path}: its metadata lists tasks but the model has no {TASK_INPUT!r} input ({inputs}).")
-    takes = set(inputs) | {i.name for i in runner.session.get_overridable_initializers()}
-    missing = [e.get("initializer", n) for n, e in meta.manifest.items() if e.get("initializer", n) not in takes]
-    if missing and meta.mode != "single":
-        raise BadInputError(f"{flag} {path}: its metadata names swappable tensors the graph does not take as inputs "
-                            f"({missing[:3]}); re-export the model with atexport.")
-    mode = meta.mode
-    if mode == "separable" and sessions:
-        from atexport.runtime.session import AdapterSession
-
-        runner.deactivate()  # the adapter session holds its own session and feeds task weights by name
-        runner = AdapterSession(str(path), threads=threads, providers=providers, name="onnxruntime").activate()
-    else:
-        image, logits = meta.input.get("name"), (meta.output or {}).get("name")
-        runner.input_name = image if image in inputs else inputs[0]
-        runner.output_name = logits if logits in outputs else outputs[0]
-    return meta, runner, mode
-
-
-def check_graph_fits_metadata(meta: ModelMetadata, session, where: str) -> None:
-    """The graph-vs-metadata check (:func:`atexport.artifact.graph.check_graph_fits_metadata`) on an
-    ``onnxruntime.InferenceSession``'s inputs, outputs and overridable initializers."""
-    from atexport.artifact.graph import check_graph_fits_metadata as check
-
-    check(meta, {i.name: i.shape for i in session.get_inputs()}, {o.name: o.shape for o in session.get_outputs()},
-          where, tensors={i.name: i.shape for i in session.get_overridable_initializers()})
-
-
-def _engine_model(path: Path, device: int) -> tuple[ModelMetadata, Runner, str, int | None]:
-    from atexport.artifact.sidecar import profile_max_batch, read_sidecar, sidecar_metadata
-    from atexport.runtime.tensorrt import TensorRTRunner
-
-    sidecar = read_sidecar(path, "--model")
-    meta = sidecar_metadata(sidecar, str(path))
-    max_batch = profile_max_batch(sidecar)
-    runner = TensorRTRunner(str(path), device=device, name="tensorrt")
-    runner.activate()  # checks the sidecar against this GPU and TensorRT version; clear error without TensorRT
-    if meta.tasks and TASK_INPUT not in runner.inputs:
-        raise BadInputError(f"{path}: its metadata lists tasks but the engine has no {TASK_INPUT!r} input "
-                            f"({sorted(runner.inputs)}).")
-    return meta, runner, "multitask" if meta.tasks else "single", max_batch
-
-
-def _check_backend(p: Path, backend: str | None, providers, precision) -> str:
-    """The backend to run ``p`` with (its default from the suffix); refuse options that backend cannot use."""
-    suffix = p.suffix.lower()
-    if backend is not None and backend not in BACKENDS:
-        raise BadInputError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}.")
-    if _is_engine(p):
-        if backend is not None:
-            raise BadInputError(f"--backend {backend}: {p} is a TensorRT engine, which runs in TensorRT only; "
-                                "give the .onnx model it was built from to run it in another backend.")
-        if precision is not None:
-            raise BadInputError(f"--precision {precision}: a TensorRT engine runs at the precision it was built "
-                                "with; rebuild it ('atexport trt --precision ...') to change it.")
-        return "tensorrt"
-    if suffix in EDGE_BACKENDS:
-        edge = EDGE_BACKENDS[suffix]
-        if backend not in (None, edge) or providers or precision is not None:
-            raise BadInputError(f"{p} runs in {edge} only, at the precision it was exported with; leave "
-                                "--backend, --provider and --precision out.")
-        return edge
-    if suffix not in (".onnx", ".xml"):
-        raise BadInputError(f"--model {p}: unknown model type {p.suffix!r}; give an .onnx model, an OpenVINO .xml "
-                            "IR, an .engine/.plan, a LiteRT .tflite or an ExecuTorch .pte.")
-    backend = backend or ("openvino" if suffix == ".xml" else "onnxruntime")
-    if suffix == ".xml" and backend != "openvino":
-        raise BadInputError(f"--backend {backend}: {p} is an OpenVINO IR, which runs in OpenVINO only; "
-                            "use --backend openvino, or give the .onnx model.")
-    if backend == "openvino" and providers:
-        raise BadInputError(f"--provider {', '.join(providers)}: execution providers are ONNX Runtime's; "
-                            "OpenVINO runs on the CPU (leave --provider out, or use --backend onnxruntime).")
-    if backend == "onnxruntime" and precision is not None:
-        raise BadInputError(f"--precision {precision}: ONNX Runtime runs a model at the precision of its file; "
-                            "choose the file (model.int8.onnx, ...) or run it with --backend openvino.")
-    return backend
+def pick_backend(p: Path, backend: str | None, options: LoadOptions) -> Backend:
+    """The backend row to run ``p`` with (the default for its suffix in :data:`~atexport.runtime.backends.BACKENDS`);
+    refuse options that backend cannot use."""
+    can_choose = choosable()
+    if backend is not None and backend not in can_choose:
+        raise BadInputError(f"--backend {backend}: expected one of {', '.join(can_choose)}.")
+    default = backend_for(p)
+    if default is None:
+        raise BadInputError(f"--model {p}: unknown model type {p.suffix!r}; give {labels()}.")
+    row = BACKENDS[backend] if backend is not None and p.suffix.lower() in BACKENDS[backend].suffixes else default
+    row.check_options(p, backend, options)
+    return row
 
 
 def load_model(path: str | os.PathLike, *, task=None, providers: Sequence[str] | None = None,
                threads: int | None = None, device: int = 0, backend: str | None = None,
                precision: str | None = None) -> Model:
-    """Load an atexport ONNX model, OpenVINO IR or TensorRT engine for inference.
+    """Load an atexport ONNX model, OpenVINO IR, TensorRT engine, LiteRT or ExecuTorch model for inference.
+
+    The backend is looked up in :data:`~atexport.runtime.backends.BACKENDS` (the default for the file's
+    suffix, or ``backend``), whose loader opens the file.
 
     Args:
         path: ``.onnx``, an OpenVINO ``.xml`` IR (its ``.bin`` beside it), ``.engine`` / ``.plan`` with
@@ -514,35 +430,14 @@ def load_model(path: str | os.PathLike, *, task=None, providers: Sequence[str] |
     if not p.exists():
         raise BadInputError(f"--model {p}: no such file.")
     if not p.is_file():
-        raise BadInputError(f"--model {p}: not a file (give an .onnx model, an OpenVINO .xml IR or an .engine).")
-    backend = _check_backend(p, backend, providers, precision)
-    max_batch = None
-    if backend == "tensorrt":
-        meta, runner, mode, max_batch = _engine_model(p, device)
-        kind = "engine"
-    elif backend == "litert":
-        from atexport.runtime.litert import open_litert
-
-        meta, runner, mode = open_litert(p, threads=threads, flag="--model")
-        kind = "litert"
-    elif backend == "executorch":
-        from atexport.runtime.executorch import open_executorch
-
-        meta, runner, mode = open_executorch(p, flag="--model")
-        kind = "executorch"
-    elif backend == "openvino":
-        from atexport.runtime.openvino import open_openvino
-
-        meta, runner, mode = open_openvino(p, precision=precision, threads=threads, flag="--model")
-        kind = "openvino"
-    else:
-        meta, runner, mode = open_onnx(p, providers, threads)
-        kind = "onnx"
-    model = Model(p, meta, runner, kind, mode, max_batch=max_batch)
+        raise BadInputError(f"--model {p}: not a file (give {labels()}).")
+    options = LoadOptions(providers=providers, threads=threads, device=device, precision=precision)
+    row = pick_backend(p, backend, options)
+    opened = row.load(p, options)
+    model = Model(p, opened.meta, opened.runner, row.name, opened.mode, max_batch=opened.batch)
     if task is not None:
         model.set_task(task)
     return model
 
 
 __all__ = ["BACKENDS", "Model", "Prediction", "load_model", "softmax", "ENGINE_SUFFIXES"]
-

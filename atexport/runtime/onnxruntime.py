@@ -125,10 +125,11 @@ class OnnxRuntimeRunner(Runner):
         input_name: the image input (default: the session's first input; multi-task models also take
             ``task_id``, fed by name).
         output_name: the logits output (default: the session's first output).
+        session: an ``InferenceSession`` of ``model`` already open (its loader's), used on the first activation.
     """
 
     def __init__(self, model, threads=None, providers=None, feeds=None, name="onnxruntime", optimization="all",
-                 input_name=None, output_name=None):
+                 input_name=None, output_name=None, session=None):
         super().__init__()
         self.model, self.threads, self.providers = model, threads, providers
         self.optimization = optimization
@@ -136,9 +137,12 @@ class OnnxRuntimeRunner(Runner):
         self.name = name
         self.session = None
         self._want_input, self._want_output = input_name, output_name
+        self._given = session
 
     def _activate(self):
-        self.session = create_session(self.model, self.threads, self.providers, self.optimization)
+        # a session the loader already opened (to read the metadata) is used, not opened twice
+        self.session, self._given = self._given or create_session(self.model, self.threads, self.providers,
+                                                                  self.optimization), None
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         for want, have, what in ((self._want_input, inputs, "input"), (self._want_output, outputs, "output")):
@@ -161,3 +165,29 @@ class OnnxRuntimeRunner(Runner):
     def _infer(self, batch, **feeds):
         feed = {self.input_name: batch, **self.feeds, **feeds}
         return np.asarray(self.session.run([self.output_name], feed)[0], dtype=np.float32)
+
+
+_ONNX_TYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 2: "uint8", 3: "int8", 9: "bool"}
+
+
+def onnx_io(path):
+    """``(metadata, inputs, outputs, None)`` of an atexport ONNX model as a server sees it: tensors as
+    ``{name, dtype, shape}`` (dynamic dims by name or -1); overridable initializers are not request inputs."""
+    from atexport.artifact.metadata import read_onnx_metadata
+    from atexport.artifact.onnx import read_onnx
+
+    proto = read_onnx(path, "--model")
+    meta = read_onnx_metadata(proto, str(path))
+    inits = {i.name for i in proto.graph.initializer}
+
+    def tensors(values):
+        out = []
+        for vi in values:
+            if vi.name in inits:
+                continue
+            tt = vi.type.tensor_type
+            shape = [d.dim_value if d.dim_value else (d.dim_param or -1) for d in tt.shape.dim]
+            out.append({"name": vi.name, "dtype": _ONNX_TYPES.get(tt.elem_type, "float32"), "shape": shape})
+        return out
+
+    return meta, tensors(proto.graph.input), tensors(proto.graph.output), None

@@ -249,14 +249,15 @@ class OpenVINORunner(TaskHolder, Runner):
         threads: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default, all cores).
         device: OpenVINO device (``CPU``).
         cache_dir: compiled-model cache folder (``CACHE_DIR``): a second load of the same model skips compiling.
-        feeds: constant extra inputs given with every batch.
         name: label used in reports.
-        input_name: the image input (default: the metadata's, else the first input).
-        output_name: the logits output (default: the metadata's, else the first output).
         swappable: separable models: feed the manifest's tensors as inputs, so tasks can be swapped
             (default); ``False`` keeps the file's weights as constants (one task, fixed).
         performance_hint: ``LATENCY`` (default: one stream using every thread, what a synchronous app
             sees) or ``THROUGHPUT``.
+        where: how messages name the model (default: its path).
+
+    The image input and logits output are the metadata's (else the first input and output); extra inputs
+    (``task_id``) are given per call, ``infer(batch, task_id=ids)``.
 
     Attributes (once active):
         precision: what ran (``fp32``, ``bf16``, ``fp16``, ``int8``, ``int8+bf16``).
@@ -267,8 +268,7 @@ class OpenVINORunner(TaskHolder, Runner):
     """
 
     def __init__(self, model, precision: str | None = None, threads: int | None = None, device: str = "CPU",
-                 cache_dir: str | os.PathLike | None = None, feeds=None, name: str = "openvino",
-                 input_name: str | None = None, output_name: str | None = None, swappable: bool = True,
+                 cache_dir: str | os.PathLike | None = None, name: str = "openvino", swappable: bool = True,
                  performance_hint: str = "LATENCY", where: str | None = None):
         super().__init__()
         if precision is not None and str(precision).lower() not in PRECISIONS:
@@ -279,9 +279,8 @@ class OpenVINORunner(TaskHolder, Runner):
             raise BadInputError(f"--threads {threads}: must be at least 1.")
         self.model, self.requested, self.threads, self.device = model, precision, threads, device
         self.cache_dir = cache_dir
-        self.feeds = dict(feeds or {})
         self.name = name
-        self._want_input, self._want_output, self._swappable = input_name, output_name, swappable
+        self._swappable = swappable
         self.performance_hint = str(performance_hint).upper()
         # what messages name: the file the user gave (``where``), not a temporary IR made from it
         self.where = where or (str(model) if isinstance(model, (str, os.PathLike)) else "in-memory model")
@@ -325,11 +324,8 @@ class OpenVINORunner(TaskHolder, Runner):
         outputs = [o.get_any_name() for o in ov_model.outputs]
         meta_in = (self.metadata.input or {}).get("name") if self.metadata else None
         meta_out = (self.metadata.output or {}).get("name") if self.metadata else None
-        for want, have, what in ((self._want_input, inputs, "input"), (self._want_output, outputs, "output")):
-            if want is not None and want not in have:
-                raise BadInputError(f"{self.where}: no {what} named {want!r}; its {what}s are {have}.")
-        self.input_name = self._want_input or (meta_in if meta_in in inputs else inputs[0])
-        self.output_name = self._want_output or (meta_out if meta_out in outputs else outputs[0])
+        self.input_name = meta_in if meta_in in inputs else inputs[0]
+        self.output_name = meta_out if meta_out in outputs else outputs[0]
         self.input_names = inputs
         t0 = time.perf_counter()
         try:
@@ -400,7 +396,7 @@ class OpenVINORunner(TaskHolder, Runner):
         return {n: np.array(self.request.get_tensor(n).data, copy=True) for n in names}
 
     def _request(self, batch, task, feeds):
-        feed = {self.input_name: batch, **self._task_feeds(task), **self.feeds, **feeds}
+        feed = {self.input_name: batch, **self._task_feeds(task), **feeds}
         unknown = [k for k in feed if k not in self.input_names and k not in self._tasks[None]]
         if unknown:
             raise BadInputError(f"{self.where}: no input named {unknown[0]!r}; its inputs are {self.input_names}.")
@@ -415,20 +411,25 @@ class OpenVINORunner(TaskHolder, Runner):
         return np.array(self.request.get_tensor(self.output_name).data, dtype=np.float32, copy=True)
 
 
-def open_openvino(path, precision: str | None = None, threads: int | None = None, *, flag: str = "--model",
-                  cache_dir: str | os.PathLike | None = None):
-    """Open an atexport ONNX model or OpenVINO IR in OpenVINO: ``(metadata, active runner, mode)``.
+def open_openvino(path, options=None):
+    """The loader of the ``openvino`` backend: an atexport ONNX model or OpenVINO IR, at ``options.precision``
+    (default: the file's own).
 
-    What :func:`atexport.runtime.model.load_model` needs for ``backend="openvino"`` (the counterpart of
-    :func:`~atexport.runtime.model.open_onnx`): the runner of a separable model feeds task weights by name
-    (``add_task`` / ``use`` / ``infer(task=...)`` as ``AdapterSession``), a multi-task one takes ``task_id``.
+    The runner of a separable model feeds task weights by name (``add_task`` / ``use`` / ``infer(task=...)`` as
+    ``AdapterSession``), a multi-task one takes ``task_id``.
+
+    Returns:
+        An :class:`~atexport.runtime.backends.Opened` with an active runner (labelled with what it compiled).
 
     Raises:
         BadInputError: missing or unreadable file, no atexport metadata, metadata that does not match the graph.
     """
     from atexport.artifact.bank import TASK_INPUT
+    from atexport.runtime.backends import LoadOptions, Opened
 
-    runner = OpenVINORunner(str(path), precision=precision, threads=threads, cache_dir=cache_dir, name="openvino")
+    o = options or LoadOptions()
+    flag = o.flag
+    runner = OpenVINORunner(str(path), precision=o.precision, threads=o.threads, name="openvino")
     runner.activate()
     meta = runner.metadata
     if meta is None:
@@ -436,4 +437,51 @@ def open_openvino(path, precision: str | None = None, threads: int | None = None
     if meta.tasks and TASK_INPUT not in runner.input_names:
         raise BadInputError(f"{flag} {path}: its metadata lists tasks but the model has no {TASK_INPUT!r} input "
                             f"({runner.input_names}).")
-    return meta, runner, meta.mode
+    b = meta.input.get("shape", [None])[0]
+    return Opened(meta, runner, meta.mode, b if isinstance(b, int) else None, runner.precision)
+
+
+def openvino_io(path):
+    """``(metadata, inputs, outputs, None)`` of an OpenVINO IR written by ``atexport openvino`` as a server sees
+    it: tensors as ``{name, dtype, shape}`` (dynamic dims: -1)."""
+    model = read_ov_model(path, "--model")
+    meta = read_metadata(model, f"--model {path}")
+    if meta is None:
+        raise BadInputError(f"--model {path}: no atexport metadata; write the IR with "
+                            "'atexport openvino --onnx MODEL.onnx'.")
+    types = {"f32": "float32", "f16": "float16", "i64": "int64", "i32": "int32", "u8": "uint8", "i8": "int8",
+             "boolean": "bool"}
+
+    def tensors(ports):
+        return [{"name": p.get_any_name(), "dtype": types.get(p.get_element_type().get_type_name(), "float32"),
+                 "shape": [d.get_length() if d.is_static else -1 for d in p.get_partial_shape()]} for p in ports]
+
+    return meta, tensors(model.inputs), tensors(model.outputs), None
+
+
+def ir_precision(meta) -> str:
+    """The precision an IR written by ``atexport openvino`` records (``fp32`` where it records none)."""
+    return str(((meta.extra or {}).get("openvino") or {}).get("precision") or "fp32")
+
+
+BF16_NOTE = ("Triton's OpenVINO backend takes no FP32 precision hint: on a host with AMX or AVX512-BF16, "
+             "OpenVINO runs this FP32 IR in BF16 (check that precision with 'atexport verify --openvino "
+             "MODEL.onnx --openvino-precision bf16'); serve it with onnxruntime_onnx where FP32 is required.")
+
+
+def triton_parameters(meta) -> tuple[dict, list[str]]:
+    """The ``parameters`` Triton's OpenVINO backend runs an IR with, and what the user should know.
+
+    ``PERFORMANCE_HINT: LATENCY``; ``HINT_BF16: YES`` for a BF16 or INT8+BF16 IR. The backend has no FP32 hint:
+    on AMX / AVX512-BF16 hosts OpenVINO then runs an FP32 IR (or an INT8 IR's float ops) in BF16, which a note says.
+    """
+    precision = ir_precision(meta)
+    params, notes = {"PERFORMANCE_HINT": "LATENCY"}, []
+    if precision in ("bf16", "int8+bf16"):
+        params["HINT_BF16"] = "YES"
+    elif precision == "fp32":
+        notes.append(BF16_NOTE)
+    else:  # int8: its INT8 layers run in INT8 either way; its float ops may run in BF16
+        notes.append(BF16_NOTE.replace("this FP32 IR", "the float ops of this INT8 IR").replace(
+            "--openvino-precision bf16", "--openvino-precision int8+bf16").replace("MODEL.onnx", "MODEL.int8.onnx"))
+    return params, notes

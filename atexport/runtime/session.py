@@ -39,14 +39,16 @@ class TaskHolder:
         """Names of the tasks loaded (``None``, the file's own weights, is always available)."""
         return [t for t in self._tasks if t is not None]
 
-    def add_task(self, task=None, name: str | None = None, *, weights: Mapping[str, Any] | None = None) -> str:
-        """Load a task's weights (checked against the model) without switching to it; returns its name.
+    def add_task(self, task=None, name: str | None = None, *, weights: Mapping[str, Any] | None = None,
+                 where: str | None = None) -> str:
+        """Load a task's weights (checked against the model, once) without switching to it; returns its name.
 
         Args:
             task: a task ``.npz`` path, :class:`~atexport.artifact.tasks.TaskWeights`, or a loaded
                 :class:`~atexport.checkpoint.Checkpoint` (anything with ``task_weights()``).
             name: task name; default the task's own (:func:`~atexport.artifact.tasks.default_task_name`).
             weights: instead of ``task``, arrays keyed by tensor name (checked against the manifest).
+            where: how messages name the model (default: the runner's file).
 
         Raises:
             IncompatibleCheckpointError: not a separable model, or the tensors do not fit it.
@@ -55,7 +57,7 @@ class TaskHolder:
         if (task is None) == (weights is None):
             raise BadInputError("give either a task (.npz, TaskWeights, checkpoint object) or a weights dict to add_task.")
         loaded = load_task(weights if weights is not None else task, name)
-        self._tasks[loaded.name] = check_fits(self.metadata, loaded, self.where)
+        self._tasks[loaded.name] = check_fits(self.metadata, loaded, where or self.where)
         return loaded.name
 
     def use(self, name: str | None) -> None:
@@ -112,10 +114,14 @@ class AdapterSession(TaskHolder, Runner):
         threads: intra-op threads (None: ONNX Runtime's default).
         providers: execution providers (CPU by default).
         optimization: ONNX Runtime graph optimisation level (``all`` by default; swaps stay exact).
+        session: an ``InferenceSession`` of ``model`` already open (its loader's), used on the first activation
+            instead of opening a second one.
     """
 
-    def __init__(self, model, ckpt=None, *, threads=None, providers=None, optimization="all", name="onnxruntime-adapters"):
+    def __init__(self, model, ckpt=None, *, threads=None, providers=None, optimization="all",
+                 name="onnxruntime-adapters", session=None):
         super().__init__()
+        self._given = session
         self.model, self.threads, self.providers, self.optimization = model, threads, providers, optimization
         self.name = name
         self.session = None
@@ -128,7 +134,8 @@ class AdapterSession(TaskHolder, Runner):
     def _activate(self):
         from atexport.runtime.onnxruntime import create_session
 
-        self.session = create_session(self.model, self.threads, self.providers, self.optimization)
+        self.session, self._given = self._given or create_session(self.model, self.threads, self.providers,
+                                                                  self.optimization), None
         self.metadata = metadata_from_props(self.session.get_modelmeta().custom_metadata_map, self.where)
         if not self.metadata.separable or not self.metadata.manifest:
             raise IncompatibleCheckpointError(
@@ -152,4 +159,61 @@ class AdapterSession(TaskHolder, Runner):
     def _infer(self, batch, task: Any = "__current__", **feeds):
         feed = {self.input_name: batch, **self._task_feeds(task), **feeds}
         return np.asarray(self.session.run([self.output_name], feed)[0], dtype=np.float32)
+
+
+def check_session_fits_metadata(meta, session, where: str) -> None:
+    """The graph-vs-metadata check (:func:`atexport.artifact.graph.check_graph_fits_metadata`) on an
+    ``onnxruntime.InferenceSession``'s inputs, outputs and overridable initializers, and the swap tensors
+    and ``task_id`` input its metadata promises."""
+    from atexport.artifact.bank import TASK_INPUT
+    from atexport.artifact.graph import check_graph_fits_metadata
+
+    check_graph_fits_metadata(meta, {i.name: i.shape for i in session.get_inputs()},
+                              {o.name: o.shape for o in session.get_outputs()}, where,
+                              tensors={i.name: i.shape for i in session.get_overridable_initializers()})
+    inputs = [i.name for i in session.get_inputs()]
+    if meta.tasks and TASK_INPUT not in inputs:
+        raise BadInputError(f"{where}: its metadata lists tasks but the model has no {TASK_INPUT!r} input ({inputs}).")
+    takes = set(inputs) | {i.name for i in session.get_overridable_initializers()}
+    missing = [e.get("initializer", n) for n, e in meta.manifest.items() if e.get("initializer", n) not in takes]
+    if missing and meta.mode != "single":
+        raise BadInputError(f"{where}: its metadata names swappable tensors the graph does not take as inputs "
+                            f"({missing[:3]}); re-export the model with atexport.")
+
+
+def open_onnxruntime(path, options=None):
+    """The loader of the ``onnxruntime`` backend: an atexport ONNX model in ONE ONNX Runtime session.
+
+    It sits here, beside :class:`AdapterSession`, because it picks between the two ONNX Runtime runners (this
+    module imports :mod:`atexport.runtime.onnxruntime`, never the other way round).
+
+    The metadata is read through ONNX Runtime (no onnx package needed) and checked against the graph; the
+    runner takes that session. For an app (``options.app``), a separable model gets an
+    :class:`AdapterSession` (task weights fed by name); otherwise a plain runner
+    of the file's own weights.
+
+    Returns:
+        An :class:`~atexport.runtime.backends.Opened` with an active runner.
+    """
+    from atexport.runtime.backends import LoadOptions, Opened
+    from atexport.runtime.onnxruntime import OnnxRuntimeRunner, create_session
+
+    o = options or LoadOptions()
+    where = f"{o.flag} {path}"
+    session = create_session(str(path), o.threads, o.providers)
+    meta = metadata_from_props(session.get_modelmeta().custom_metadata_map, where)
+    check_session_fits_metadata(meta, session, where)
+    if meta.mode == "separable" and o.app:
+        runner = AdapterSession(str(path), threads=o.threads, providers=o.providers, name="onnxruntime",
+                                session=session)
+    else:
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [x.name for x in session.get_outputs()]
+        image, logits = meta.input.get("name"), (meta.output or {}).get("name")
+        runner = OnnxRuntimeRunner(str(path), o.threads, o.providers, session=session,
+                                   input_name=image if image in inputs else inputs[0],
+                                   output_name=logits if logits in outputs else outputs[0])
+    runner.activate()
+    b = meta.input.get("shape", [None])[0]
+    return Opened(meta, runner, meta.mode, b if isinstance(b, int) else None)
 

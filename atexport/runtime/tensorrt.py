@@ -324,3 +324,69 @@ class TensorRTRunner(Runner):
             cuda.copy_to_host(a, self._buffers[name].ptr, self.stream)
         cuda.stream_synchronize(self.stream)  # the host arrays stay referenced until here
         return np.asarray(outs[self.output], dtype=np.float32)
+
+
+def open_tensorrt(path, options=None):
+    """The loader of the ``tensorrt`` backend: an atexport engine and its sidecar.
+
+    For an app (``options.app``) the runner is activated now: the sidecar is checked against this GPU and
+    TensorRT version, with a clear error without TensorRT; for artifact reading the engine is loaded when its
+    runner is activated. ``Opened.batch`` is the largest batch of the engine's optimisation profile.
+    """
+    from atexport.artifact.bank import TASK_INPUT
+    from atexport.artifact.sidecar import profile_max_batch, sidecar_metadata
+    from atexport.runtime.backends import LoadOptions, Opened
+
+    o = options or LoadOptions()
+    sidecar = read_sidecar(path, o.flag)
+    meta = sidecar_metadata(sidecar, str(path) if o.app else f"{o.flag} {path}")
+    runner = TensorRTRunner(str(path), device=o.device, name="tensorrt")
+    if o.app:
+        runner.activate()
+        if meta.tasks and TASK_INPUT not in runner.inputs:
+            raise BadInputError(f"{path}: its metadata lists tasks but the engine has no {TASK_INPUT!r} input "
+                                f"({sorted(runner.inputs)}).")
+    return Opened(meta, runner, "multitask" if meta.tasks else "single", profile_max_batch(sidecar), meta.precision)
+
+
+def engine_io(side: dict, meta) -> tuple[list[dict], list[dict], tuple[int, int] | None]:
+    """An engine's inputs and outputs from its sidecar, and its profile's ``(min, max)`` batch.
+
+    Every engine input is declared: the image and, for a multi-task engine, its per-sample ``task_id`` (int64,
+    the metadata's ``extra["task_input"]``); each batch-aligned input has a profile entry. A fixed-batch
+    engine (profile min = max) keeps its batch in the shapes.
+    """
+    profiles = {p.get("input"): p for p in side.get("profiles") or []}
+    first = (side.get("profiles") or [{}])[0]
+    rng = (int(first["min"][0]), int(first["max"][0])) if first.get("min") and first.get("max") else None
+    fixed = rng is not None and rng[0] == rng[1]
+
+    def shape(name, declared):
+        p = profiles.get(name)
+        if p is not None:  # the profile's max shape, batch first
+            dims = list(p["max"])
+            return dims if fixed else ["batch", *dims[1:]]
+        return list(declared)
+
+    inputs = [{"name": meta.input["name"], "dtype": meta.input.get("dtype", "float32"),
+               "shape": shape(meta.input["name"], meta.input["shape"])}]
+    spec = (meta.extra or {}).get("task_input") or {}
+    if meta.tasks or spec:
+        name = str(spec.get("name", "task_id"))
+        inputs.append({"name": name, "dtype": str(spec.get("dtype", "int64")),
+                       "shape": shape(name, spec.get("shape") or ["batch"])})
+    out_shape = list(meta.output["shape"])
+    if fixed:
+        out_shape = [rng[0], *out_shape[1:]]
+    outputs = [{"name": meta.output["name"], "dtype": "float32", "shape": out_shape}]
+    return inputs, outputs, rng
+
+
+def engine_file_io(path):
+    """``(metadata, inputs, outputs, profile (min, max) batch)`` of an engine as a server sees it
+    (:func:`engine_io`)."""
+    from atexport.artifact.sidecar import sidecar_metadata
+
+    side = read_sidecar(path, "--model")
+    meta = sidecar_metadata(side, f"--model {path}")
+    return (meta, *engine_io(side, meta))
