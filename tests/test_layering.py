@@ -221,3 +221,34 @@ def test_runtime_extra_alone_runs_every_kind_of_model(models, tmp_path):
     assert all(len(v) == 3 for v in doc["out"].values())
     assert doc["out"]["swapped"] == ["b"] * 3
     assert doc["out"]["separable"] == doc["out"]["fused"]  # same weights, two export forms
+
+
+def _functions(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            params = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+            yield node, params
+
+
+def test_functions_stay_small_outside_the_cli():
+    """No function or method of the library (the click commands of ``atexport/cli`` aside: their parameters are
+    their flags) is longer than 80 lines or takes more than 10 parameters, and none hides options in ``**kwargs``
+    meant for itself: many options travel as one settings object made once (``ExportSettings``, ``Int8Options``,
+    ``VerifySettings``, ``BenchSettings``, ...)."""
+    too_big = []
+    for path in MODULES:
+        if "cli" in path.relative_to(PKG.parent).parts:
+            continue
+        for node, params in _functions(path):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > 80 or len(params) > 10:
+                too_big.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {node.name}: {lines} lines, {len(params)} "
+                               "parameters")
+    assert not too_big, "functions over 80 lines or 10 parameters:\n" + "\n".join(too_big)
+
+
+def test_modules_stay_readable_in_one_sitting():
+    """Every module of the library is about 600 lines at most (a file that mixes subjects becomes a package)."""
+    long = [f"{p.relative_to(PKG.parent)}: {n}" for p in MODULES if (n := len(p.read_text().splitlines())) > 650]
+    assert not long, f"modules over 650 lines: {long}"
