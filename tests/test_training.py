@@ -56,6 +56,11 @@ def test_precedence_recipe_then_set_then_flags():
     assert resolve_config(None, {"dataset": "digits"}).recipe == "digits"  # the data set's own recipe
     assert resolve_config(None, {"dataset": "imagefolder:/x"}).recipe == "defaults"
     assert resolve_config("digits", {"model_args": {"depth": 2}}).model_args == {"depth": 2, "global_pool": "avg"}
+    # --set model_args.patch_size is the patch_size key: it beats the digits recipe's patch_size 8, a flag beats it
+    sized = resolve_config("digits", {"model_args": {"patch_size": 16, "img_size": 224}})
+    assert sized.resolved_model_args()["patch_size"] == 16 and sized.resolved_model_args()["img_size"] == 224
+    assert resolve_config("digits", {"model_args": {"patch_size": 16}, "patch_size": 4}).resolved_model_args()[
+        "patch_size"] == 4
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -454,6 +454,14 @@ def resolve_config(recipe: str | os.PathLike | None = None, overrides: dict | No
     unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
     if unknown:  # from --set (flags are all known keys): blame --set, not the recipe
         TrainConfig.from_dict({k: overrides[k] for k in unknown}, source="--set")
+    args = overrides.get("model_args")
+    if isinstance(args, dict):  # model_args.img_size / .patch_size are the img_size / patch_size keys (one thing,
+        args = dict(args)       # one key): a recipe's top-level patch_size must not silently beat --set's
+        for key in ("img_size", "patch_size"):
+            if key in args:
+                value = args.pop(key)
+                overrides.setdefault(key, value)  # a flag (--patch-size) still wins over --set
+        overrides["model_args"] = args
     merged = configs.merge(data, overrides)
     cfg = TrainConfig.from_dict(merged, source=f"recipe {source}")
     if not cfg.dataset:
