@@ -121,6 +121,8 @@ def test_int8_static_calibrated(tiny_ckpt, et_dir, tmp_path):
     assert res.passed and res.metadata.precision == "int8"
     record = res.metadata.extra["executorch"]
     assert record["quantization"].endswith("static") and record["calibration"]["count"] == 16
+    held = [r for r in res.parity if "held-out digits" in r.name]  # judged on images it was not calibrated on
+    assert held and held[0].samples == 128 and held[0].judged and held[0].passed, [r.name for r in res.parity]
 
 
 def test_swap_and_verify(sep, tiny_ckpt_b, et_dir):

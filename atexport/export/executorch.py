@@ -122,13 +122,14 @@ def export_executorch(ckpt, output: str | os.PathLike | None = None, *, separabl
     say(f"lowering {em.ckpt.model.backbone} to ExecuTorch + XNNPACK ({'separable' if em.names else 'fused'}, "
         f"{precision}) ...")
     t0 = time.perf_counter()
-    calib_batch, calib_desc = None, None
+    calib_batch, calib_desc, held_out, held_name = None, None, None, None
     if precision == "int8-static":
         from atexport.export.precision.calibration import load_calibration_set
 
         cs = load_calibration_set(calib or "digits", count=calib_count)
         say(f"loading calibration images ({cs.name}: {cs.source}, up to {cs.count}) ...")
         calib_batch, calib_desc = cs.batch(em.ckpt.preprocess), cs.to_dict()
+        held_out, held_name = cs.batch(em.ckpt.preprocess, "holdout"), f"held-out {cs.name}"
     data = _lower(module_to_convert(em), em.example, precision, calib_batch)
     seconds = {"convert": time.perf_counter() - t0}
     row = "int8" if precision.startswith("int8") else precision  # metadata precision and tolerance row
@@ -137,7 +138,8 @@ def export_executorch(ckpt, output: str | os.PathLike | None = None, *, separabl
     if verify:
         t0 = time.perf_counter()
         runner = ExecuTorchRunner(data, metadata=meta, name=f"executorch-{precision}")
-        result.parity = check_runner(em, runner, row, f"executorch {precision}", say)
+        result.parity = check_runner(em, runner, row, f"executorch {precision}", say, judged=held_out,
+                                     judged_name=held_name or "held-out")
         seconds["verify"] = time.perf_counter() - t0
     write_edge(data, result, em.output, verify=verify, t_start=t_start, extra_files=own_task_bytes(em))
     return result
