@@ -5,7 +5,9 @@ failed before it wrote any checkpoint.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from atexport.errors import BadInputError
 from atexport.training.config import TrainConfig
@@ -72,3 +74,49 @@ def write_config(path: Path, cfg: TrainConfig) -> None:
     header = "# Resolved atexport training config; rerun with: atexport train --recipe " + str(path) + "\n"
     atomic_write_text(path, header + yaml.safe_dump(cfg.to_dict(record=True), sort_keys=False))
 
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        output: the output folder.
+        checkpoint: ``run.pt`` (best epoch by validation), the input of the export stages.
+        last: ``last.pt`` (last epoch, with resume state).
+        metrics: final metrics of ``run.pt`` (epoch, val_*, test_*, params).
+        history: per-epoch metrics.
+        config: the resolved config.
+        runs: with ``seeds``, one result per seed.
+        summary: with ``seeds``, mean and std of the test top-1 (also in ``summary.json``).
+        model: the trained model in memory, with the weights of ``run.pt`` (eval mode); single runs.
+    """
+
+    output: Path
+    checkpoint: Path | None
+    last: Path | None
+    metrics: dict
+    history: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    runs: list = field(default_factory=list)
+    summary: dict | None = None
+    model: Any = field(default=None, repr=False, compare=False)
+
+    def summary_line(self) -> str:
+        if self.summary:
+            t = self.summary["test_top1"]
+            return (f"test top-1 over seeds {self.summary['seeds']}: {t['mean']:.2f} +- {t['std']:.2f}% "
+                    f"(values {', '.join(f'{v:.2f}' for v in t['values'])})")
+        m = self.metrics
+        p = m.get("params", {})
+        parts = [f"best epoch {m.get('epoch')}"]
+        if m.get("val_top1") is not None:
+            parts.append(f"val top-1 {m['val_top1']:.2f}%")
+        if m.get("test_top1") is not None:
+            parts.append(f"test top-1 {m['test_top1']:.2f}%")
+        if p:
+            parts.append(f"{p['trainable']:,} trainable params ({100 * p['share']:.2f}% of full fine-tuning)")
+        return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry point

@@ -19,66 +19,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from atexport.errors import AtexportError, BadInputError, IncompatibleCheckpointError
 from atexport.training.config import TrainConfig
-from atexport.training.outputs import (CONFIG, LAST, METRICS, RUN, SUMMARY, prepare_output, remove_unused_output,
-                                       seed_summary, write_config)
+from atexport.training.outputs import (CONFIG, LAST, METRICS, RUN, SUMMARY, TrainResult, prepare_output,
+                                       remove_unused_output, seed_summary, write_config)
 from atexport.training.params import apply_regime, describe_params, param_report, reinit_head
 from atexport.training.schedule import epoch_seed, lr_at, rng_state, seed_everything, set_rng_state
 from atexport.utils.io import atomic_write_json, atomic_write_text
 
 _logger = logging.getLogger("atexport.training")
-
-
-@dataclass
-class TrainResult:
-    """What a training run produced.
-
-    Attributes:
-        output: the output folder.
-        checkpoint: ``run.pt`` (best epoch by validation), the input of the export stages.
-        last: ``last.pt`` (last epoch, with resume state).
-        metrics: final metrics of ``run.pt`` (epoch, val_*, test_*, params).
-        history: per-epoch metrics.
-        config: the resolved config.
-        runs: with ``seeds``, one result per seed.
-        summary: with ``seeds``, mean and std of the test top-1 (also in ``summary.json``).
-        model: the trained model in memory, with the weights of ``run.pt`` (eval mode); single runs.
-    """
-
-    output: Path
-    checkpoint: Path | None
-    last: Path | None
-    metrics: dict
-    history: list = field(default_factory=list)
-    config: dict = field(default_factory=dict)
-    runs: list = field(default_factory=list)
-    summary: dict | None = None
-    model: Any = field(default=None, repr=False, compare=False)
-
-    def summary_line(self) -> str:
-        if self.summary:
-            t = self.summary["test_top1"]
-            return (f"test top-1 over seeds {self.summary['seeds']}: {t['mean']:.2f} +- {t['std']:.2f}% "
-                    f"(values {', '.join(f'{v:.2f}' for v in t['values'])})")
-        m = self.metrics
-        p = m.get("params", {})
-        parts = [f"best epoch {m.get('epoch')}"]
-        if m.get("val_top1") is not None:
-            parts.append(f"val top-1 {m['val_top1']:.2f}%")
-        if m.get("test_top1") is not None:
-            parts.append(f"test top-1 {m['test_top1']:.2f}%")
-        if p:
-            parts.append(f"{p['trainable']:,} trainable params ({100 * p['share']:.2f}% of full fine-tuning)")
-        return ", ".join(parts)
-
-
-# ------------------------------------------------------------------------------------------------
-# Public entry point
 
 
 def train(
